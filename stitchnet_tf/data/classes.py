@@ -42,9 +42,9 @@ SET_NAMES: dict[str, int] = {
 }
 
 #: Named mask conventions. `medseg` reads MedSeg / Inf-Net indexed masks (0 no lesion,
-#: 1 GGO, 2 consolidation) and 0/255 binary lesion masks; `binary` reads any lesion mask
-#: stored as 0 and one non-zero value (see `MaskValueMap.for_values`); `fourclass` reads exact
-#: 4-class label images; `bits` reads stored allowed-set bit masks (our preprocessed datasets).
+#: 1 GGO, 2 consolidation) and 0/255 binary lesion masks; `binary` reads lesion masks stored
+#: as 0 and 1 or 255; `fourclass` reads exact 4-class label images; `bits` reads stored
+#: allowed-set bit masks (the masks `preprocess` writes).
 PRESETS: dict[str, dict[int, int]] = {
     "medseg": {0: NO_LESION, 1: bits(GGO), 2: bits(CON), 255: LESION},
     "binary": {0: NO_LESION, 1: LESION, 255: LESION},
@@ -140,9 +140,16 @@ def combine_with_lung(allowed: np.ndarray, lung_field: np.ndarray) -> np.ndarray
     return np.where(both == 0, allowed, both).astype(np.uint8)
 
 
-def lesion_field(allowed: np.ndarray) -> np.ndarray:
-    """Pixels [H, W] whose label forbids the non-lung classes (certainly lung)."""
-    return (allowed & NO_LESION) == 0
+def lung_field_of(allowed: np.ndarray, lung: np.ndarray | None) -> np.ndarray:
+    """The lung field [H, W] bool from a lung mask and what the label itself says.
+
+    Pixels whose label forbids background (any lesion, healthy lung) are lung even where the
+    lung mask missed them; pixels labelled exactly background are not, whatever the mask says.
+    """
+    field = np.zeros(allowed.shape, bool) if lung is None else lung.astype(bool)
+    field |= (allowed & bits(BACKGROUND)) == 0
+    field &= allowed != bits(BACKGROUND)
+    return field
 
 
 def allowed_to_onehot(allowed: np.ndarray) -> np.ndarray:

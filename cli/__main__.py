@@ -1,0 +1,3 @@
+from stitchnet_tf_cli.main import main
+
+main()

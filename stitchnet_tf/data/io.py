@@ -1,0 +1,384 @@
+"""Readers for CT slices, volumes and masks.
+
+Slices: 8-bit PNG / JPEG / TIFF and NumPy `.npy`. Volumes: NIfTI (`.nii`, `.nii.gz`) and DICOM
+(one file, or a folder holding one series). Every axial slice of a volume is a sample, addressed
+by `(path, slice_index)`. Images come out as [H, W] float32 in [0, 1]: Hounsfield data through a
+CT window, 8-bit data scaled by 1/255. Masks come out as the stored integer values [H, W]; a
+`MaskValueMap` says what they mean.
+
+Every failure is a `DataError` naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from stitchnet_tf.data.intensity import LUNG_WINDOW_LEVEL, LUNG_WINDOW_WIDTH, window_hu
+from stitchnet_tf.errors import DataError
+
+SLICE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+MIN_SIDE = 32  # five stride-2 levels need at least 32 px
+
+
+@dataclass(frozen=True)
+class Window:
+    """A CT window (level, width) in Hounsfield units; the default is the lung window."""
+
+    level: float = LUNG_WINDOW_LEVEL
+    width: float = LUNG_WINDOW_WIDTH
+
+    def __call__(self, hu: np.ndarray) -> np.ndarray:
+        return window_hu(hu, self.level, self.width)
+
+
+def suffix_of(path: str | os.PathLike) -> str:
+    """Lower-case suffix, `.nii.gz` counted as one."""
+    name = Path(path).name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def stem_of(path: str | os.PathLike) -> str:
+    """File name without its (possibly double) suffix."""
+    name = Path(path).name
+    suffix = suffix_of(path)
+    return name[: -len(suffix)] if suffix and name.lower().endswith(suffix) else name
+
+
+def _has_dicom_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def kind_of(path: str | os.PathLike) -> str:
+    """`slice`, `nifti`, `dicom` (one file) or `dicom-series` (a folder); else a DataError."""
+    p = Path(path)
+    if p.is_dir():
+        return "dicom-series"
+    if not p.exists():
+        raise DataError(p, "file not found")
+    suffix = suffix_of(p)
+    if suffix in SLICE_SUFFIXES:
+        return "slice"
+    if suffix in NIFTI_SUFFIXES:
+        return "nifti"
+    if suffix in DICOM_SUFFIXES or _has_dicom_magic(p):
+        return "dicom"
+    raise DataError(
+        p,
+        "not a supported image file (PNG, JPEG, TIFF, .npy, NIfTI .nii/.nii.gz, DICOM)",
+    )
+
+
+def is_image_candidate(path: Path) -> bool:
+    """Whether a folder entry should be read as an image (hidden files are ignored)."""
+    return not path.name.startswith(".") and path.name not in ("DICOMDIR", "Thumbs.db")
+
+
+# --------------------------------------------------------------------------- slices
+
+
+def _read_pil(path: Path) -> Image.Image:
+    try:
+        img = Image.open(path)
+        img.load()  # decodes now: truncated or corrupt files raise here
+        return img
+    except UnidentifiedImageError:
+        raise DataError(path, "not a readable image (corrupt or unknown format)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(path, f"corrupt or truncated image ({e})") from None
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(path, f"corrupt or unreadable .npy file ({e})") from None
+    if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4):
+        arr = arr[..., 0]
+    if arr.ndim != 2:
+        raise DataError(path, f"expected a 2-D slice, got an array of shape {arr.shape}")
+    return arr
+
+
+def to_unit_range(arr: np.ndarray, window: Window, path: Path | str = "image") -> np.ndarray:
+    """Scale stored pixel values to [0, 1] float32.
+
+    uint8 is divided by 255, uint16 by 65535, booleans become 0/1, floats already inside
+    [0, 1] are kept; anything else (signed integers, other floats) is taken as Hounsfield units
+    and windowed.
+    """
+    if arr.dtype == np.bool_:
+        return arr.astype(np.float32)
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0
+    if arr.dtype == np.uint16:
+        return arr.astype(np.float32) / 65535.0
+    arr = arr.astype(np.float32)
+    if not np.all(np.isfinite(arr)):
+        raise DataError(path, "image contains NaN or infinite values")
+    if arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
+        return arr
+    return window(arr)
+
+
+def _pil_to_grey_array(img: Image.Image, path: Path) -> np.ndarray:
+    if img.mode in ("L", "I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.array(img)
+        if img.mode == "I" and arr.size and arr.min() >= 0 and arr.max() <= 255:
+            arr = arr.astype(np.uint8)
+        return arr
+    if img.mode == "1":
+        return np.array(img).astype(np.uint8) * 255
+    rgb = np.array(img.convert("RGB"))
+    if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]):
+        return rgb[..., 0]
+    return np.array(img.convert("L"))
+
+
+def read_slice(path: str | os.PathLike, window: Window = Window()) -> np.ndarray:
+    """A 2-D slice file -> [H, W] float32 in [0, 1]."""
+    p = Path(path)
+    if suffix_of(p) == ".npy":
+        arr = _read_npy(p)
+    else:
+        arr = _pil_to_grey_array(_read_pil(p), p)
+    return to_unit_range(arr, window, p)
+
+
+# --------------------------------------------------------------------------- NIfTI
+
+
+def _nifti(path: Path):
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+    except Exception as e:  # nibabel raises several types for bad headers
+        raise DataError(path, f"unreadable NIfTI file ({type(e).__name__}: {e})") from None
+    shape = img.shape
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) == 2:
+        shape = (*shape, 1)
+    if len(shape) != 3:
+        raise DataError(path, f"expected a 3-D volume, got shape {img.shape}")
+    return img, shape
+
+
+def _nifti_slice(path: Path, k: int) -> np.ndarray:
+    img, shape = _nifti(path)
+    if not 0 <= k < shape[2]:
+        raise DataError(path, f"slice {k} out of range (volume has {shape[2]} slices)")
+    try:
+        data = img.dataobj[..., k] if len(img.shape) == 3 else img.dataobj[:, :, k, 0]
+        arr = np.asarray(data)
+    except Exception as e:
+        raise DataError(path, f"corrupt or truncated NIfTI data ({e})") from None
+    if arr.ndim == 1:  # a 2-D NIfTI
+        arr = np.asarray(img.dataobj).reshape(shape)[..., k]
+    # NIfTI stores (i, j, k); rows of an axial image run along j.
+    return arr.T
+
+
+# --------------------------------------------------------------------------- DICOM
+
+
+def _dcmread(path: Path, pixels: bool = True):
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=not pixels, force=False)
+    except InvalidDicomError:
+        raise DataError(path, "unreadable DICOM (not a DICOM file)") from None
+    except Exception as e:
+        raise DataError(path, f"unreadable DICOM ({type(e).__name__}: {e})") from None
+    return ds
+
+
+def _dicom_hu(ds, path: Path) -> np.ndarray:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arr = ds.pixel_array
+    except Exception as e:
+        raise DataError(path, f"DICOM pixel data cannot be decoded ({e})") from None
+    slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
+    intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+    return arr.astype(np.float32) * slope + intercept
+
+
+def _slice_position(ds) -> float | None:
+    pos = getattr(ds, "ImagePositionPatient", None)
+    ori = getattr(ds, "ImageOrientationPatient", None)
+    if pos is None:
+        return None
+    if ori is None:
+        return float(pos[2])
+    normal = np.cross(np.asarray(ori[:3], float), np.asarray(ori[3:], float))
+    return float(np.dot(normal, np.asarray(pos, float)))
+
+
+@functools.lru_cache(maxsize=16)
+def dicom_series_files(folder: str) -> tuple[str, ...]:
+    """The files of the one DICOM series in `folder`, sorted by slice position.
+
+    A folder holding several series is an error that lists them.
+    """
+    p = Path(folder)
+    entries = sorted(e for e in p.iterdir() if e.is_file() and is_image_candidate(e))
+    if not entries:
+        raise DataError(p, "empty DICOM folder")
+    series: dict[str, list[tuple[float, int, str]]] = {}
+    descriptions: dict[str, str] = {}
+    for e in entries:
+        ds = _dcmread(e, pixels=False)
+        uid = str(getattr(ds, "SeriesInstanceUID", "") or "unknown")
+        descriptions.setdefault(uid, str(getattr(ds, "SeriesDescription", "") or ""))
+        position = _slice_position(ds)
+        number = int(getattr(ds, "InstanceNumber", 0) or 0)
+        series.setdefault(uid, []).append(
+            (position if position is not None else float(number), number, str(e))
+        )
+    if len(series) > 1:
+        listed = "; ".join(
+            f"{uid} {descriptions[uid]!r} ({len(files)} files)".replace(" ''", "")
+            for uid, files in series.items()
+        )
+        raise DataError(p, f"folder holds {len(series)} DICOM series, expected one: {listed}")
+    (files,) = series.values()
+    return tuple(f for _, _, f in sorted(files))
+
+
+def _dicom_frames(path: Path) -> int:
+    ds = _dcmread(path, pixels=False)
+    return int(getattr(ds, "NumberOfFrames", 1) or 1)
+
+
+def _dicom_slice(path: Path, k: int) -> np.ndarray:
+    if path.is_dir():
+        files = dicom_series_files(str(path))
+        if not 0 <= k < len(files):
+            raise DataError(path, f"slice {k} out of range (series has {len(files)} slices)")
+        f = Path(files[k])
+        ds = _dcmread(f)
+        hu = _dicom_hu(ds, f)
+        return hu[0] if hu.ndim == 3 else hu
+    ds = _dcmread(path)
+    hu = _dicom_hu(ds, path)
+    if hu.ndim == 2:
+        if k != 0:
+            raise DataError(path, f"slice {k} out of range (single-frame DICOM)")
+        return hu
+    if not 0 <= k < hu.shape[0]:
+        raise DataError(path, f"slice {k} out of range (DICOM has {hu.shape[0]} frames)")
+    return hu[k]
+
+
+# --------------------------------------------------------------------------- public
+
+
+def slice_count(path: str | os.PathLike) -> int | None:
+    """Number of axial slices of a volume, or None for a 2-D slice file."""
+    p = Path(path)
+    kind = kind_of(p)
+    if kind == "slice":
+        return None
+    if kind == "nifti":
+        return _nifti(p)[1][2]
+    if kind == "dicom-series":
+        return len(dicom_series_files(str(p)))
+    return _dicom_frames(p)
+
+
+def read_image(
+    path: str | os.PathLike, slice_index: int | None = None, window: Window = Window()
+) -> np.ndarray:
+    """One slice (a slice file, or slice `slice_index` of a volume) -> [H, W] float32 in [0, 1]."""
+    p = Path(path)
+    kind = kind_of(p)
+    if kind == "slice":
+        return read_slice(p, window)
+    k = 0 if slice_index is None else int(slice_index)
+    if kind == "nifti":
+        arr = _nifti_slice(p, k)
+        if arr.dtype == np.uint8:
+            return arr.astype(np.float32) / 255.0
+        arr = arr.astype(np.float32)
+        if arr.size and 0.0 <= arr.min() and arr.max() <= 1.0:
+            return arr
+        return window(arr)
+    return window(_dicom_slice(p, k))
+
+
+def read_mask(path: str | os.PathLike, slice_index: int | None = None) -> np.ndarray:
+    """The stored integer values of a mask slice [H, W] int64.
+
+    Indexed-palette PNGs are read by index, greyscale and 0/255 masks by value, NIfTI label
+    volumes slice by slice (same orientation as `read_image`).
+    """
+    p = Path(path)
+    kind = kind_of(p)
+    if kind == "slice":
+        if suffix_of(p) == ".npy":
+            arr = _read_npy(p)
+        else:
+            img = _read_pil(p)
+            if img.mode == "P":
+                arr = np.array(img)  # palette index plane, not colours
+            elif img.mode in ("RGB", "RGBA"):
+                rgb = np.array(img.convert("RGB"))
+                if not (
+                    np.array_equal(rgb[..., 0], rgb[..., 1])
+                    and np.array_equal(rgb[..., 1], rgb[..., 2])
+                ):
+                    raise DataError(
+                        p, "colour mask without a palette: store class indices (indexed PNG)"
+                    )
+                arr = rgb[..., 0]
+            else:
+                arr = _pil_to_grey_array(img, p)
+    elif kind == "nifti":
+        arr = _nifti_slice(p, 0 if slice_index is None else int(slice_index))
+    else:
+        raise DataError(p, "masks must be PNG/TIFF/.npy slices or NIfTI label volumes")
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+            raise DataError(p, "mask holds non-integer values")
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8) * 255
+    return arr.astype(np.int64)
+
+
+def read_lung(path: str | os.PathLike, slice_index: int | None = None) -> np.ndarray:
+    """A lung mask slice -> [H, W] bool (any non-zero value is lung)."""
+    return read_mask(path, slice_index) != 0
+
+
+def check_size(shape: tuple[int, ...], path: str | os.PathLike) -> None:
+    """Raise if a slice is smaller than the model's smallest input (32 px)."""
+    if min(shape[:2]) < MIN_SIDE:
+        raise DataError(
+            path, f"image is {shape[0]}x{shape[1]} px, smaller than {MIN_SIDE} px on a side"
+        )
+
+
+def write_png(path: str | os.PathLike, arr: np.ndarray, palette: list[int] | None = None):
+    """Write a uint8 [H, W] array as PNG (indexed, PIL mode "P", when a palette is given)."""
+    img = Image.fromarray(np.ascontiguousarray(arr, np.uint8))
+    if palette is not None:
+        img.putpalette(palette)  # an "L" image becomes "P" with the same index plane
+    img.save(path)

@@ -1,0 +1,201 @@
+"""Lung-field masks for the preprocessing step that zeroes and crops a CT slice to the lungs."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import cv2
+import numpy as np
+from scipy import ndimage as ndi
+
+
+@runtime_checkable
+class LungSegmenter(Protocol):
+    """Anything that maps a slice [H, W] float32 in [0, 1] to a lung mask [H, W] bool."""
+
+    def __call__(self, image: np.ndarray) -> np.ndarray: ...
+
+
+def _disk(radius: int) -> np.ndarray:
+    r = max(int(radius), 0)
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+
+
+def _open(mask: np.ndarray, radius: int) -> np.ndarray:
+    if radius < 1:
+        return mask
+    return cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, _disk(radius)).astype(bool)
+
+
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    if radius < 1:
+        return mask
+    return cv2.dilate(mask.astype(np.uint8), _disk(radius)).astype(bool)
+
+
+def _close(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Closing that treats the outside of the image as background (no border artefacts)."""
+    if radius < 1:
+        return mask
+    p = radius + 1
+    padded = np.pad(mask.astype(np.uint8), p)
+    closed = cv2.morphologyEx(padded, cv2.MORPH_CLOSE, _disk(radius))
+    return closed[p:-p, p:-p].astype(bool)
+
+
+class AutoLungMask:
+    """Classical lung-field mask of one axial CT slice; no trained model needed.
+
+    For the preprocessing that zeroes everything outside the lungs and crops to them. Works on
+    lung-windowed slices scaled to [0, 1] (8-bit PNG/JPEG slices, or Hounsfield units through
+    `intensity.window_hu`), at any size: every radius and area is relative to the image size.
+
+    Steps: min-max normalise (a constant image gives an empty mask); median smoothing; Otsu
+    threshold into dark (air, lung) and bright (tissue); the body is the bright components above
+    `body_min_area` and its convex hull separates lungs from outside air (dark components that touch
+    the image border count as lung only if mostly inside that hull, so lungs cut by a tight crop
+    survive); a small opening cuts thin bridges; dark components above `min_area` are kept while
+    at least `keep_rel_area` of the largest (trachea, gas bubbles and specks drop out); each is
+    closed with a disk of `close_radius` (pulls in lesions and vessels on the lung border) and its
+    holes are filled (lesions, vessels inside the lung); a final opening and closing smooths it.
+
+    Call: image [H, W] float in [0, 1] -> mask [H, W] bool.
+    """
+
+    def __init__(
+        self,
+        smooth: float = 0.012,
+        open_radius: float = 0.008,
+        close_radius: float = 0.03,
+        body_min_area: float = 0.02,
+        hull_inside: float = 0.6,
+        min_area: float = 0.002,
+        keep_rel_area: float = 0.12,
+        max_components: int = 3,
+        final_radius: float = 0.006,
+        refine: bool = True,
+        ring_radius: float = 0.04,
+    ) -> None:
+        self.ring_radius = float(ring_radius)
+        self.refine = bool(refine)
+        self.smooth = float(smooth)
+        self.open_radius = float(open_radius)
+        self.close_radius = float(close_radius)
+        self.body_min_area = float(body_min_area)
+        self.hull_inside = float(hull_inside)
+        self.min_area = float(min_area)
+        self.keep_rel_area = float(keep_rel_area)
+        self.max_components = int(max_components)
+        self.final_radius = float(final_radius)
+
+    def get_config(self) -> dict[str, Any]:
+        """The parameters (radii as fractions of min(H, W), areas as fractions of H*W)."""
+        return {
+            "method": "auto-classical",
+            "smooth": self.smooth,
+            "open_radius": self.open_radius,
+            "close_radius": self.close_radius,
+            "body_min_area": self.body_min_area,
+            "hull_inside": self.hull_inside,
+            "min_area": self.min_area,
+            "keep_rel_area": self.keep_rel_area,
+            "max_components": self.max_components,
+            "final_radius": self.final_radius,
+        }
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        img = np.asarray(image, dtype=np.float32)
+        if img.ndim == 3 and img.shape[-1] == 1:
+            img = img[..., 0]
+        if img.ndim != 2:
+            raise ValueError(f"expected an [H, W] slice, got shape {img.shape}")
+        H, W = img.shape
+        empty = np.zeros((H, W), bool)
+        if H < 8 or W < 8:
+            return empty
+        img = np.nan_to_num(img, nan=0.0, posinf=1.0, neginf=0.0)
+        lo, hi = float(img.min()), float(img.max())
+        if hi - lo < 1e-3:
+            return empty
+        u8 = np.clip(np.rint((img - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
+        size = min(H, W)
+        area = float(H * W)
+
+        def px(frac: float) -> int:
+            return int(round(frac * size))
+
+        k = 2 * max(px(self.smooth) // 2, 0) + 1
+        sm = cv2.medianBlur(u8, k) if k >= 3 else u8
+        t, _ = cv2.threshold(sm, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        dark = sm <= t
+        bright = ~dark
+
+        # Body: large bright components; its convex hull tells lungs from outside air.
+        n, lab, stats, _ = cv2.connectedComponentsWithStats(bright.astype(np.uint8), connectivity=8)
+        big = [i for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] >= self.body_min_area * area]
+        if not big:
+            return empty
+        body = np.isin(lab, big)
+        pts = cv2.findNonZero(body.astype(np.uint8))
+        hull = np.zeros((H, W), np.uint8)
+        cv2.fillConvexPoly(hull, cv2.convexHull(pts), 1)
+        hull = hull.astype(bool)
+
+        comps = self._components(sm <= t, hull, px, area)
+        if not comps:
+            return empty
+        out = self._finish(comps, px)
+        if self.refine:
+            # Re-threshold locally: Otsu over the first lung estimate and a ring around it, so
+            # that outside air (often far darker than noisy lungs) no longer sets the threshold.
+            ring = _dilate(out, px(self.ring_radius)) & hull
+            vals = sm[ring]
+            if vals.size > 16 and vals.min() < vals.max():
+                t2, _ = cv2.threshold(
+                    vals.reshape(1, -1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU
+                )
+                comps2 = self._components(sm <= t2, hull, px, area)
+                if comps2:
+                    out = self._finish(comps2, px)
+        return out
+
+    def _components(self, dark, hull, px, area) -> list[np.ndarray]:
+        """Dark components that may be lung, largest first."""
+        cand = _open(dark, px(self.open_radius))
+        n, lab, stats, _ = cv2.connectedComponentsWithStats(cand.astype(np.uint8), connectivity=4)
+        keep: list[tuple[int, int]] = []
+        for i in range(1, n):
+            a = int(stats[i, cv2.CC_STAT_AREA])
+            if a < self.min_area * area:
+                continue
+            x, y, w, h = stats[i, :4]
+            comp = lab[y : y + h, x : x + w] == i
+            inside = float(np.count_nonzero(comp & hull[y : y + h, x : x + w])) / a
+            if inside < self.hull_inside:
+                continue
+            keep.append((a, i))
+        if not keep:
+            return []
+        keep.sort(reverse=True)
+        largest = keep[0][0]
+        keep = [kv for kv in keep if kv[0] >= self.keep_rel_area * largest][: self.max_components]
+        return [(lab == i) & hull for _, i in keep]
+
+    def _finish(self, comps, px) -> np.ndarray:
+        out = np.zeros(comps[0].shape, bool)
+        rc = px(self.close_radius)
+        for comp in comps:
+            out |= ndi.binary_fill_holes(_close(comp, rc))
+        rf = px(self.final_radius)
+        out = _close(_open(out, rf), rf)
+        return ndi.binary_fill_holes(out)
+
+
+def lung_bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Bounding box (y0, y1, x0, x1), half-open, of a [H, W] mask; None if the mask is empty."""
+    m = np.asarray(mask).astype(bool)
+    rows = np.flatnonzero(m.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(m.any(axis=0))
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
