@@ -223,10 +223,13 @@ def prepare(
     else:
         geometry = Geometry.from_field(field, size, margin)
     x = np.where(field, raw.image, 0.0).astype(np.float32)
+    lung_model = geometry.to_model(field, "nearest", fill=False)
+    # zero again after resizing, so that x is exactly 0 wherever the label says background
+    x_model = np.where(lung_model, np.clip(geometry.to_model(x, "linear"), 0.0, 1.0), 0.0)
     return Prepared(
-        x=np.clip(geometry.to_model(x, "linear"), 0.0, 1.0),
+        x=x_model.astype(np.float32),
         allowed=geometry.to_model(allowed, "nearest", fill=bits(BACKGROUND)),
-        lung=geometry.to_model(field, "nearest", fill=False),
+        lung=lung_model,
         geometry=geometry,
     )
 

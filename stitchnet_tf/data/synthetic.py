@@ -15,9 +15,10 @@ the same at every `size`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -42,7 +43,7 @@ _LOWEST_HU, _HIGHEST_HU = -1024.0, 3071.0
 _MAX_HARMONIC = 5
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class SyntheticSlice:
     """One synthetic axial slice and its labels, all [H, W].
 
@@ -61,7 +62,7 @@ class SyntheticSlice:
     index: int
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _Blob:
     """A star-shaped blob: an ellipse whose radius varies with the angle by harmonics."""
 
@@ -74,7 +75,7 @@ class _Blob:
     notch: tuple[float, float, float] = (0.0, 0.0, 1.0)  # depth, angle, angular width
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _Lung:
     side: int  # -1 image left (patient's right), +1 image right
     cx: float
@@ -87,7 +88,7 @@ class _Lung:
     notch: float
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _Lesion:
     kind: int  # 1 GGO, 2 consolidation
     lung: int  # 0 or 1, index into _Patient.lungs
@@ -104,7 +105,7 @@ class _Lesion:
     drift: tuple[float, ...]
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _Patient:
     seed: int
     z0: float
@@ -124,7 +125,7 @@ class _Patient:
 
 
 def _check_size(size: int) -> None:
-    if int(size) != size or size < MIN_SIZE:
+    if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < MIN_SIZE:
         raise ValueError(f"size must be an integer >= {MIN_SIZE}, got {size!r}")
 
 
@@ -146,8 +147,8 @@ def _sample_patient(patient_seed: int) -> _Patient:
     bax, bay = float(rng.uniform(0.8, 0.92)), float(rng.uniform(0.55, 0.66))
     bcy = float(rng.uniform(0.0, 0.08))
     amps, phases = _harmonics(rng, 0.03)
-    amps = (0.0, amps[1], amps[2], float(rng.uniform(0.02, 0.05)))  # k=4: a squarer chest
-    phases = (0.0, phases[1], phases[2], 0.0)
+    amps = (0.0, amps[1], amps[2], float(rng.uniform(0.01, 0.03)))  # k=4: a squarer chest
+    phases = (0.0, phases[1], phases[2], float(np.pi))
     body = _Blob(float(rng.uniform(-0.02, 0.02)), bcy, bax, bay, amps, phases)
     fat = float(rng.uniform(0.025, 0.07))
     wall = float(rng.uniform(0.035, 0.06))
@@ -181,30 +182,29 @@ def _sample_patient(patient_seed: int) -> _Patient:
         (float(a), float(d))
         for a, d in zip(rng.uniform(0, 2 * np.pi, 12), rng.uniform(-1.0, 1.0, 12), strict=True)
     )
-    burden = int(rng.choice(4, p=[0.2, 0.3, 0.3, 0.2]))
-    n_ggo = (0, int(rng.integers(1, 3)), int(rng.integers(3, 6)), int(rng.integers(6, 10)))[burden]
-    p_con = (0.0, 0.3, 0.45, 0.6)[burden]
+    burden = int(rng.choice(4, p=[0.12, 0.28, 0.35, 0.25]))
+    n_ggo = (0, int(rng.integers(1, 4)), int(rng.integers(3, 7)), int(rng.integers(6, 11)))[burden]
+    p_con = (0.0, 0.4, 0.6, 0.75)[burden]
     lesions: list[_Lesion] = []
+    grow = (1.0, 1.0, 1.2, 1.45)[burden]
     for _ in range(n_ggo):
-        ggo = _sample_lesion(rng, 1, z0, z1)
+        ggo = _sample_lesion(rng, 1, z0, z1, grow)
         lesions.append(ggo)
         if rng.random() < p_con:  # consolidation inside or next to the GGO, towards the pleura
             con = _sample_lesion(rng, 2, z0, z1)
             lesions.append(
-                _Lesion(
-                    **{
-                        **con.__dict__,
-                        "lung": ggo.lung,
-                        "theta": ggo.theta + float(rng.uniform(-0.15, 0.15)),
-                        "rho": min(1.05, ggo.rho + float(rng.uniform(0.0, 0.2))),
-                        "radius": ggo.radius * float(rng.uniform(0.3, 0.65)),
-                        "zc": ggo.zc + float(rng.uniform(-0.3, 0.3)) * ggo.zr,
-                        "zr": ggo.zr * float(rng.uniform(0.4, 0.8)),
-                    }
+                dataclasses.replace(
+                    con,
+                    lung=ggo.lung,
+                    theta=ggo.theta + float(rng.uniform(-0.15, 0.15)),
+                    rho=min(1.05, ggo.rho + float(rng.uniform(0.0, 0.2))),
+                    radius=ggo.radius * float(rng.uniform(0.35, 0.7)),
+                    zc=ggo.zc + float(rng.uniform(-0.3, 0.3)) * ggo.zr,
+                    zr=ggo.zr * float(rng.uniform(0.4, 0.8)),
                 )
             )
     if burden >= 2 and rng.random() < 0.5:  # a lone consolidation at the lung border
-        lesions.append(_sample_lesion(rng, 2, z0, z1))
+        lesions.append(_sample_lesion(rng, 2, z0, z1, grow))
     return _Patient(
         seed=patient_seed,
         z0=z0,
@@ -224,7 +224,9 @@ def _sample_patient(patient_seed: int) -> _Patient:
     )
 
 
-def _sample_lesion(rng: np.random.Generator, kind: int, z0: float, z1: float) -> _Lesion:
+def _sample_lesion(
+    rng: np.random.Generator, kind: int, z0: float, z1: float, grow: float = 1.0
+) -> _Lesion:
     # Lesions lie mostly in the periphery (subpleural) and posteriorly (dependent lung).
     theta = float(rng.uniform(-np.pi, np.pi))
     if rng.random() < 0.5:
@@ -236,7 +238,7 @@ def _sample_lesion(rng: np.random.Generator, kind: int, z0: float, z1: float) ->
         lung=int(rng.integers(2)),
         theta=theta,
         rho=float(rng.uniform(0.45, 0.95) if ggo else rng.uniform(0.75, 1.05)),
-        radius=float(rng.uniform(0.15, 0.4) if ggo else rng.uniform(0.08, 0.2)),
+        radius=grow * float(rng.uniform(0.18, 0.45) if ggo else rng.uniform(0.1, 0.22)),
         aspect=float(rng.uniform(0.7, 1.4)),
         zc=float(rng.uniform(z0 - 0.05, z1 + 0.05)),
         zr=float(rng.uniform(0.12, 0.4) if ggo else rng.uniform(0.08, 0.25)),
@@ -357,8 +359,9 @@ def _vessels(p: _Patient, lungs: list[_Blob], z: float, size: int) -> np.ndarray
                 points.append(to_image(u, v))
             if depth == 0 or abs(z - zc) < ze:
                 thick = max(1, int(round(widths[depth] * scale)))
+                value = values[depth] * min(1.0, widths[depth] * scale)  # partial volume
                 pts = np.array(points, np.int32)
-                cv2.polylines(canvas, [pts], False, values[depth], thick, cv2.LINE_AA, 4)
+                cv2.polylines(canvas, [pts], False, value, thick, cv2.LINE_AA, 4)
             if depth < len(widths) - 1:
                 spread = rng.uniform(0.25, 0.6)
                 for sign in (-1.0, 1.0):
@@ -381,7 +384,9 @@ def _vessels(p: _Patient, lungs: list[_Blob], z: float, size: int) -> np.ndarray
     return cv2.GaussianBlur(vessels, (0, 0), 0.4 * scale**0.5)
 
 
-def _render(p: _Patient, z: float, size: int, rng: np.random.Generator):
+def _render(
+    p: _Patient, z: float, size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One slice of patient `p` at z: (hu, lesion, lung)."""
     scale = size / 128.0
     half = size / 2.0
@@ -469,7 +474,9 @@ def _render(p: _Patient, z: float, size: int, rng: np.random.Generator):
     gap = 1.0 + 0.5 * scale
     for bb, d in blockers:
         lung[bb] &= d > gap
-    lung_alpha = cv2.GaussianBlur(lung.astype(np.float32), (0, 0), 0.5 + 0.1 * scale)
+    # partial volume just outside the lung edge; the labelled lung itself is all lung
+    blurred = cv2.GaussianBlur(lung.astype(np.float32), (0, 0), 0.5 + 0.1 * scale)
+    lung_alpha = np.maximum(blurred, lung)
     parenchyma = p.lung_hu + 25.0 * _smooth_noise(rng, size, 10)
     vessels = _vessels(p, lung_blobs, z, size) * lung
     parenchyma += vessels * (rng.uniform(-20.0, 40.0) - parenchyma)
@@ -548,7 +555,7 @@ def _save_png(image: Image.Image, path: Path) -> None:
 
 
 def write_demo_dataset(
-    output,
+    output: str | os.PathLike,
     *,
     labelled_patients: int = 6,
     unlabelled_patients: int = 4,

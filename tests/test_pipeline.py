@@ -1,0 +1,169 @@
+"""tf.data pipelines: shapes, laziness, mixing, caching and augmentation consistency."""
+
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from stitchnet_tf.data.datasets import discover
+from stitchnet_tf.data.io import write_png
+from stitchnet_tf.data.pipeline import (
+    PairedAugmentation,
+    SliceLoader,
+    augment,
+    mixed_batches,
+    slice_dataset,
+)
+from stitchnet_tf.errors import DataError
+
+S = 64
+
+
+class FakeLoader:
+    """Serves synthetic examples by index and counts reads (no files)."""
+
+    def __init__(self, n, size=S, bad=()):
+        self.n, self.size, self.bad = n, size, set(bad)
+        self.reads = []
+        self.lock = threading.Lock()
+
+    def __len__(self):
+        return self.n
+
+    def __call__(self, i):
+        i = int(i)
+        with self.lock:
+            self.reads.append(i)
+        if i in self.bad:
+            raise DataError(f"img{i}.png", "corrupt")
+        yy, xx = np.mgrid[: self.size, : self.size]
+        lung = (((yy - 30 - i % 5) / 20) ** 2 + ((xx - 25) / 12) ** 2 < 1).astype(np.float32)
+        x = lung * (0.3 + 0.5 * (xx > 30)) + 0.001 * i
+        allowed = np.stack([1 - lung, lung, 0 * lung, 0 * lung], -1).astype(np.float32)
+        return x[..., None].astype(np.float32), allowed, lung[..., None]
+
+
+def test_examples_have_static_shapes_and_dtypes():
+    ds = slice_dataset(FakeLoader(5))
+    spec = ds.element_spec
+    assert spec["x"].shape == (S, S, 1) and spec["allowed"].shape == (S, S, 4)
+    assert spec["lung"].shape == (S, S, 1)
+    assert all(v.dtype == tf.float32 for v in spec.values())
+    batch = next(iter(mixed_batches(ds, None, 4)))
+    assert batch["x"].shape == (4, S, S, 1) and batch["allowed"].shape == (4, S, S, 4)
+
+
+def test_streams_lazily_from_a_huge_index():
+    loader = FakeLoader(400_000)
+    ds = slice_dataset(loader, shuffle=True, seed=0, num_parallel_calls=2)
+    for _ in ds.take(3):
+        pass
+    assert 3 <= len(loader.reads) <= 64  # read ahead a little, never the whole dataset
+
+
+def test_shuffle_is_seeded_and_reshuffles():
+    def order(seed):
+        loader = FakeLoader(20)
+        ds = slice_dataset(loader, shuffle=True, seed=seed, num_parallel_calls=1)
+        for _ in "ab":
+            assert len(list(ds)) == 20
+        return [loader.reads[:20], loader.reads[20:]]
+
+    a, b = order(1), order(1)
+    assert a == b and sorted(a[0]) == list(range(20)) and a[0] != a[1]
+    assert order(2)[0] != a[0]
+
+
+def test_cache_reads_each_slice_once():
+    loader = FakeLoader(6)
+    ds = slice_dataset(loader, cache=True, shuffle=True)
+    for _ in range(3):
+        assert len(list(ds)) == 6
+    assert sorted(loader.reads) == list(range(6))
+
+
+def test_skip_bad_drops_failing_slices():
+    loader = FakeLoader(6, bad={2, 4})
+    assert len(list(slice_dataset(loader, skip_bad=True))) == 4
+    with pytest.raises(tf.errors.OpError, match="img2.png: corrupt"):
+        list(slice_dataset(FakeLoader(6, bad={2})))
+
+
+def test_mixed_batches_hold_the_ratio():
+    lab = slice_dataset(FakeLoader(7), repeat=True)
+    unl = slice_dataset(FakeLoader(5), repeat=True).map(
+        lambda e: e | {"allowed": tf.ones_like(e["allowed"])}
+    )
+    for batch in mixed_batches(lab, unl, 6, labelled_per_batch=2).take(4):
+        per_example_max = tf.reduce_max(tf.reduce_sum(batch["allowed"], -1), [1, 2]).numpy()
+        np.testing.assert_array_equal(per_example_max, [1, 1, 4, 4, 4, 4])
+    with pytest.raises(ValueError):
+        mixed_batches(lab, unl, 4, labelled_per_batch=5)
+
+
+def _example():
+    x, allowed, lung = FakeLoader(1)(0)
+    return {"x": tf.constant(x), "allowed": tf.constant(allowed), "lung": tf.constant(lung)}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_augmentation_moves_image_and_masks_together(seed):
+    ex = _example()
+    out = augment(ex, tf.constant([seed, 7]), crop_probability=1.0)
+    lung = out["lung"].numpy()[..., 0] > 0.5
+    image_lung = out["x"].numpy()[..., 0] > 0.15
+    # only pixels on the lung's edge may differ (bilinear image vs nearest mask)
+    kernel = np.ones((3, 3), np.uint8)
+    edge = cv2.dilate(lung.astype(np.uint8), kernel) != cv2.erode(lung.astype(np.uint8), kernel)
+    assert not (lung != image_lung)[~edge].any() and lung.sum() > 200
+    allowed = out["allowed"].numpy()
+    np.testing.assert_array_equal(allowed.sum(-1), 1)  # still exact one-class sets
+    np.testing.assert_array_equal(allowed[..., 1] > 0.5, lung)  # and the same geometry
+    # without the crop, flips and rotations are exact permutations
+    exact = augment(ex, tf.constant([seed, 7]), crop_probability=0.0)
+    np.testing.assert_array_equal(exact["x"].numpy() > 0.15, exact["lung"].numpy() > 0.5)
+
+
+def test_augmentation_is_seeded_and_varies():
+    ex = _example()
+    a = augment(ex, tf.constant([1, 2]))["x"].numpy()
+    np.testing.assert_array_equal(a, augment(ex, tf.constant([1, 2]))["x"].numpy())
+    outs = {augment(ex, tf.constant([s, 2]))["x"].numpy().tobytes() for s in range(12)}
+    assert len(outs) > 4
+
+
+def test_paired_augmentation_layer_batch_and_config():
+    ex = _example()
+    batch = {k: tf.stack([v, v]) for k, v in ex.items()}
+    layer = PairedAugmentation(seed=3, crop_probability=0.0)
+    out = layer(batch, training=True)
+    assert out["x"].shape == (2, S, S, 1)
+    np.testing.assert_array_equal(out["x"].numpy() > 0.15, out["lung"].numpy() > 0.5)
+    same = layer(batch, training=False)
+    assert all(np.array_equal(same[k], batch[k]) for k in batch)
+    clone = PairedAugmentation.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+
+
+def test_slice_loader_on_files(tmp_path: Path):
+    for sub in ("images", "masks", "lungs"):
+        (tmp_path / sub).mkdir()
+    yy, xx = np.mgrid[:80, :70]
+    lung = ((yy - 40) / 30) ** 2 + ((xx - 35) / 25) ** 2 < 1
+    lesion = ((yy - 40) / 8) ** 2 + ((xx - 35) / 8) ** 2 < 1
+    for i in range(3):
+        write_png(tmp_path / "images" / f"s{i}.png", (lung * 90 + lesion * 100).astype(np.uint8))
+        write_png(tmp_path / "masks" / f"s{i}.png", lesion.astype(np.uint8), [0] * 3 + [128, 0, 0])
+        write_png(tmp_path / "lungs" / f"s{i}.png", lung.astype(np.uint8) * 255)
+    dataset = discover(tmp_path)
+    loader = SliceLoader(dataset, dataset.samples, 32)
+    x, allowed, field = loader(1)
+    assert x.shape == (32, 32, 1) and allowed.shape == (32, 32, 4) and field.shape == (32, 32, 1)
+    assert allowed[..., 2].sum() > 0 and allowed[..., 3].sum() == 0  # GGO only
+    np.testing.assert_array_equal(allowed.sum(-1), 1)
+    assert len(list(slice_dataset(loader, augmentation=True))) == 3
+    with pytest.raises(DataError, match="multiple of 32"):
+        SliceLoader(dataset, dataset.samples, 40)

@@ -1,0 +1,90 @@
+"""Patient-level splits and label withholding."""
+
+from pathlib import Path
+
+import pytest
+
+from stitchnet_tf.data.classes import MaskValueMap
+from stitchnet_tf.data.datasets import Dataset, Sample
+from stitchnet_tf.data.splits import Split, split_dataset, withhold_labels
+from stitchnet_tf.errors import DataError
+
+
+def _dataset(n_patients=10, per=(3, 9), labelled=True, patients=True):
+    samples = []
+    for p in range(n_patients):
+        for k in range(per[0] + (p * 7) % (per[1] - per[0] + 1)):
+            sid = f"images/p{p}_{k}.png"
+            samples.append(
+                Sample(sid, sid, sid if labelled else None, None, f"P{p}" if patients else None)
+            )
+    return Dataset(Path("root"), samples, MaskValueMap.parse("medseg"))
+
+
+def _patients_of(ds, ids):
+    by_id = {s.id: s.patient for s in ds.samples}
+    return {by_id[i] for i in ids}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_split_by_patient_has_no_leakage_and_covers_everything(seed):
+    ds = _dataset()
+    s = split_dataset(ds, seed=seed)
+    parts = [set(s.train), set(s.val), set(s.test)]
+    assert all(parts) and sum(map(len, parts)) == len(ds)
+    assert set().union(*parts) == {x.id for x in ds.samples}
+    pats = [_patients_of(ds, p) for p in parts]
+    assert not (pats[0] & pats[1] or pats[0] & pats[2] or pats[1] & pats[2])
+    assert s.by == "patient" and sorted(s.patients["test"]) == sorted(pats[2])
+    # about 60/20/20 of the slices
+    assert 0.45 < len(s.train) / len(ds) < 0.75
+
+
+def test_split_is_seed_controlled():
+    ds = _dataset()
+    assert split_dataset(ds, seed=3).to_json() == split_dataset(ds, seed=3).to_json()
+    assert split_dataset(ds, seed=3).test != split_dataset(ds, seed=4).test
+
+
+def test_split_by_slice_without_patients_warns():
+    warnings = []
+    s = split_dataset(_dataset(patients=False), seed=0, warn=warnings.append)
+    assert s.by == "slice" and len(warnings) == 1 and "no patient ids" in warnings[0]
+
+
+def test_too_few_patients_and_bad_fractions():
+    with pytest.raises(DataError, match="2 patient"):
+        split_dataset(_dataset(n_patients=2))
+    with pytest.raises(DataError, match="fractions"):
+        split_dataset(_dataset(), (0.5, 0.2, 0.2))
+
+
+def test_save_load_round_trip_and_check(tmp_path):
+    ds = _dataset()
+    s = withhold_labels(split_dataset(ds, seed=0), ds, max_labelled=2, seed=0)
+    s.save(tmp_path / "split.json")
+    loaded = Split.load(tmp_path / "split.json")
+    assert loaded.to_json() == s.to_json()
+    loaded.check(ds)
+    with pytest.raises(DataError, match="not in this dataset"):
+        loaded.check(_dataset(n_patients=3))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"bad\.json: not a valid split file"):
+        Split.load(tmp_path / "bad.json")
+    with pytest.raises(DataError, match="split file not found"):
+        Split.load(tmp_path / "missing.json")
+
+
+def test_withhold_labels_subsets_train_only_and_is_seeded():
+    ds = _dataset()
+    s = split_dataset(ds, seed=0)
+    a = withhold_labels(s, ds, max_labelled=4, seed=1)
+    assert len(s.train) - len(a.unlabelled) == 4 and set(a.unlabelled) <= set(s.train)
+    assert a.train == s.train and a.val == s.val and a.test == s.test
+    assert withhold_labels(s, ds, max_labelled=4, seed=1).unlabelled == a.unlabelled
+    assert withhold_labels(s, ds, max_labelled=4, seed=2).unlabelled != a.unlabelled
+    b = withhold_labels(s, ds, label_fraction=0.25, seed=0)
+    assert len(s.train) - len(b.unlabelled) == round(0.25 * len(s.train))
+    assert withhold_labels(s, ds, max_labelled=10_000).unlabelled == []
+    with pytest.raises(DataError, match="not both"):
+        withhold_labels(s, ds, max_labelled=1, label_fraction=0.5)
