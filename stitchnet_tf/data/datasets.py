@@ -68,6 +68,7 @@ class Dataset:
     mask_map: MaskValueMap
     prepared_size: int | None = None
     info: dict = field(default_factory=dict)
+    skipped: int = 0  # files passed over by `discover(skip_bad=True)`
 
     @property
     def labelled(self) -> bool:
@@ -267,6 +268,7 @@ def discover(
         mask_map = MaskValueMap.parse(mask_values or info.get("mask_values"))
     prepared = info.get("prepared_size")
 
+    skipped = 0
     if (root / MANIFEST).is_file():
         samples = _from_manifest(root, root / MANIFEST, patient_pattern)
     else:
@@ -283,13 +285,15 @@ def discover(
             try:
                 mask = masks.get(io.stem_of(image))
                 if masks_dir is not None and mask is None:
+                    io.slice_count(image)  # an unreadable image is the first thing to report
                     raise DataError(image, f"no mask with the same name in {masks_dir}")
                 lung = lungs.get(io.stem_of(image))
                 samples.extend(_expand(root, image, mask, lung, lookup(image)))
             except DataError as e:
                 if not (skip_bad and warn):
                     raise
-                warn(str(e))
+                warn(f"skipped {e}")
+                skipped += 1
         if masks_dir is not None:
             stems = {io.stem_of(p) for p in images}
             orphans = [p.name for stem, p in masks.items() if stem not in stems]
@@ -297,7 +301,7 @@ def discover(
                 warn(f"{masks_dir}: {len(orphans)} masks have no image (e.g. {orphans[0]})")
     if not samples:
         raise DataError(root, "no usable samples")
-    dataset = Dataset(root, samples, mask_map, int(prepared) if prepared else None, info)
+    dataset = Dataset(root, samples, mask_map, int(prepared) if prepared else None, info, skipped)
     if require_labels and not dataset.labelled:
         raise DataError(
             root, "no masks found: a labelled folder needs masks/ (or a manifest 'mask' column)"

@@ -141,23 +141,35 @@ class AutoLungMask:
         cv2.fillConvexPoly(hull, cv2.convexHull(pts), 1)
         hull = hull.astype(bool)
 
-        comps = self._components(sm <= t, hull, px, area)
-        if not comps:
-            return empty
-        out = self._finish(comps, px)
+        thresholds = [float(t)]
         if self.refine:
-            # Re-threshold locally: Otsu over the first lung estimate and a ring around it, so
-            # that outside air (often far darker than noisy lungs) no longer sets the threshold.
-            ring = _dilate(out, px(self.ring_radius)) & hull
-            vals = sm[ring]
+            # Outside air can be far darker than (noisy) lungs and drag Otsu down: also try
+            # Otsu inside the body hull without the border-connected air, and the midpoint.
+            n, lab = cv2.connectedComponents((sm <= t).astype(np.uint8), connectivity=8)
+            edge = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+            inner = hull & ~np.isin(lab, edge[edge > 0])
+            vals = sm[inner]
             if vals.size > 16 and vals.min() < vals.max():
                 t2, _ = cv2.threshold(
                     vals.reshape(1, -1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU
                 )
-                comps2 = self._components(sm <= t2, hull, px, area)
-                if comps2:
-                    out = self._finish(comps2, px)
-        return out
+                if t2 > t:
+                    thresholds += [0.5 * (t + t2), float(t2)]
+        best, best_score = empty, -np.inf
+        rr = max(px(self.ring_radius), 1)
+        for th in thresholds:
+            comps = self._components(sm <= th, hull, px, area)
+            if not comps:
+                continue
+            out = self._finish(comps, px)
+            ring = _dilate(out, rr) & hull & ~out
+            if not ring.any():
+                continue
+            # Lung/surroundings contrast: the right threshold puts the edge on the chest wall.
+            score = float(np.median(sm[ring])) - float(np.median(sm[out]))
+            if score > best_score:
+                best, best_score = out, score
+        return best
 
     def _components(self, dark, hull, px, area) -> list[np.ndarray]:
         """Dark components that may be lung, largest first."""

@@ -286,7 +286,7 @@ def preprocess_dataset(
                 raise
             return i, e
 
-    rows, skipped = [], 0
+    rows, skipped = [], dataset.skipped
     with atomic_dir(output, overwrite) as tmp:
         for sub in ("images", "masks", "lungs"):
             (tmp / sub).mkdir()
@@ -330,6 +330,7 @@ def preprocess_dataset(
             "source_mask_values": dataset.mask_map.name,
             "window": {"level": window.level, "width": window.width},
             "margin": margin,
+            "lung_masks": "supplied" if all(s.lung for s in dataset.samples) else "segmenter",
             "segmenter": getattr(segmenter, "get_config", dict)(),
             "segmenter_name": type(segmenter).__name__,
             "count": len(rows),
