@@ -186,6 +186,31 @@ def test_dicom_series_folder_is_one_volume(tmp_path, write_ct_dicom):
     assert not ds.has_patients  # the slice file has none
 
 
+def _two_dotted_series(root: Path, write_ct_dicom) -> list[str]:
+    names = ["1.2.840.5.100", "1.2.840.5.200"]
+    for n, name in enumerate(names):
+        folder = root / "images" / name
+        folder.mkdir(parents=True)
+        for i in range(2):
+            write_ct_dicom(folder / f"{i}.dcm", np.zeros((H, W)), z=i, series=f"9.{n}", number=i)
+    return names
+
+
+def test_dicom_series_folders_with_dotted_names_are_separate_patients(tmp_path, write_ct_dicom):
+    names = _two_dotted_series(tmp_path, write_ct_dicom)
+    ds = discover(tmp_path)
+    assert [s.id for s in ds.samples] == [f"images/{n}#{k}" for n in names for k in (0, 1)]
+    assert [s.patient for s in ds.samples] == [n for n in names for _ in (0, 1)]
+
+
+def test_dicom_series_folder_with_dotted_name_finds_its_mask(tmp_path, write_ct_dicom):
+    names = _two_dotted_series(tmp_path, write_ct_dicom)
+    for name in names:
+        nifti(tmp_path / "masks" / f"{name}.nii.gz", 2, np.uint8)
+    ds = discover(tmp_path)
+    assert [Path(s.mask).name for s in ds.samples] == [f"{n}.nii.gz" for n in names for _ in (0, 1)]
+
+
 # --------------------------------------------------------------------------- patients
 
 
@@ -303,7 +328,11 @@ def test_manifest_listing_a_missing_file_names_the_manifest(tmp_path):
 
 @pytest.mark.parametrize(
     ("text", "problem"),
-    [("image,mask", "no rows"), ("file,mask\na.png,", "'image' column"), ("image\n ", "")],
+    [
+        ("image,mask", "no rows"),
+        ("file,mask\na.png,", "'image' column"),
+        ("image,patient\n ,P1", "empty 'image'"),
+    ],
 )
 def test_bad_manifests(tmp_path, text, problem):
     png(tmp_path / "a.png")
@@ -496,3 +525,13 @@ def test_real_zenodo20_lungs():
     assert len({s.patient for s in ds.samples}) == 14
     assert all(s.lung and Path(s.lung).parent.name == "lungs" for s in ds.samples)
     assert all(Path(s.mask).parent.name == "infection" for s in ds.samples)
+
+
+def test_images_at_root_pass_over_mask_folders(tmp_path):
+    from stitchnet_tf.data.io import write_png
+
+    (tmp_path / "masks").mkdir()
+    write_png(tmp_path / "a.png", np.zeros((40, 40), np.uint8))
+    write_png(tmp_path / "masks" / "a.png", np.zeros((40, 40), np.uint8))
+    ds = discover(tmp_path)
+    assert [s.id for s in ds.samples] == ["a.png"] and ds.samples[0].mask is not None

@@ -254,11 +254,6 @@ def test_nifti_4d_with_one_frame(tmp_path):
     )
 
 
-@pytest.mark.xfail(
-    reason="io._nifti_slice indexes a 2-D NIfTI as 4-D (dataobj[:, :, k, 0]): "
-    "'corrupt or truncated NIfTI data (tuple index out of range)'",
-    strict=True,
-)
 def test_nifti_2d_is_one_slice(tmp_path):
     data = hu_volume(4, n=3)
     p2 = _nifti(tmp_path / "two.nii", data[:, :, 1])
@@ -535,3 +530,18 @@ def test_corrupt_and_non_finite_npy(tmp_path):
     with pytest.raises(DataError) as ei:
         io.read_image(path)
     assert "NaN or infinite" in assert_one_line(ei, path)
+
+
+def test_dicom_series_cache_sees_new_files(tmp_path, write_ct_dicom):
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for k in range(3):
+        write_ct_dicom(folder / f"{k}.dcm", np.full((40, 40), k, np.int16), z=float(k), number=k)
+    assert io.slice_count(folder) == 3
+    import os
+    import time
+
+    time.sleep(0.01)
+    write_ct_dicom(folder / "3.dcm", np.full((40, 40), 3, np.int16), z=3.0, number=3)
+    os.utime(folder, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert io.slice_count(folder) == 4

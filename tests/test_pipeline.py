@@ -16,6 +16,7 @@ from stitchnet_tf.data.pipeline import (
     augment,
     mixed_batches,
     slice_dataset,
+    training_batches,
 )
 from stitchnet_tf.errors import DataError
 
@@ -167,3 +168,29 @@ def test_slice_loader_on_files(tmp_path: Path):
     assert len(list(slice_dataset(loader, augmentation=True))) == 3
     with pytest.raises(DataError, match="multiple of 32"):
         SliceLoader(dataset, dataset.samples, 40)
+
+
+def test_training_batches_follow_the_split_and_withheld_labels(tmp_path: Path):
+    from stitchnet_tf.data.splits import split_dataset, withhold_labels
+    from stitchnet_tf.data.synthetic import write_demo_dataset
+
+    write_demo_dataset(
+        tmp_path / "d",
+        labelled_patients=5,
+        unlabelled_patients=1,
+        slices_per_patient=2,
+        size=64,
+        seed=0,
+    )
+    lab, unl = discover(tmp_path / "d" / "labelled"), discover(tmp_path / "d" / "unlabelled")
+    split = withhold_labels(split_dataset(lab, seed=0), lab, max_labelled=2, seed=0)
+    batches = training_batches(
+        lab, unl, 32, 4, train_ids=split.train, withheld_ids=split.unlabelled, labelled_per_batch=1
+    )
+    for batch in batches.take(5):
+        sets = tf.reduce_max(tf.reduce_sum(batch["allowed"], -1), [1, 2]).numpy()
+        np.testing.assert_array_equal(sets, [1, 3, 3, 3])  # 1 exact, 3 unlabelled (lung: 3 sets)
+    only_labelled = training_batches(lab, None, 32, 2, train_ids=split.train)
+    assert next(iter(only_labelled))["x"].shape == (2, 32, 32, 1)
+    with pytest.raises(DataError, match="no labelled training slices"):
+        training_batches(lab, unl, 32, 2, train_ids=split.train, withheld_ids=split.train)

@@ -90,14 +90,15 @@ class Dataset:
 SIDE_FILES = (".csv", ".json", ".md", ".txt")
 
 
-def _list_images(folder: Path, side_files: bool = False) -> list[Path]:
+def _list_images(folder: Path, side_files: bool = False, exclude=()) -> list[Path]:
     """Image files (and DICOM series sub-folders) of a folder, sorted; others are an error.
 
-    With `side_files`, CSV/JSON/Markdown/text files are passed over (images at a dataset root).
+    With `side_files`, CSV/JSON/Markdown/text files are passed over (images at a dataset root);
+    entries named in `exclude` are passed over too.
     """
     out = []
     for entry in sorted(folder.iterdir()):
-        if not io.is_image_candidate(entry):
+        if not io.is_image_candidate(entry) or entry.name in exclude:
             continue
         if side_files and entry.is_file() and entry.suffix.lower() in SIDE_FILES:
             continue
@@ -275,7 +276,9 @@ def discover(
         images_dir = root / "images" if (root / "images").is_dir() else root
         masks_dir = root / masks_subdir if (root / masks_subdir).is_dir() else None
         lungs_dir = root / lungs_subdir if (root / lungs_subdir).is_dir() else None
-        images = _list_images(images_dir, side_files=images_dir == root)
+        images = _list_images(
+            images_dir, side_files=images_dir == root, exclude=(masks_subdir, lungs_subdir)
+        )
         if not images:
             raise DataError(images_dir, "no images found (empty folder)")
         lookup = _patient_lookup(root, patient_pattern)

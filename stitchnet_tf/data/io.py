@@ -47,7 +47,9 @@ def suffix_of(path: str | os.PathLike) -> str:
 
 
 def stem_of(path: str | os.PathLike) -> str:
-    """File name without its (possibly double) suffix."""
+    """File name without its (possibly double) suffix; a folder's whole name."""
+    if Path(path).is_dir():
+        return Path(path).name
     name = Path(path).name
     suffix = suffix_of(path)
     return name[: -len(suffix)] if suffix and name.lower().endswith(suffix) else name
@@ -183,12 +185,14 @@ def _nifti_slice(path: Path, k: int) -> np.ndarray:
     if not 0 <= k < shape[2]:
         raise DataError(path, f"slice {k} out of range (volume has {shape[2]} slices)")
     try:
-        data = img.dataobj[..., k] if len(img.shape) == 3 else img.dataobj[:, :, k, 0]
-        arr = np.asarray(data)
+        if len(img.shape) == 2:
+            arr = np.asarray(img.dataobj)
+        elif len(img.shape) == 3:
+            arr = np.asarray(img.dataobj[..., k])
+        else:
+            arr = np.asarray(img.dataobj[:, :, k, 0])
     except Exception as e:
         raise DataError(path, f"corrupt or truncated NIfTI data ({e})") from None
-    if arr.ndim == 1:  # a 2-D NIfTI
-        arr = np.asarray(img.dataobj).reshape(shape)[..., k]
     # NIfTI stores (i, j, k); rows of an axial image run along j.
     return arr.T
 
@@ -232,12 +236,22 @@ def _slice_position(ds) -> float | None:
     return float(np.dot(normal, np.asarray(pos, float)))
 
 
-@functools.lru_cache(maxsize=16)
-def dicom_series_files(folder: str) -> tuple[str, ...]:
+def dicom_series_files(folder: str | os.PathLike) -> tuple[str, ...]:
     """The files of the one DICOM series in `folder`, sorted by slice position.
 
-    A folder holding several series is an error that lists them.
+    A folder holding several series is an error that lists them. Cached until the folder
+    changes.
     """
+    p = Path(folder)
+    try:
+        stamp = p.stat().st_mtime_ns
+    except OSError:
+        raise DataError(p, "DICOM folder not found") from None
+    return _dicom_series_files(str(p), stamp)
+
+
+@functools.lru_cache(maxsize=16)
+def _dicom_series_files(folder: str, stamp: int) -> tuple[str, ...]:
     p = Path(folder)
     entries = sorted(e for e in p.iterdir() if e.is_file() and is_image_candidate(e))
     if not entries:
@@ -270,7 +284,7 @@ def _dicom_frames(path: Path) -> int:
 
 def _dicom_slice(path: Path, k: int) -> np.ndarray:
     if path.is_dir():
-        files = dicom_series_files(str(path))
+        files = dicom_series_files(path)
         if not 0 <= k < len(files):
             raise DataError(path, f"slice {k} out of range (series has {len(files)} slices)")
         f = Path(files[k])
@@ -300,7 +314,7 @@ def slice_count(path: str | os.PathLike) -> int | None:
     if kind == "nifti":
         return _nifti(p)[1][2]
     if kind == "dicom-series":
-        return len(dicom_series_files(str(p)))
+        return len(dicom_series_files(p))
     return _dicom_frames(p)
 
 

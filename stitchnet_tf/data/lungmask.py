@@ -75,7 +75,9 @@ class AutoLungMask:
         final_radius: float = 0.006,
         refine: bool = True,
         ring_radius: float = 0.04,
+        keep_cover: float = 0.9,
     ) -> None:
+        self.keep_cover = float(keep_cover)
         self.ring_radius = float(ring_radius)
         self.refine = bool(refine)
         self.smooth = float(smooth)
@@ -156,12 +158,17 @@ class AutoLungMask:
                 if t2 > t:
                     thresholds += [0.5 * (t + t2), float(t2)]
         best, best_score = empty, -np.inf
+        first, nfirst = empty, 0
         rr = max(px(self.ring_radius), 1)
         for th in thresholds:
             comps = self._components(sm <= th, hull, px, area)
             if not comps:
                 continue
             out = self._finish(comps, px)
+            if best_score > -np.inf and np.count_nonzero(out & first) < self.keep_cover * nfirst:
+                continue  # a higher threshold that loses a lung (leaked into outside air)
+            if best_score == -np.inf:
+                first, nfirst = out, np.count_nonzero(out)
             ring = _dilate(out, rr) & hull & ~out
             if not ring.any():
                 continue

@@ -21,6 +21,7 @@ from stitchnet_tf.data import io
 from stitchnet_tf.data.classes import NUM_CLASSES, allowed_to_onehot
 from stitchnet_tf.data.datasets import Dataset, Sample
 from stitchnet_tf.data.preprocess import DEFAULT_MARGIN, check_model_size, prepare, read_sample
+from stitchnet_tf.errors import DataError
 
 AUTOTUNE = tf.data.AUTOTUNE
 KEYS = ("x", "allowed", "lung")
@@ -259,3 +260,74 @@ def mixed_batches(
         lambda a, b: {k: tf.concat([a[k], b[k]], axis=0) for k in KEYS},
         num_parallel_calls=AUTOTUNE,
     ).prefetch(AUTOTUNE)
+
+
+def training_batches(
+    labelled: Dataset,
+    unlabelled: Dataset | None,
+    size: int,
+    batch_size: int,
+    *,
+    train_ids: Sequence[str] | None = None,
+    withheld_ids: Sequence[str] = (),
+    labelled_per_batch: int | None = None,
+    seed: int = 0,
+    augmentation: dict | bool = True,
+    cache: str | bool = False,
+    skip_bad: bool = False,
+    segmenter=None,
+    window: io.Window = io.Window(),
+) -> tf.data.Dataset:
+    """Endless shuffled, augmented training batches mixing labelled and unlabelled slices.
+
+    Args:
+        labelled: the labelled dataset; `train_ids` (a split's train part) selects from it.
+        unlabelled: an unlabelled dataset, or None.
+        withheld_ids: train ids whose labels are withheld (`Split.unlabelled`): they join the
+            unlabelled stream without their masks.
+        labelled_per_batch: labelled examples in each batch (default: half, or all when there
+            is nothing unlabelled).
+    """
+    wanted = set(train_ids if train_ids is not None else (s.id for s in labelled.samples))
+    withheld = set(withheld_ids)
+    lab = [s for s in labelled.samples if s.id in wanted and s.id not in withheld and s.labelled]
+    pool = [s.unlabel() for s in labelled.samples if s.id in wanted and s.id in withheld]
+    if not lab:
+        raise DataError(labelled.root, "no labelled training slices (check the split)")
+    common = dict(
+        seed=seed, shuffle=True, repeat=True, augmentation=augmentation, skip_bad=skip_bad
+    )
+    lab_ds = slice_dataset(
+        SliceLoader(labelled, lab, size, window, segmenter),
+        cache=f"{cache}-labelled" if isinstance(cache, str) else cache,
+        **common,
+    )
+    streams = []
+    if pool:
+        streams.append(
+            slice_dataset(
+                SliceLoader(labelled, pool, size, window, segmenter),
+                cache=f"{cache}-withheld" if isinstance(cache, str) else cache,
+                **common,
+            )
+        )
+    if unlabelled is not None and len(unlabelled):
+        streams.append(
+            slice_dataset(
+                SliceLoader(
+                    unlabelled, [s.unlabel() for s in unlabelled.samples], size, window, segmenter
+                ),
+                cache=f"{cache}-unlabelled" if isinstance(cache, str) else cache,
+                **common,
+            )
+        )
+    if not streams:
+        return mixed_batches(lab_ds, None, batch_size, labelled_per_batch)
+    if len(streams) == 2:  # draw unlabelled slices from both pools in proportion to their size
+        n_pool, n_unl = len(pool), len(unlabelled.samples)
+        unl_ds = tf.data.Dataset.sample_from_datasets(
+            streams, weights=[n_pool / (n_pool + n_unl), n_unl / (n_pool + n_unl)], seed=seed
+        )
+    else:
+        unl_ds = streams[0]
+    return mixed_batches(lab_ds, unl_ds, batch_size, labelled_per_batch)
