@@ -68,7 +68,7 @@ class AutoLungMask:
         open_radius: float = 0.008,
         close_radius: float = 0.03,
         body_min_area: float = 0.02,
-        hull_inside: float = 0.6,
+        hull_inside: float = 0.8,
         min_area: float = 0.002,
         keep_rel_area: float = 0.12,
         max_components: int = 3,
@@ -76,7 +76,15 @@ class AutoLungMask:
         refine: bool = True,
         ring_radius: float = 0.04,
         keep_cover: float = 0.9,
+        fill_peripheral: bool = True,
+        body_open: float = 0.012,
+        min_contrast: float = 0.5,
+        max_defect: float = 0.3,
     ) -> None:
+        self.max_defect = float(max_defect)
+        self.min_contrast = float(min_contrast)
+        self.body_open = float(body_open)
+        self.fill_peripheral = bool(fill_peripheral)
         self.keep_cover = float(keep_cover)
         self.ring_radius = float(ring_radius)
         self.refine = bool(refine)
@@ -130,7 +138,8 @@ class AutoLungMask:
         sm = cv2.medianBlur(u8, k) if k >= 3 else u8
         t, _ = cv2.threshold(sm, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
         dark = sm <= t
-        bright = ~dark
+        # Thin bright structures (table, FOV rim, cables) are not body.
+        bright = _open(~dark, px(self.body_open))
 
         # Body: large bright components; its convex hull tells lungs from outside air.
         n, lab, stats, _ = cv2.connectedComponentsWithStats(bright.astype(np.uint8), connectivity=8)
@@ -143,28 +152,29 @@ class AutoLungMask:
         cv2.fillConvexPoly(hull, cv2.convexHull(pts), 1)
         hull = hull.astype(bool)
 
+        comps, outside = self._components(sm, sm <= t, hull, px, area)
         thresholds = [float(t)]
         if self.refine:
             # Outside air can be far darker than (noisy) lungs and drag Otsu down: also try
-            # Otsu inside the body hull without the border-connected air, and the midpoint.
-            n, lab = cv2.connectedComponents((sm <= t).astype(np.uint8), connectivity=8)
-            edge = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
-            inner = hull & ~np.isin(lab, edge[edge > 0])
-            vals = sm[inner]
+            # Otsu inside the body hull without the outside air, and the midpoint.
+            vals = sm[hull & ~outside]
             if vals.size > 16 and vals.min() < vals.max():
                 t2, _ = cv2.threshold(
                     vals.reshape(1, -1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU
                 )
                 if t2 > t:
                     thresholds += [0.5 * (t + t2), float(t2)]
+        ys, xs = np.nonzero(hull)
+        center = (float(ys.mean()), float(xs.mean()))
         best, best_score = empty, -np.inf
         first, nfirst = empty, 0
         rr = max(px(self.ring_radius), 1)
-        for th in thresholds:
-            comps = self._components(sm <= th, hull, px, area)
+        for k, th in enumerate(thresholds):
+            if k > 0:
+                comps, _ = self._components(sm, sm <= th, hull, px, area)
             if not comps:
                 continue
-            out = self._finish(comps, px)
+            out = self._finish(comps, hull, center, px)
             if best_score > -np.inf and np.count_nonzero(out & first) < self.keep_cover * nfirst:
                 continue  # a higher threshold that loses a lung (leaked into outside air)
             if best_score == -np.inf:
@@ -178,34 +188,73 @@ class AutoLungMask:
                 best, best_score = out, score
         return best
 
-    def _components(self, dark, hull, px, area) -> list[np.ndarray]:
-        """Dark components that may be lung, largest first."""
+    def _components(self, sm, dark, hull, px, area) -> tuple[list[np.ndarray], np.ndarray]:
+        """Dark components that may be lung (largest first), and the outside air."""
         cand = _open(dark, px(self.open_radius))
         n, lab, stats, _ = cv2.connectedComponentsWithStats(cand.astype(np.uint8), connectivity=4)
         keep: list[tuple[int, int]] = []
+        out_ids: list[int] = []
         for i in range(1, n):
             a = int(stats[i, cv2.CC_STAT_AREA])
-            if a < self.min_area * area:
-                continue
             x, y, w, h = stats[i, :4]
             comp = lab[y : y + h, x : x + w] == i
             inside = float(np.count_nonzero(comp & hull[y : y + h, x : x + w])) / a
             if inside < self.hull_inside:
-                continue
-            keep.append((a, i))
+                out_ids.append(i)
+            elif a >= self.min_area * area:
+                keep.append((a, i))
+        outside = np.isin(lab, out_ids)
         if not keep:
-            return []
+            return [], outside
         keep.sort(reverse=True)
         largest = keep[0][0]
-        keep = [kv for kv in keep if kv[0] >= self.keep_rel_area * largest][: self.max_components]
-        return [(lab == i) & hull for _, i in keep]
+        keep = [kv for kv in keep if kv[0] >= self.keep_rel_area * largest]
+        # Lungs are dark regions walled in by tissue: drop components with weak contrast to
+        # their surroundings (air pockets between body and table or field-of-view rim).
+        H, W = dark.shape
+        rr = max(px(self.ring_radius), 1)
+        comps, contrast = [], []
+        for _, i in keep:
+            x, y, w, h = stats[i, :4]
+            y0, y1, x0, x1 = max(y - rr, 0), min(y + h + rr, H), max(x - rr, 0), min(x + w + rr, W)
+            comp = lab[y0:y1, x0:x1] == i
+            ring = _dilate(comp, rr) & ~comp
+            win = sm[y0:y1, x0:x1]
+            c = float(np.median(win[ring])) - float(np.median(win[comp])) if ring.any() else 0.0
+            comps.append(lab == i)
+            contrast.append(c)
+        cmax = max(contrast)
+        comps = [m for m, c in zip(comps, contrast, strict=True) if c >= self.min_contrast * cmax]
+        self._dbg_contrast = contrast
+        return comps[: self.max_components], outside
 
-    def _finish(self, comps, px) -> np.ndarray:
-        out = np.zeros(comps[0].shape, bool)
-        rc = px(self.close_radius)
+    def _finish(self, comps, hull, center, px) -> np.ndarray:
+        """Close and fill each lung, add lesions on its outer side, smooth the union."""
+        H, W = hull.shape
+        yy, xx = np.mgrid[0:H, 0:W]
+        dist = np.hypot(yy - center[0], xx - center[1])
+        cy, cx = int(round(center[0])), int(round(center[1]))
+        out = np.zeros((H, W), bool)
+        rc, rf = px(self.close_radius), px(self.final_radius)
+        band_r = max(px(0.01), 1)
         for comp in comps:
-            out |= ndi.binary_fill_holes(_close(comp, rc))
-        rf = px(self.final_radius)
+            lung = ndi.binary_fill_holes(_close(comp, rc))
+            n_lung = np.count_nonzero(lung)
+            if self.fill_peripheral:
+                # Concavities of the lung's convex hull that lie farther from the body centre than
+                # the lung next to them: lesions against the chest wall (not the heart/hilum).
+                ch = np.zeros((H, W), np.uint8)
+                cv2.fillConvexPoly(ch, cv2.convexHull(cv2.findNonZero(lung.astype(np.uint8))), 1)
+                defect = _open(ch.astype(bool) & ~lung, rf)
+                n, lab = cv2.connectedComponents(defect.astype(np.uint8), connectivity=4)
+                for i in range(1, n):
+                    d = lab == i
+                    if np.count_nonzero(d) > self.max_defect * n_lung or d[cy, cx]:
+                        continue  # the mediastinum between two merged lungs, not a lesion
+                    band = _dilate(d, band_r) & lung
+                    if band.any() and dist[d].mean() > dist[band].mean():
+                        lung |= d
+            out |= lung
         out = _close(_open(out, rf), rf)
         return ndi.binary_fill_holes(out)
 

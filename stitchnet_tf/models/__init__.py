@@ -1,0 +1,1 @@
+"""Networks: the MobileNetV2 backbone, the SVAE ladder, StitchNet and the baselines."""

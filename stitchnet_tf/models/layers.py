@@ -1,0 +1,270 @@
+"""The SVAE's building blocks (paper Fig. 4 and Fig. 5, DESIGN-NOTES §2).
+
+- `Conv`: the paper's convolution; above 64 filters the authors' "linear bottleneck"
+  (1×1 down to f/4 → k×k at f/4 → 1×1 back to f), else a plain k×k conv.
+- `ResBlock`: pre-activation residual block, BN → ReLU → Conv → BN → ReLU → Conv, + skip.
+- `Smooth`: Conv → BN → ReLU → Conv, then `n_res` ResBlocks, then BN → ReLU; `LightSmooth`
+  is `Smooth(n_res=1)`, the paper's Smooth has 3.
+- The three mappings per level: (a) `TopDown` d_i → d̃_{i−1}, (b) `LatentParams` d → (μ, σ)
+  of z (shared by inference and generation), (c) `LatentToFeatures` z_i → d_i.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers, ops
+
+BOTTLENECK_ABOVE = 64  # the paper: linear bottleneck convolutions where filters > 64
+SIGMA_FLOOR = 1e-3
+
+
+def _register(cls):
+    return keras.saving.register_keras_serializable(package="stitchnet_tf")(cls)
+
+
+@_register
+class Conv(layers.Layer):
+    """The paper's k×k convolution to `filters` channels, [B, H, W, C] -> [B, H, W, filters].
+
+    Above `BOTTLENECK_ABOVE` filters it is a bottleneck 1×1 (f/4) → BN → ReLU → k×k (f/4) →
+    BN → ReLU → 1×1 (f), which is what keeps the wide levels affordable.
+    """
+
+    def __init__(self, filters: int, kernel_size: int = 3, **kwargs):
+        super().__init__(**kwargs)
+        self.filters, self.kernel_size = int(filters), int(kernel_size)
+        self.bottleneck = self.filters > BOTTLENECK_ABOVE
+        if self.bottleneck:
+            inner = max(1, self.filters // 4)
+            self.steps = [
+                layers.Conv2D(inner, 1, use_bias=False, dtype=self.dtype_policy),
+                layers.BatchNormalization(dtype=self.dtype_policy),
+                layers.ReLU(dtype=self.dtype_policy),
+                layers.Conv2D(
+                    inner, self.kernel_size, padding="same", use_bias=False, dtype=self.dtype_policy
+                ),
+                layers.BatchNormalization(dtype=self.dtype_policy),
+                layers.ReLU(dtype=self.dtype_policy),
+                layers.Conv2D(self.filters, 1, use_bias=False, dtype=self.dtype_policy),
+            ]
+        else:
+            self.steps = [
+                layers.Conv2D(
+                    self.filters,
+                    self.kernel_size,
+                    padding="same",
+                    use_bias=False,
+                    dtype=self.dtype_policy,
+                )
+            ]
+
+    def call(self, x, training=None):
+        for step in self.steps:
+            x = step(x, training=training)
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.filters)
+
+    def get_config(self):
+        return super().get_config() | {"filters": self.filters, "kernel_size": self.kernel_size}
+
+
+@_register
+class ResBlock(layers.Layer):
+    """Pre-activation residual block keeping shape: x + Conv(ReLU(BN(Conv(ReLU(BN(x))))))."""
+
+    def __init__(self, filters: int, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = int(filters)
+        self.bn1 = layers.BatchNormalization(dtype=self.dtype_policy)
+        self.conv1 = Conv(self.filters, dtype=self.dtype_policy)
+        self.bn2 = layers.BatchNormalization(dtype=self.dtype_policy)
+        self.conv2 = Conv(self.filters, dtype=self.dtype_policy)
+
+    def call(self, x, training=None):
+        h = self.conv1(ops.relu(self.bn1(x, training=training)), training=training)
+        h = self.conv2(ops.relu(self.bn2(h, training=training)), training=training)
+        return x + h
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return super().get_config() | {"filters": self.filters}
+
+
+@_register
+class Smooth(layers.Layer):
+    """Conv → BN → ReLU → Conv, `n_res` ResBlocks, BN → ReLU: [B,H,W,C] -> [B,H,W,filters].
+
+    `n_res=3` is the paper's Smooth, `n_res=1` its LightSmooth (see `LightSmooth`).
+    """
+
+    def __init__(self, filters: int, n_res: int = 3, **kwargs):
+        super().__init__(**kwargs)
+        self.filters, self.n_res = int(filters), int(n_res)
+        self.conv1 = Conv(self.filters, dtype=self.dtype_policy)
+        self.bn1 = layers.BatchNormalization(dtype=self.dtype_policy)
+        self.conv2 = Conv(self.filters, dtype=self.dtype_policy)
+        self.blocks = [ResBlock(self.filters, dtype=self.dtype_policy) for _ in range(self.n_res)]
+        self.bn_out = layers.BatchNormalization(dtype=self.dtype_policy)
+
+    def call(self, x, training=None):
+        x = self.conv1(x, training=training)
+        x = self.conv2(ops.relu(self.bn1(x, training=training)), training=training)
+        for block in self.blocks:
+            x = block(x, training=training)
+        return ops.relu(self.bn_out(x, training=training))
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.filters)
+
+    def get_config(self):
+        return super().get_config() | {"filters": self.filters, "n_res": self.n_res}
+
+
+def LightSmooth(filters: int, **kwargs) -> Smooth:  # noqa: N802 (a block name from the paper)
+    """The paper's LightSmooth: a Smooth with one ResBlock."""
+    return Smooth(filters, n_res=1, **kwargs)
+
+
+@_register
+class Upsample(layers.Layer):
+    """4×4 transposed convolution, stride 2, → BN → ReLU: [B,h,w,C] -> [B,2h,2w,filters].
+
+    Above 64 filters it runs at f/4 between two 1×1 convolutions, like `Conv`.
+    """
+
+    def __init__(self, filters: int, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = int(filters)
+        policy = self.dtype_policy
+        if self.filters > BOTTLENECK_ABOVE:
+            inner = max(1, self.filters // 4)
+            self.steps = [
+                layers.Conv2D(inner, 1, use_bias=False, dtype=policy),
+                layers.BatchNormalization(dtype=policy),
+                layers.ReLU(dtype=policy),
+                layers.Conv2DTranspose(inner, 4, 2, padding="same", use_bias=False, dtype=policy),
+                layers.BatchNormalization(dtype=policy),
+                layers.ReLU(dtype=policy),
+                layers.Conv2D(self.filters, 1, use_bias=False, dtype=policy),
+            ]
+        else:
+            self.steps = [
+                layers.Conv2DTranspose(
+                    self.filters, 4, 2, padding="same", use_bias=False, dtype=policy
+                )
+            ]
+        self.steps += [layers.BatchNormalization(dtype=policy), layers.ReLU(dtype=policy)]
+
+    def call(self, x, training=None):
+        for step in self.steps:
+            x = step(x, training=training)
+        return x
+
+    def compute_output_shape(self, input_shape):
+        b, h, w, _ = input_shape
+        return (b, None if h is None else 2 * h, None if w is None else 2 * w, self.filters)
+
+    def get_config(self):
+        return super().get_config() | {"filters": self.filters}
+
+
+@_register
+class TopDown(layers.Layer):
+    """Mapping (a), d_i -> d̃_{i−1}: Upsample (4×4 transposed conv) → LightSmooth.
+
+    [B, h, w, f_i] -> [B, 2h, 2w, `filters`] with `filters` = f_{i−1}, so that the shared
+    mapping (b) of level i−1 applies to d̃_{i−1} as to the bottom-up d_{i−1}.
+    """
+
+    def __init__(self, filters: int, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = int(filters)
+        self.up = Upsample(self.filters, dtype=self.dtype_policy)
+        self.smooth = LightSmooth(self.filters, dtype=self.dtype_policy)
+
+    def call(self, d, training=None):
+        return self.smooth(self.up(d, training=training), training=training)
+
+    def compute_output_shape(self, input_shape):
+        return self.up.compute_output_shape(input_shape)
+
+    def get_config(self):
+        return super().get_config() | {"filters": self.filters}
+
+
+@_register
+class LatentParams(layers.Layer):
+    """Mapping (b), d -> (μ, σ) of a one-channel Gaussian z (paper Fig. 5b).
+
+    Conv 3×3 to f/2 → LightSmooth, then two branches, each Conv 3×3 to f/4 → LightSmooth →
+    Conv 3×3 to 1 channel: μ, and σ = softplus(·) + floor. [B,h,w,f] -> ([B,h,w,1], [B,h,w,1]),
+    float32. One instance per level serves both the bottom-up d_i (inference, q̂) and the
+    top-down d̃_i (generation, the prior): the SVAE's shared weights.
+    """
+
+    def __init__(self, filters: int, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = int(filters)
+        policy = self.dtype_policy
+        half, quarter = max(1, self.filters // 2), max(1, self.filters // 4)
+        self.conv = Conv(half, dtype=policy)
+        self.smooth = LightSmooth(half, dtype=policy)
+        self.mu_branch = [Conv(quarter, dtype=policy), LightSmooth(quarter, dtype=policy)]
+        self.sigma_branch = [Conv(quarter, dtype=policy), LightSmooth(quarter, dtype=policy)]
+        self.mu_out = layers.Conv2D(1, 3, padding="same", dtype="float32")
+        self.sigma_out = layers.Conv2D(1, 3, padding="same", dtype="float32")
+
+    def call(self, d, training=None):
+        h = self.smooth(self.conv(d, training=training), training=training)
+        m, s = h, h
+        for layer in self.mu_branch:
+            m = layer(m, training=training)
+        for layer in self.sigma_branch:
+            s = layer(s, training=training)
+        mu = self.mu_out(m)
+        sigma = ops.softplus(self.sigma_out(s)) + SIGMA_FLOOR
+        return mu, sigma
+
+    def compute_output_shape(self, input_shape):
+        shape = (*input_shape[:-1], 1)
+        return shape, shape
+
+    def get_config(self):
+        return super().get_config() | {"filters": self.filters}
+
+
+@_register
+class LatentToFeatures(layers.Layer):
+    """Mapping (c), z_i -> d_i (paper Fig. 5c): [B,h,w,1] -> [B,h,w,f].
+
+    Conv 3×3 to f/2 → LightSmooth → Conv 3×3 to f → LightSmooth → Smooth (`light=True`
+    replaces the last Smooth by a LightSmooth, a measured speed lever).
+    """
+
+    def __init__(self, filters: int, light: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.filters, self.light = int(filters), bool(light)
+        policy = self.dtype_policy
+        half = max(1, self.filters // 2)
+        self.steps = [
+            Conv(half, dtype=policy),
+            LightSmooth(half, dtype=policy),
+            Conv(self.filters, dtype=policy),
+            LightSmooth(self.filters, dtype=policy),
+            Smooth(self.filters, n_res=1 if self.light else 3, dtype=policy),
+        ]
+
+    def call(self, z, training=None):
+        for step in self.steps:
+            z = step(z, training=training)
+        return z
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.filters)
+
+    def get_config(self):
+        return super().get_config() | {"filters": self.filters, "light": self.light}

@@ -1,0 +1,381 @@
+"""StitchNet: the SVAE topped by a head that predicts a segmentation and four Beta "styles".
+
+p(y | z) = Categorical(π(z)); p(x | y = k, z) = Beta(α_k(z), β_k(z)) per pixel: the CT is
+rebuilt by stitching the styles (background, healthy, GGO, consolidation) together by the
+segmentation. Every batch carries per-pixel allowed-class sets, so labelled, partially labelled
+and unlabelled slices train through one loss: −ELBO with the label marginalised over its set.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+from keras import layers, ops
+
+from stitchnet_tf import likelihood as lik
+from stitchnet_tf.data.classes import CON, GGO, NUM_CLASSES
+from stitchnet_tf.models.backbone import Backbone
+from stitchnet_tf.models.ladder import SVAELadder
+from stitchnet_tf.models.layers import LightSmooth, Upsample
+
+LIKELIHOODS = ("exact", "jensen")
+DECISIONS = ("posterior", "prior")
+STYLE_FLOOR = 1e-3
+STYLE_NAMES = ("background", "healthy", "ggo", "con")
+
+
+@keras.saving.register_keras_serializable(package="stitchnet_tf")
+class StitchHead(layers.Layer):
+    """features [B, H/2, W/2, f_1] -> pi_logits, alpha, beta, each [B, H, W, 4] float32.
+
+    A 4×4 transposed conv to full size → LightSmooth → 1×1 convs. α, β = softplus + floor, so
+    strictly positive. With `style_pool` > 1 the style parameters are predicted at 1/style_pool
+    resolution and upsampled bilinearly (less flexible styles: DESIGN-NOTES §6).
+    """
+
+    def __init__(self, filters: int = 16, style_pool: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        self.filters, self.style_pool = int(filters), int(style_pool)
+        policy = self.dtype_policy
+        self.up = Upsample(self.filters, dtype=policy)
+        self.smooth = LightSmooth(self.filters, dtype=policy)
+        self.pi = layers.Conv2D(NUM_CLASSES, 1, dtype="float32", name="pi_logits")
+        self.alpha = layers.Conv2D(NUM_CLASSES, 1, dtype="float32", name="alpha")
+        self.beta = layers.Conv2D(NUM_CLASSES, 1, dtype="float32", name="beta")
+        if self.style_pool > 1:
+            self.pool = layers.AveragePooling2D(self.style_pool, dtype=policy)
+            self.unpool = layers.UpSampling2D(
+                self.style_pool, interpolation="bilinear", dtype="float32"
+            )
+
+    def call(self, features, training=None):
+        h = self.smooth(self.up(features, training=training), training=training)
+        pi_logits = self.pi(h)
+        s = self.pool(h) if self.style_pool > 1 else h
+        alpha, beta = self.alpha(s), self.beta(s)
+        if self.style_pool > 1:
+            alpha, beta = self.unpool(alpha), self.unpool(beta)
+        return {
+            "pi_logits": pi_logits,
+            "alpha": ops.softplus(alpha) + STYLE_FLOOR,
+            "beta": ops.softplus(beta) + STYLE_FLOOR,
+        }
+
+    def get_config(self):
+        return super().get_config() | {"filters": self.filters, "style_pool": self.style_pool}
+
+
+class SetDice(keras.metrics.Metric):
+    """Dice of one class over the exactly labelled pixels seen (accumulated over batches)."""
+
+    def __init__(self, class_id: int, name: str | None = None, **kwargs):
+        super().__init__(name=name or f"dice_{STYLE_NAMES[class_id]}", **kwargs)
+        self.class_id = class_id
+        self.intersection = self.add_variable((), initializer="zeros", name="intersection")
+        self.total = self.add_variable((), initializer="zeros", name="total")
+
+    def update_state(self, allowed, predicted):
+        """allowed [B,H,W,4] sets; predicted [B,H,W] class ids."""
+        exact = ops.cast(ops.sum(allowed, -1) == 1, "float32")
+        truth = allowed[..., self.class_id] * exact
+        pred = ops.cast(predicted == self.class_id, "float32") * exact
+        self.intersection.assign_add(ops.sum(truth * pred))
+        self.total.assign_add(ops.sum(truth) + ops.sum(pred))
+
+    def result(self):
+        return ops.where(
+            self.total > 0, 2.0 * self.intersection / ops.maximum(self.total, 1.0), 0.0
+        )
+
+    def get_config(self):
+        return super().get_config() | {"class_id": self.class_id}
+
+
+@keras.saving.register_keras_serializable(package="stitchnet_tf")
+class StitchNet(keras.Model):
+    """StitchNet (Zammit et al. 2022) as a Keras model with a semi-supervised `train_step`.
+
+    Call it on x [B, H, W, 1] in [0, 1] (H, W multiples of 32) to get a dict of pi_logits,
+    alpha, beta [B, H, W, 4] and kl [B, 5] (per-level KL, summed over latent pixels). Train with
+    `fit` on batches {"x", "allowed"} (see `stitchnet_tf.data.pipeline`).
+
+    Args:
+        width: width multiplier of the ladder (1.0 = the paper's 32…512 channels).
+        backbone_alpha: MobileNetV2's width multiplier.
+        backbone_weights: None (from scratch) or a path to ImageNet MobileNetV2 weights.
+        backbone_rgb: build the three-channel backbone (set on reload of an ImageNet model).
+        head_filters: channels of the full-resolution head (default 16 × width, at least 4).
+        light_c: LightSmooth instead of Smooth at the end of mapping (c).
+        style_pool: predict style parameters at 1/style_pool resolution.
+        kl: `analytic` or `mc` (single-sample, the authors') per-level KL.
+        likelihood: `exact` (log Σ_{k∈S} π_k Beta_k(x), the paper) or `jensen` (the authors'
+            code: Σ_k π_k (−log Beta_k(x)), labels only through the supervised term).
+        supervised_weight: weight of the extra supervised term, the set focal loss
+            −(1 − p_S)^γ log p_S averaged per pixel (authors: 100 with `jensen`).
+        focal_gamma: γ of that term (0 = cross-entropy on sets; authors: 2).
+        kl_weight: weight of the KL (after warm-up).
+        kl_warmup_steps: linear KL warm-up from 0 over this many steps (0 = none).
+        free_bits: per-level free bits, in nats per latent pixel (0 = none).
+        eps: x is clipped to [eps, 1 − eps] in the Beta density.
+        decision: `posterior` (r_k ∝ π_k Beta_k(x), uses the pixel's intensity) or `prior`
+            (π(z) alone), for metrics and `segment`.
+        clipnorm, clipvalue: per-variable gradient clipping in `train_step` (paper: 1.0, 0.5);
+            None to disable.
+        seed: seeds the latent samples.
+    """
+
+    def __init__(
+        self,
+        width: float = 1.0,
+        backbone_alpha: float = 1.0,
+        backbone_weights: str | None = None,
+        backbone_rgb: bool = False,
+        head_filters: int | None = None,
+        light_c: bool = False,
+        style_pool: int = 1,
+        kl: str = "analytic",
+        likelihood: str = "exact",
+        supervised_weight: float = 1.0,
+        focal_gamma: float = 0.0,
+        kl_weight: float = 1.0,
+        kl_warmup_steps: int = 0,
+        free_bits: float = 0.0,
+        eps: float = lik.DEFAULT_EPS,
+        decision: str = "posterior",
+        clipnorm: float | None = 1.0,
+        clipvalue: float | None = 0.5,
+        seed: int | None = None,
+        **kwargs,
+    ):
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        if decision not in DECISIONS:
+            raise ValueError(f"decision must be one of {DECISIONS}, got {decision!r}")
+        head_filters = int(head_filters or max(4, round(16 * width)))
+        # === Layers ===
+        self.backbone = Backbone(
+            width, backbone_alpha, backbone_weights, backbone_rgb, name="backbone"
+        )
+        self.ladder = SVAELadder(self.backbone.filters, light_c, kl, seed, name="svae")
+        self.head = StitchHead(head_filters, style_pool, name="stitch_head")
+        # === Functional model ===
+        x = keras.Input((None, None, 1), name="x")
+        ladder = self.ladder(self.backbone(x))
+        outputs = self.head(ladder["features"]) | {"kl": ladder["kl"]}
+        super().__init__(inputs=x, outputs=outputs, **kwargs)
+        # === Config ===
+        self.width, self.backbone_alpha, self.backbone_rgb = (
+            width,
+            backbone_alpha,
+            bool(backbone_rgb or backbone_weights is not None),
+        )
+        self.head_filters, self.light_c, self.style_pool = head_filters, light_c, style_pool
+        self.kl, self.likelihood, self.supervised_weight = kl, likelihood, supervised_weight
+        self.focal_gamma, self.kl_weight, self.kl_warmup_steps = (
+            focal_gamma,
+            kl_weight,
+            kl_warmup_steps,
+        )
+        self.free_bits, self.eps, self.decision, self.seed = free_bits, eps, decision, seed
+        self.clipnorm, self.clipvalue = clipnorm, clipvalue
+        # === Metrics ===
+        self.trackers = {
+            name: keras.metrics.Mean(name=name)
+            for name in ("loss", "recon", "kl", "supervised")
+            + tuple(f"kl_{i + 1}" for i in range(self.ladder.levels))
+        }
+        self.dice = [SetDice(GGO), SetDice(CON)]
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "width": self.width,
+            "backbone_alpha": self.backbone_alpha,
+            "backbone_rgb": self.backbone_rgb,
+            "head_filters": self.head_filters,
+            "light_c": self.light_c,
+            "style_pool": self.style_pool,
+            "kl": self.kl,
+            "likelihood": self.likelihood,
+            "supervised_weight": self.supervised_weight,
+            "focal_gamma": self.focal_gamma,
+            "kl_weight": self.kl_weight,
+            "kl_warmup_steps": self.kl_warmup_steps,
+            "free_bits": self.free_bits,
+            "eps": self.eps,
+            "decision": self.decision,
+            "clipnorm": self.clipnorm,
+            "clipvalue": self.clipvalue,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    @classmethod
+    def authors(cls, **overrides) -> StitchNet:
+        """The authors' training objective: Jensen bound, focal loss ×100 (γ = 2), MC KL."""
+        options = dict(likelihood="jensen", supervised_weight=100.0, focal_gamma=2.0, kl="mc")
+        return cls(**(options | overrides))
+
+    # ------------------------------------------------------------------ losses
+
+    @property
+    def metrics(self):
+        return [*self.trackers.values(), *self.dice]
+
+    def _kl_scale(self):
+        if self.kl_warmup_steps <= 0 or self.optimizer is None:
+            return ops.convert_to_tensor(self.kl_weight, "float32")
+        step = ops.cast(self.optimizer.iterations, "float32")
+        return self.kl_weight * ops.minimum(1.0, step / float(self.kl_warmup_steps))
+
+    def compute_terms(self, x, allowed, outputs) -> dict:
+        """The loss terms, each a scalar normalised per image pixel.
+
+        recon: −log p(x, y ∈ S | z) (exact) or the Jensen bound; kl: Σ_i KL_i; supervised:
+        the set focal loss; loss = recon + w_kl · kl + w_sup · supervised.
+        """
+        x = ops.cast(x, "float32")
+        allowed = ops.cast(allowed, "float32")
+        pi_logits, alpha, beta = outputs["pi_logits"], outputs["alpha"], outputs["beta"]
+        n_pixels = ops.cast(ops.shape(x)[1] * ops.shape(x)[2], "float32")
+        if self.likelihood == "exact":
+            recon = -ops.mean(
+                lik.stitch_log_likelihood(x, pi_logits, alpha, beta, allowed, self.eps)
+            )
+        else:
+            recon = ops.mean(lik.jensen_reconstruction_loss(x, pi_logits, alpha, beta, self.eps))
+        supervised = ops.mean(lik.focal_set_loss(pi_logits, allowed, self.focal_gamma))
+        kl_levels = ops.mean(ops.cast(outputs["kl"], "float32"), axis=0)  # [L], nats per image
+        if self.free_bits > 0:
+            h, w = ops.shape(x)[1], ops.shape(x)[2]
+            latent_pixels = ops.cast(
+                ops.stack([(h // 2**i) * (w // 2**i) for i in range(1, self.ladder.levels + 1)]),
+                "float32",
+            )
+            kl_levels = ops.maximum(kl_levels, self.free_bits * latent_pixels)
+        kl = ops.sum(kl_levels) / n_pixels
+        loss = recon + self._kl_scale() * kl + self.supervised_weight * supervised
+        return {
+            "loss": loss,
+            "recon": recon,
+            "kl": kl,
+            "supervised": supervised,
+            "kl_levels": kl_levels / n_pixels,
+        }
+
+    def _update_metrics(self, terms, allowed, outputs, x):
+        for name in ("loss", "recon", "kl", "supervised"):
+            self.trackers[name].update_state(terms[name])
+        for i in range(self.ladder.levels):
+            self.trackers[f"kl_{i + 1}"].update_state(terms["kl_levels"][i])
+        predicted = ops.argmax(self.class_probabilities(x, outputs), axis=-1)
+        for dice in self.dice:
+            dice.update_state(ops.cast(allowed, "float32"), predicted)
+        return {m.name: m.result() for m in self.metrics}
+
+    def train_step(self, data):
+        x, allowed = data["x"], data["allowed"]
+        with tf.GradientTape() as tape:
+            outputs = self(x, training=True)
+            terms = self.compute_terms(x, allowed, outputs)
+            scaled = self.optimizer.scale_loss(terms["loss"])
+        variables = self.trainable_variables
+        grads = tape.gradient(scaled, variables)
+        if self.clipvalue:
+            grads = [
+                None if g is None else tf.clip_by_value(g, -self.clipvalue, self.clipvalue)
+                for g in grads
+            ]
+        if self.clipnorm:
+            grads = [None if g is None else tf.clip_by_norm(g, self.clipnorm) for g in grads]
+        self.optimizer.apply(grads, variables)
+        return self._update_metrics(terms, allowed, outputs, x)
+
+    def test_step(self, data):
+        x, allowed = data["x"], data["allowed"]
+        outputs = self(x, training=False)
+        terms = self.compute_terms(x, allowed, outputs)
+        return self._update_metrics(terms, allowed, outputs, x)
+
+    # ------------------------------------------------------------------ inference
+
+    def class_probabilities(self, x, outputs, lung=None, decision: str | None = None):
+        """Per-pixel class probabilities [B, H, W, 4] from the model's outputs.
+
+        `posterior`: r_k ∝ π_k Beta_k(x); `prior`: softmax(π). With a lung field `lung`
+        [B, H, W, 1] (from preprocessing), background is certain outside and excluded inside.
+        """
+        decision = decision or self.decision
+        allowed = None
+        if lung is not None:
+            lung = ops.cast(lung, "float32")
+            allowed = ops.concatenate([1.0 - lung, lung, lung, lung], axis=-1)
+        if decision == "posterior":
+            return lik.responsibilities(
+                x, outputs["pi_logits"], outputs["alpha"], outputs["beta"], allowed, self.eps
+            )
+        probs = ops.softmax(outputs["pi_logits"], axis=-1)
+        if allowed is not None:
+            probs = probs * allowed
+            probs = probs / ops.maximum(ops.sum(probs, -1, keepdims=True), 1e-12)
+        return probs
+
+    def segment(self, x, lung=None, samples: int = 0, decision: str | None = None) -> dict:
+        """Segment x [B, H, W, 1]: BatchNorm in inference mode.
+
+        z at the posterior mean (`samples=0`), or the average over `samples` posterior samples.
+        Returns probabilities [B,H,W,4], labels [B,H,W] and the predictive entropy [B,H,W].
+        """
+        x = ops.convert_to_tensor(x, "float32")
+        if samples <= 0:
+            probs = self.class_probabilities(x, self(x, training=False), lung, decision)
+        else:
+            ds = self.backbone(x, training=False)
+            total = 0.0
+            for _ in range(samples):
+                lad = self.ladder(ds, training=False, sample=True)
+                outputs = self.head(lad["features"], training=False)
+                total = total + self.class_probabilities(x, outputs, lung, decision)
+            probs = total / samples
+        entropy = -ops.sum(probs * ops.log(ops.maximum(probs, 1e-12)), axis=-1)
+        return {"probabilities": probs, "labels": ops.argmax(probs, -1), "entropy": entropy}
+
+    def styles(self, x, lung=None, decision: str | None = None) -> dict:
+        """The four style images E[Beta_k] = α_k/(α_k+β_k) [B,H,W,4], the segmentation, and the
+        stitched reconstruction [B,H,W,1] (each pixel takes the style of its class; Fig. 6b)."""
+        x = ops.convert_to_tensor(x, "float32")
+        outputs = self(x, training=False)
+        styles = outputs["alpha"] / (outputs["alpha"] + outputs["beta"])
+        labels = ops.argmax(self.class_probabilities(x, outputs, lung, decision), -1)
+        onehot = ops.one_hot(labels, NUM_CLASSES)
+        stitched = ops.sum(styles * onehot, axis=-1, keepdims=True)
+        return {"styles": styles, "labels": labels, "stitched": stitched}
+
+    def generate(self, n: int, size: int, sample_pixels: bool = False) -> dict:
+        """Draw n new slices of size×size with their segmentations from the prior.
+
+        y ~ Categorical(π) per pixel and x = the style of y: its mean, or a Beta sample with
+        `sample_pixels`. Returns x [n,size,size,1], labels [n,size,size], styles [n,size,size,4].
+        """
+        if size % 32:
+            raise ValueError(f"size must be a multiple of 32, got {size}")
+        features, _ = self.ladder.generate((n, size // 32, size // 32, 1))
+        outputs = self.head(features, training=False)
+        labels = tf.random.categorical(
+            tf.reshape(outputs["pi_logits"], (-1, NUM_CLASSES)), 1, dtype=tf.int32
+        )
+        labels = tf.reshape(labels, (n, size, size))
+        onehot = tf.one_hot(labels, NUM_CLASSES)
+        if sample_pixels:
+            import tensorflow_probability as tfp
+
+            pixels = tfp.distributions.Beta(outputs["alpha"], outputs["beta"]).sample()
+        else:
+            pixels = outputs["alpha"] / (outputs["alpha"] + outputs["beta"])
+        styles = outputs["alpha"] / (outputs["alpha"] + outputs["beta"])
+        x = tf.reduce_sum(pixels * onehot, -1, keepdims=True)
+        return {"x": x, "labels": labels, "styles": styles}
