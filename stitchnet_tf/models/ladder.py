@@ -13,6 +13,7 @@ from __future__ import annotations
 import keras
 from keras import layers, ops
 
+from stitchnet_tf.likelihood import gaussian_kl, gaussian_kl_mc
 from stitchnet_tf.models.layers import LatentParams, LatentToFeatures, TopDown
 
 KL_ESTIMATORS = ("analytic", "mc")
@@ -82,17 +83,9 @@ class SVAELadder(layers.Layer):
     def _kl(self, z, mu_q, sigma_q, mu_p, sigma_p):
         """KL of one level per image: [B] (summed over its latent pixels)."""
         if self.kl == "analytic":
-            kl = (
-                ops.log(sigma_p / sigma_q)
-                + (ops.square(sigma_q) + ops.square(mu_q - mu_p)) / (2.0 * ops.square(sigma_p))
-                - 0.5
-            )
+            kl = gaussian_kl(mu_q, sigma_q, mu_p, sigma_p)
         else:  # single-sample estimate log q(z) − log p(z)
-            kl = (
-                ops.log(sigma_p / sigma_q)
-                - 0.5 * ops.square((z - mu_q) / sigma_q)
-                + 0.5 * ops.square((z - mu_p) / sigma_p)
-            )
+            kl = gaussian_kl_mc(z, mu_q, sigma_q, mu_p, sigma_p)
         return ops.sum(kl, axis=(1, 2, 3))
 
     def call(self, ds, training=None, sample=None):

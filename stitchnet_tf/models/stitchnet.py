@@ -214,6 +214,16 @@ class StitchNet(keras.Model):
     def from_config(cls, config):
         return cls(**config)
 
+    def compile(self, optimizer="adam", **kwargs):
+        """Compile, building the optimizer's variables at once.
+
+        Keras builds them lazily inside the first traced step when no distribution strategy is
+        set, which makes TensorFlow trace that (large) step twice.
+        """
+        kwargs.setdefault("jit_compile", False)  # XLA is slower on CPU for this model
+        super().compile(optimizer=optimizer, **kwargs)
+        self.optimizer.build(self.trainable_variables)
+
     @classmethod
     def authors(cls, **overrides) -> StitchNet:
         """The authors' training objective: Jensen bound, focal loss ×100 (γ = 2), MC KL."""
