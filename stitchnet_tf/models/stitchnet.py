@@ -224,6 +224,10 @@ class StitchNet(keras.Model):
         super().compile(optimizer=optimizer, **kwargs)
         self.optimizer.build(self.trainable_variables)
 
+    def compile_from_config(self, config):
+        """Recompile a loaded model with its saved optimizer (used by `load_model`)."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+
     @classmethod
     def authors(cls, **overrides) -> StitchNet:
         """The authors' training objective: Jensen bound, focal loss ×100 (γ = 2), MC KL."""

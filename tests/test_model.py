@@ -1,0 +1,256 @@
+"""The SVAE ladder and StitchNet: Table 2 shapes, shared weights, merge, KL, training, saving.
+
+Tracing a StitchNet train step takes about a minute on a 2-core CPU, so the tests share one
+small trained model (module-scoped fixture) and compile as few configurations as possible.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from stitchnet_tf.data.classes import MaskValueMap, allowed_to_onehot
+from stitchnet_tf.data.intensity import window_hu
+from stitchnet_tf.data.preprocess import RawSlice, prepare
+from stitchnet_tf.data.synthetic import synth_patient
+from stitchnet_tf.models.backbone import Backbone
+from stitchnet_tf.models.ladder import SVAELadder, precision_weighted_merge
+from stitchnet_tf.models.layers import BOTTLENECK_ABOVE, Conv, LatentParams
+from stitchnet_tf.models.stitchnet import StitchNet
+
+TINY = dict(width=0.25, backbone_alpha=0.35, seed=0)
+TABLE2 = {  # level: (z shape, d shape) at 352 x 352
+    1: ((176, 176, 1), (176, 176, 32)),
+    2: ((88, 88, 1), (88, 88, 64)),
+    3: ((44, 44, 1), (44, 44, 128)),
+    4: ((22, 22, 1), (22, 22, 256)),
+    5: ((11, 11, 1), (11, 11, 512)),
+}
+
+
+def lesion_batch(size=64, n=4):
+    """n preprocessed synthetic slices with lesions: x [n,S,S,1], allowed [n,S,S,4]."""
+    slices = [s for s in synth_patient(6, 12, 96) if (s.lesion > 0).mean() > 0.02][:n]
+    mask_map = MaskValueMap.parse("medseg")
+    xs, sets = [], []
+    for s in slices:
+        p = prepare(RawSlice(window_hu(s.hu), mask_map.to_allowed(s.lesion), s.lung), size)
+        xs.append(p.x[..., None])
+        sets.append(allowed_to_onehot(p.allowed))
+    return np.stack(xs).astype("float32"), np.stack(sets)
+
+
+def lesion_dice(model, x, allowed, training=True):
+    """Dice of GGO-or-consolidation over the exactly labelled pixels, z at the posterior mean."""
+    ds = model.backbone(x, training=training)
+    out = model.head(
+        model.ladder(ds, training=training, sample=False)["features"], training=training
+    )
+    pred = np.argmax(model.class_probabilities(x, out), -1) >= 2
+    truth = allowed[..., 2:].sum(-1) == allowed.sum(-1)
+    return 2 * (pred & truth).sum() / (pred.sum() + truth.sum())
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return lesion_batch()
+
+
+@pytest.fixture(scope="module")
+def trained(batch):
+    """A tiny StitchNet trained on one synthetic batch, with its loss history."""
+    keras.utils.set_random_seed(0)
+    x, allowed = batch
+    model = StitchNet(**TINY, supervised_weight=100.0, focal_gamma=2.0)
+    model.compile(optimizer=keras.optimizers.Adam(3e-3))
+    data = tf.data.Dataset.from_tensors({"x": x, "allowed": allowed}).repeat()
+    history = model.fit(data, epochs=8, steps_per_epoch=50, verbose=0)
+    return model, history.history
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+def test_table2_shapes():
+    backbone = Backbone(width=1.0, alpha=0.35)
+    ladder = SVAELadder(backbone.filters)
+    for size in (352, 96):  # Table 2 at 352, scaled at another multiple of 32
+        ds = backbone(np.zeros((1, size, size, 1), "float32"))
+        out = ladder(ds, training=False)
+        scale = size / 352
+        for level, (z_shape, d_shape) in TABLE2.items():
+            side = round(z_shape[0] * scale)
+            assert tuple(ds[level - 1].shape[1:]) == (side, side, d_shape[2])
+            assert tuple(out["z"][level - 1].shape[1:]) == (side, side, 1)
+        assert tuple(out["features"].shape[1:]) == (size // 2, size // 2, 32)
+        assert tuple(out["kl"].shape) == (1, 5)
+
+
+def test_any_multiple_of_32_and_heads():
+    model = StitchNet(**TINY)
+    out = model(np.random.rand(2, 64, 96, 1).astype("float32"))
+    for k in ("pi_logits", "alpha", "beta"):
+        assert tuple(out[k].shape) == (2, 64, 96, 4) and out[k].dtype == "float32"
+    assert float(tf.reduce_min(out["alpha"])) > 0 and float(tf.reduce_min(out["beta"])) > 0
+    assert tuple(out["kl"].shape) == (2, 5)
+
+
+def test_bottleneck_above_64_filters():
+    wide, narrow = Conv(128), Conv(64)
+    assert tuple(wide(np.zeros((1, 8, 8, 128), "float32")).shape) == (1, 8, 8, 128)
+    narrow(np.zeros((1, 8, 8, 64), "float32"))
+    assert wide.bottleneck and not narrow.bottleneck and BOTTLENECK_ABOVE == 64
+    kernels = [tuple(w.shape) for w in wide.trainable_weights if len(w.shape) == 4]
+    assert kernels == [(1, 1, 128, 32), (3, 3, 32, 32), (1, 1, 32, 128)]
+
+
+# --------------------------------------------------------------------------- sharing
+
+
+def test_mapping_b_is_shared_by_inference_and_prior():
+    model = StitchNet(**TINY)
+    x = np.random.rand(2, 64, 64, 1).astype("float32")
+    model(x)
+    ladder = model.ladder
+    # exactly one (b) per level, and the model holds each of its variables once
+    bs = [layer for layer in ladder._flatten_layers() if isinstance(layer, LatentParams)]
+    assert len(bs) == 5 and bs == ladder.latent_params
+    all_ids = [id(v) for v in model.trainable_variables]
+    assert len(all_ids) == len(set(all_ids))
+    ds = model.backbone(x, training=True)
+    for i in range(4):  # levels 1-4 have both a prior from d̃_i and an inference estimate
+        b = ladder.latent_params[i]
+        z_above = tf.random.normal((2, 64 // 2 ** (i + 2), 64 // 2 ** (i + 2), 1))
+        with tf.GradientTape(persistent=True) as tape:
+            d_tilde = ladder.top_down[i](ladder.to_features[i + 1](z_above))
+            prior_mu, prior_sigma = b(d_tilde)
+            q_mu, q_sigma = b(ds[i])
+            prior_loss = tf.reduce_sum(prior_mu**2) + tf.reduce_sum(prior_sigma)
+            q_loss = tf.reduce_sum(q_mu**2) + tf.reduce_sum(q_sigma)
+        for loss in (prior_loss, q_loss):
+            grads = tape.gradient(loss, b.trainable_variables)
+            assert all(g is not None for g in grads)
+            assert sum(float(tf.reduce_sum(tf.abs(g))) for g in grads) > 0
+        assert prior_mu.shape == q_mu.shape == (2, *ds[i].shape[1:3], 1)
+    # and the full loss reaches every (b) variable through both paths
+    allowed = np.ones((2, 64, 64, 4), "float32")
+    with tf.GradientTape() as tape:
+        terms = model.compute_terms(x, allowed, model(x, training=True))
+    grads = tape.gradient(terms["loss"], [v for b in bs for v in b.trainable_variables])
+    assert all(g is not None for g in grads)
+
+
+# --------------------------------------------------------------------------- math
+
+
+def test_precision_weighted_merge_equals_numpy():
+    rng = np.random.default_rng(0)
+    mu_q, mu_p = rng.normal(size=(2, 3, 3, 1)), rng.normal(size=(2, 3, 3, 1))
+    s_q, s_p = rng.uniform(0.1, 2, (2, 3, 3, 1)), rng.uniform(0.1, 2, (2, 3, 3, 1))
+    mu, sigma = precision_weighted_merge(
+        *(tf.constant(a, tf.float32) for a in (mu_q, s_q, mu_p, s_p))
+    )
+    var = 1 / (1 / s_q**2 + 1 / s_p**2)
+    np.testing.assert_allclose(mu, (mu_q / s_q**2 + mu_p / s_p**2) * var, rtol=1e-5)
+    np.testing.assert_allclose(sigma, np.sqrt(var), rtol=1e-5)
+
+
+def test_analytic_kl_equals_mean_of_mc_estimates():
+    rng = np.random.default_rng(1)
+    shape = (1, 4, 4, 1)
+    mu_q, mu_p = rng.normal(size=shape), rng.normal(size=shape)
+    s_q, s_p = rng.uniform(0.3, 1.5, shape), rng.uniform(0.3, 1.5, shape)
+    args = [tf.constant(a, tf.float32) for a in (mu_q, s_q, mu_p, s_p)]
+    analytic = SVAELadder(kl="analytic")._kl(None, *args)
+    mc = SVAELadder(kl="mc")
+    n = 20000
+    z = args[0] + args[1] * tf.random.normal((n, 4, 4, 1), seed=1)
+    estimates = mc._kl(z, *(tf.repeat(a, n, axis=0) for a in args))
+    se = float(tf.math.reduce_std(estimates)) / np.sqrt(n)
+    assert abs(float(tf.reduce_mean(estimates)) - float(analytic[0])) < 4 * se
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_overfits_one_batch(trained, batch):
+    model, history = trained
+    losses = history["loss"]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert (
+        sum(b < a for a, b in zip(losses, losses[1:], strict=False)) >= len(losses) - 2
+    )  # falls steadily
+    x, allowed = batch
+    assert lesion_dice(model, x, allowed) > 0.9
+    for name in ("recon", "kl", "supervised", "kl_1", "kl_5", "dice_ggo", "dice_con"):
+        assert name in history
+
+
+def test_keras_save_and_safe_mode_load_agree(trained, batch, tmp_path):
+    model, _ = trained
+    x, _ = batch
+    path = tmp_path / "stitchnet.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    assert isinstance(loaded, StitchNet) and loaded.get_config() == model.get_config()
+    a, b = model(x, training=False), loaded(x, training=False)
+    for k in ("pi_logits", "alpha", "beta", "kl"):
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5)
+
+
+def test_inference_outputs(trained, batch):
+    model, _ = trained
+    x, _ = batch
+    seg = model.segment(x)
+    assert tuple(seg["probabilities"].shape) == (4, 64, 64, 4)
+    np.testing.assert_allclose(tf.reduce_sum(seg["probabilities"], -1), 1, atol=1e-5)
+    again = model.segment(x)
+    np.testing.assert_array_equal(seg["labels"], again["labels"])  # posterior mean: repeatable
+    sampled = model.segment(x, samples=3)
+    assert float(tf.reduce_max(sampled["entropy"])) > 0
+    lung = (x > 0).astype("float32")
+    masked = model.segment(x, lung=lung)["labels"].numpy()
+    assert (masked[lung[..., 0] == 0] == 0).all() and (masked[lung[..., 0] == 1] > 0).all()
+    prior = model.segment(x, decision="prior")["probabilities"]
+    np.testing.assert_allclose(prior, tf.nn.softmax(model(x)["pi_logits"]), atol=1e-6)
+    styles = model.styles(x)
+    assert tuple(styles["styles"].shape) == (4, 64, 64, 4)
+    assert tuple(styles["stitched"].shape) == (4, 64, 64, 1)
+    gen = model.generate(2, 64)
+    assert tuple(gen["x"].shape) == (2, 64, 64, 1) and tuple(gen["labels"].shape) == (2, 64, 64)
+    assert 0 <= float(tf.reduce_min(gen["x"])) and float(tf.reduce_max(gen["x"])) <= 1
+
+
+def test_mixed_bfloat16_training_step_is_finite(batch):
+    x, allowed = batch
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = StitchNet(**TINY)
+        assert model.backbone.compute_dtype == "bfloat16"
+        # run_eagerly: the same train_step without the minute-long graph trace
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), run_eagerly=True)
+        data = tf.data.Dataset.from_tensors({"x": x[:2], "allowed": allowed[:2]}).repeat()
+        history = model.fit(data, epochs=1, steps_per_epoch=2, verbose=0).history
+        out = model(x[:2])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert all(np.isfinite(v[-1]) for v in history.values())
+    assert out["alpha"].dtype == "float32" and out["pi_logits"].dtype == "float32"
+    assert np.isfinite(out["pi_logits"].numpy()).all()
+
+
+def test_authors_objective_and_options():
+    model = StitchNet.authors(**TINY)
+    assert model.likelihood == "jensen" and model.supervised_weight == 100.0
+    assert model.kl == "mc" and model.focal_gamma == 2.0
+    x, allowed = lesion_batch(size=32, n=1)
+    terms = model.compute_terms(x, allowed, model(x, training=True))
+    assert all(np.isfinite(float(v)) for k, v in terms.items() if k != "kl_levels")
+    free = StitchNet(**TINY, free_bits=0.5)
+    t = free.compute_terms(x, allowed, free(x, training=False))
+    # level 1 holds 16x16 latent pixels: free bits floor its KL at 0.5 nats each, per pixel of x
+    assert float(t["kl_levels"][0]) >= 0.5 * 16 * 16 / (32 * 32) - 1e-6
+    with pytest.raises(ValueError):
+        StitchNet(**TINY, likelihood="bogus")
