@@ -254,3 +254,33 @@ def test_authors_objective_and_options():
     assert float(t["kl_levels"][0]) >= 0.5 * 16 * 16 / (32 * 32) - 1e-6
     with pytest.raises(ValueError):
         StitchNet(**TINY, likelihood="bogus")
+
+
+def test_backbone_loads_imagenet_style_weights_on_three_channels(tmp_path):
+    import keras as k
+
+    reference = k.applications.MobileNetV2(
+        input_shape=(None, None, 3), include_top=False, weights=None, alpha=0.35
+    )
+    path = tmp_path / "mobilenet_v2.weights.h5"
+    reference.save_weights(path)
+    backbone = Backbone(width=0.25, alpha=0.35, weights=str(path))
+    assert backbone.rgb and backbone.get_config()["rgb"] is True
+    first = backbone.mobilenet.get_layer("Conv1").kernel
+    assert tuple(first.shape) == (3, 3, 3, 16)
+    np.testing.assert_array_equal(first, reference.get_layer("Conv1").kernel)
+    ds = backbone(np.random.rand(1, 64, 64, 1).astype("float32"))
+    assert [tuple(d.shape[1:3]) for d in ds] == [(32, 32), (16, 16), (8, 8), (4, 4), (2, 2)]
+
+
+def test_mixed_precision_policy_follows_the_device():
+    from stitchnet_tf.precision import mixed_policy_name, set_precision
+
+    assert mixed_policy_name() == (
+        "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
+    )
+    try:
+        assert set_precision(True) == mixed_policy_name()
+        assert keras.mixed_precision.global_policy().name == mixed_policy_name()
+    finally:
+        assert set_precision(False) == "float32"

@@ -182,11 +182,12 @@ def _sample_patient(patient_seed: int) -> _Patient:
         (float(a), float(d))
         for a, d in zip(rng.uniform(0, 2 * np.pi, 12), rng.uniform(-1.0, 1.0, 12), strict=True)
     )
-    burden = int(rng.choice(4, p=[0.12, 0.28, 0.35, 0.25]))
-    n_ggo = (0, int(rng.integers(1, 4)), int(rng.integers(3, 7)), int(rng.integers(6, 11)))[burden]
+    # COVID-19 CT of the kind segmenters are trained on: most patients carry lesions, often many
+    burden = int(rng.choice(4, p=[0.06, 0.24, 0.4, 0.3]))
+    n_ggo = (0, int(rng.integers(2, 5)), int(rng.integers(4, 9)), int(rng.integers(8, 14)))[burden]
     p_con = (0.0, 0.4, 0.6, 0.75)[burden]
     lesions: list[_Lesion] = []
-    grow = (1.0, 1.0, 1.2, 1.45)[burden]
+    grow = (1.0, 1.2, 1.4, 1.7)[burden]
     for _ in range(n_ggo):
         ggo = _sample_lesion(rng, 1, z0, z1, grow)
         lesions.append(ggo)
@@ -241,7 +242,7 @@ def _sample_lesion(
         radius=grow * float(rng.uniform(0.18, 0.45) if ggo else rng.uniform(0.1, 0.22)),
         aspect=float(rng.uniform(0.7, 1.4)),
         zc=float(rng.uniform(z0 - 0.05, z1 + 0.05)),
-        zr=float(rng.uniform(0.12, 0.4) if ggo else rng.uniform(0.08, 0.25)),
+        zr=float(rng.uniform(0.25, 0.6) if ggo else rng.uniform(0.15, 0.35)),
         hu=float(rng.uniform(-600.0, -350.0) if ggo else rng.uniform(-90.0, 40.0)),
         soft=float(rng.uniform(2.5, 5.0) if ggo else rng.uniform(1.0, 1.8)),
         amps=(0.0, *amps[1:]),
