@@ -282,6 +282,486 @@ def split(
     click.echo(f"split by {result.by}: {counts}{unlabelled} -> {output}")
 
 
+@cli.command()
+@click.option(
+    "--labelled",
+    "-l",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Labelled dataset folder (images/ + masks/).",
+)
+@click.option(
+    "--unlabelled",
+    "-u",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Unlabelled dataset folder (StitchNet only).",
+)
+@click.option(
+    "--model",
+    "model_name",
+    default="stitchnet",
+    show_default=True,
+    type=click.Choice(["stitchnet", "unet", "segnet"]),
+)
+@click.option(
+    "--output",
+    "-o",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Run folder; rerun the same command on it to resume.",
+)
+@click.option("--size", default=352, show_default=True, help="Model size (multiple of 32).")
+@click.option("--epochs", default=80, show_default=True, type=click.IntRange(1))
+@click.option("--steps-per-epoch", default=100, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--labelled-per-batch",
+    default=None,
+    type=click.IntRange(1),
+    help="Labelled slices in each batch (default: half when unlabelled data is given).",
+)
+@click.option("--learning-rate", default=3e-4, show_default=True, help="Adam learning rate.")
+@click.option(
+    "--clipnorm", default=1.0, show_default=True, help="Per-variable gradient norm clip (0 = off)."
+)
+@click.option("--clipvalue", default=0.5, show_default=True, help="Gradient value clip (0 = off).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--split",
+    "split_file",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Split file from `split` (default: split on the fly).",
+)
+@click.option(
+    "--fractions",
+    default="0.6,0.2,0.2",
+    show_default=True,
+    callback=_fractions,
+    help="Train/val/test fractions when splitting on the fly.",
+)
+@click.option(
+    "--max-labelled",
+    default=None,
+    type=click.IntRange(0),
+    help="Keep labels on at most N train slices; the rest train unlabelled.",
+)
+@click.option(
+    "--label-fraction",
+    default=None,
+    type=click.FloatRange(0, 1),
+    help="Keep labels on this fraction of the train slices.",
+)
+@click.option(
+    "--mixed-precision",
+    is_flag=True,
+    help="mixed_float16 on GPU, mixed_bfloat16 on CPU (heads stay float32).",
+)
+@click.option("--cache", is_flag=True, help="Cache preprocessed slices in memory.")
+@click.option("--no-augment", is_flag=True, help="Turn off the paper's augmentation.")
+@click.option("--width", default=1.0, show_default=True, help="Model width multiplier.")
+@click.option(
+    "--backbone-alpha",
+    default=1.0,
+    show_default=True,
+    help="MobileNetV2 width multiplier (StitchNet, U-Net).",
+)
+@click.option(
+    "--likelihood",
+    default="exact",
+    show_default=True,
+    type=click.Choice(["exact", "jensen"]),
+    help="StitchNet reconstruction term.",
+)
+@click.option("--kl", default="analytic", show_default=True, type=click.Choice(["analytic", "mc"]))
+@click.option(
+    "--supervised-weight",
+    default=100.0,
+    show_default=True,
+    help="StitchNet: weight of the supervised set focal loss.",
+)
+@click.option("--focal-gamma", default=2.0, show_default=True, help="Focal loss gamma.")
+@click.option("--kl-warmup-steps", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--free-bits", default=0.0, show_default=True, help="Per-level free bits (nats).")
+@click.option(
+    "--decision",
+    default="posterior",
+    show_default=True,
+    type=click.Choice(["posterior", "prior"]),
+    help="StitchNet decision rule.",
+)
+@click.option(
+    "--style-pool",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Predict StitchNet styles at 1/N resolution.",
+)
+@click.option(
+    "--unlabelled-patient-pattern",
+    default=None,
+    metavar="REGEX",
+    help="Patient regex for the unlabelled folder.",
+)
+@click.option("--overwrite", is_flag=True, help="Start over in a non-empty run folder.")
+@click.option(
+    "--eager",
+    is_flag=True,
+    help="Run the train step eagerly (no graph tracing; for debugging and tiny runs).",
+)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@data_options
+def train(
+    labelled,
+    unlabelled,
+    model_name,
+    output,
+    size,
+    epochs,
+    steps_per_epoch,
+    batch_size,
+    labelled_per_batch,
+    learning_rate,
+    clipnorm,
+    clipvalue,
+    seed,
+    split_file,
+    fractions,
+    max_labelled,
+    label_fraction,
+    mixed_precision,
+    cache,
+    no_augment,
+    width,
+    backbone_alpha,
+    likelihood,
+    kl,
+    supervised_weight,
+    focal_gamma,
+    kl_warmup_steps,
+    free_bits,
+    decision,
+    style_pool,
+    unlabelled_patient_pattern,
+    overwrite,
+    eager,
+    quiet,
+    mask_values,
+    patient_pattern,
+    masks_subdir,
+    lungs_subdir,
+):
+    """Train StitchNet (labelled + unlabelled) or a baseline (labelled only).
+
+    Writes a run folder: config.json, split.json, best.keras and last.keras, state.json,
+    log.csv, tensorboard/, curves.png. The best epoch is chosen by the mean lesion Dice on the
+    split's validation part. Rerunning the same command resumes after the last finished epoch.
+
+    Example: stitchnet-tf train --labelled data/demo/labelled --unlabelled data/demo/unlabelled
+    --size 128 --epochs 5 --output runs/demo
+    """
+    from stitchnet_tf.training import TrainConfig, TrainingError
+    from stitchnet_tf.training import train as run_training
+
+    if model_name == "stitchnet":
+        options = dict(
+            width=width,
+            backbone_alpha=backbone_alpha,
+            likelihood=likelihood,
+            kl=kl,
+            supervised_weight=supervised_weight,
+            focal_gamma=focal_gamma,
+            kl_warmup_steps=kl_warmup_steps,
+            free_bits=free_bits,
+            decision=decision,
+            style_pool=style_pool,
+        )
+    elif model_name == "unet":
+        options = dict(width=width, alpha=backbone_alpha, focal_gamma=focal_gamma)
+    else:
+        options = dict(width=width, focal_gamma=focal_gamma)
+    config = TrainConfig(
+        labelled=str(labelled),
+        unlabelled=None if unlabelled is None else str(unlabelled),
+        output=str(output),
+        model=model_name,
+        size=size,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        batch_size=batch_size,
+        labelled_per_batch=labelled_per_batch,
+        learning_rate=learning_rate,
+        clipnorm=clipnorm or None,
+        clipvalue=clipvalue or None,
+        seed=seed,
+        split=None if split_file is None else str(split_file),
+        fractions=fractions,
+        max_labelled=max_labelled,
+        label_fraction=label_fraction,
+        mixed_precision=mixed_precision,
+        augment=not no_augment,
+        cache=cache,
+        mask_values=mask_values,
+        patient_pattern=patient_pattern,
+        unlabelled_patient_pattern=unlabelled_patient_pattern,
+        masks_subdir=masks_subdir,
+        lungs_subdir=lungs_subdir,
+        model_options=options,
+        run_eagerly=eager,
+    )
+    try:
+        summary = run_training(
+            config, overwrite=overwrite, verbose=0 if quiet else "auto", log=click.echo, warn=_warn
+        )
+    except TrainingError as e:
+        raise DataError(output, str(e)) from None
+    best = summary["best_val_mean_lesion_dice"]
+    click.echo(
+        f"trained {summary['epochs_done']} epochs in {summary['seconds'] / 60:.1f} min; best "
+        f"epoch {summary['best_epoch']} (val mean lesion Dice {best:.4f}) -> {summary['run']}"
+    )
+
+
+def _model_options(f):
+    @click.option(
+        "--model",
+        "-m",
+        "model_path",
+        required=True,
+        type=click.Path(path_type=Path),
+        help="Run folder (uses best.keras) or a .keras file.",
+    )
+    @click.option(
+        "--size", default=None, type=int, help="Model size (default: the run's config.json)."
+    )
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        return f(*args, **kwargs)
+
+    return wrapper
+
+
+@cli.command()
+@_model_options
+@click.option(
+    "--data", "-d", required=True, type=click.Path(path_type=Path), help="Labelled dataset folder."
+)
+@click.option(
+    "--output",
+    "-o",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for metrics.md/.csv/.json and metrics_per_image.csv.",
+)
+@click.option(
+    "--split",
+    "split_file",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Split file; default: all slices (or the run's own split "
+    "when the run was trained on --data).",
+)
+@click.option(
+    "--part",
+    default=None,
+    type=click.Choice(["train", "val", "test"]),
+    help="Part of the split to score (default test).",
+)
+@click.option(
+    "--absent",
+    default="exclude",
+    show_default=True,
+    type=click.Choice(["exclude", "zero", "one"]),
+    help="Images where a class is absent from the truth: left out of that class's "
+    "mean, scored 0 (authors' code), or 1 when nothing is predicted either.",
+)
+@click.option(
+    "--samples",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="StitchNet: average this many posterior samples (0 = posterior mean).",
+)
+@click.option(
+    "--decision",
+    default=None,
+    type=click.Choice(["posterior", "prior"]),
+    help="StitchNet decision rule (default: the model's).",
+)
+@data_options
+def evaluate(
+    model_path,
+    size,
+    data,
+    output,
+    split_file,
+    part,
+    absent,
+    samples,
+    decision,
+    mask_values,
+    patient_pattern,
+    masks_subdir,
+    lungs_subdir,
+):
+    """Score a model on labelled slices: IoU, F1 (Dice), recall, precision per class (Table 1).
+
+    Predictions are mapped back onto each original slice; binary lesion masks are scored as
+    lesion vs no lesion.
+
+    Example: stitchnet-tf evaluate --model runs/demo --data data/demo/labelled -o runs/demo/eval
+    """
+    from stitchnet_tf.evaluation import evaluate as run_evaluation
+
+    result = run_evaluation(
+        model_path,
+        data,
+        output,
+        split=split_file,
+        part=part,
+        size=size,
+        absent=absent,
+        samples=samples,
+        decision=decision,
+        mask_values=mask_values,
+        patient_pattern=patient_pattern,
+        masks_subdir=masks_subdir,
+        lungs_subdir=lungs_subdir,
+        log=click.echo,
+    )
+    click.echo((Path(output) / "metrics.md").read_text())
+    click.echo(f"scored {result['slices']} slices ({result['scheme']}) -> {output}")
+
+
+@cli.command()
+@_model_options
+@click.option(
+    "--input",
+    "-i",
+    "input_",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="A slice, a NIfTI volume, a DICOM file or series folder, or a folder of them.",
+)
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--uncertainty", is_flag=True, help="Also write predictive-entropy maps.")
+@click.option(
+    "--samples",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="StitchNet: average this many posterior samples (0 = posterior mean).",
+)
+@click.option("--decision", default=None, type=click.Choice(["posterior", "prior"]))
+@click.option("--window-level", default=-600.0, show_default=True)
+@click.option("--window-width", default=1500.0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+def predict(
+    model_path,
+    size,
+    input_,
+    output,
+    uncertainty,
+    samples,
+    decision,
+    window_level,
+    window_width,
+    overwrite,
+):
+    """Segment new slices or volumes: label masks in the input's geometry, overlays, burden CSV.
+
+    Example: stitchnet-tf predict --model runs/demo --input data/demo/unlabelled -o preds
+    """
+    from stitchnet_tf.data.io import Window
+    from stitchnet_tf.predict import predict_path
+
+    result = predict_path(
+        model_path,
+        input_,
+        output,
+        size=size,
+        samples=samples,
+        decision=decision,
+        uncertainty=uncertainty,
+        window=Window(window_level, window_width),
+        overwrite=overwrite,
+    )
+    click.echo(
+        f"segmented {result['slices']} slices ({result['volumes']} volumes) -> {output}; "
+        f"lesion burden in {result['burden']}"
+    )
+
+
+@cli.command()
+@_model_options
+@click.option("--input", "-i", "input_", required=True, type=click.Path(path_type=Path))
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--overwrite", is_flag=True)
+def styles(model_path, size, input_, output, overwrite):
+    """Show StitchNet's four style images and the stitched reconstruction (paper Fig. 6b).
+
+    Example: stitchnet-tf styles --model runs/demo --input data/demo/labelled/images -o styles
+    """
+    from stitchnet_tf.figures import styles_figures
+
+    result = styles_figures(model_path, input_, output, size=size, overwrite=overwrite)
+    click.echo(f"wrote {result['figures']} style figures -> {output}")
+
+
+@cli.command()
+@_model_options
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--n", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=0, show_default=True)
+@click.option("--overwrite", is_flag=True)
+def sample(model_path, size, output, n, seed, overwrite):
+    """Draw new slices with their segmentations from StitchNet's prior.
+
+    Example: stitchnet-tf sample --model runs/demo --n 8 -o samples
+    """
+    from stitchnet_tf.figures import sample_figure
+
+    sample_figure(model_path, output, n=n, size=size, seed=seed, overwrite=overwrite)
+    click.echo(f"drew {n} samples -> {output}")
+
+
+@cli.command()
+@click.option(
+    "--output",
+    "-o",
+    default="demo",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+)
+@click.option("--size", default=64, show_default=True, help="Model size (multiple of 32).")
+@click.option("--epochs", default=6, show_default=True, type=click.IntRange(1))
+@click.option("--steps-per-epoch", default=40, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=0, show_default=True)
+@click.option("--overwrite", is_flag=True)
+def demo(output, size, epochs, steps_per_epoch, seed, overwrite):
+    """The main job on the embedded default: synthetic CT, StitchNet vs U-Net, Table 1.
+
+    Generates data, trains StitchNet (labelled + unlabelled) and the U-Net (labelled only)
+    briefly, evaluates both on held-out patients and draws StitchNet's styles and samples.
+
+    Example: stitchnet-tf demo --output demo
+    """
+    from stitchnet_tf.demo import run_demo
+
+    result = run_demo(
+        output,
+        size=size,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        seed=seed,
+        overwrite=overwrite,
+        log=click.echo,
+    )
+    click.echo((Path(result["report"])).read_text())
+    click.echo(f"demo finished in {result['seconds'] / 60:.1f} min; report: {result['report']}")
+
+
 def main() -> None:
     """Console entry point."""
     cli(prog_name="stitchnet-tf")

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from stitchnet_tf import __version__
 from stitchnet_tf.data.datasets import discover
 from stitchnet_tf.data.io import read_mask, write_png
+from stitchnet_tf.data.lungmask import default_segmenter
 from stitchnet_tf.data.synthetic import write_demo_dataset
 from stitchnet_tf_cli.main import cli
 
@@ -100,7 +101,7 @@ def test_preprocess_unlabelled_with_automatic_lung_mask(demo, tmp_path):
     r = run("preprocess", "-i", demo / "unlabelled", "-o", tmp_path / "u", "--size", 32)
     assert "wrote 6 slices (0 labelled)" in r.output
     info = json.loads((tmp_path / "u" / "dataset.json").read_text())
-    assert info["segmenter_name"] == "AutoLungMask"
+    assert info["segmenter_name"] == type(default_segmenter()).__name__
 
 
 def test_split_by_patient_with_label_subset(demo, tmp_path):

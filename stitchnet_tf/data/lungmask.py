@@ -319,3 +319,13 @@ def lung_bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
         return None
     cols = np.flatnonzero(m.any(axis=0))
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def default_segmenter() -> LungSegmenter:
+    """The package's default lung segmenter: the learned lung U-Net in `saved_models/` when it
+    is present and loads, else the classical `AutoLungMask`."""
+    try:
+        from stitchnet_tf.data.lung_unet import default_segmenter as learned
+    except ImportError:
+        return AutoLungMask()
+    return learned()

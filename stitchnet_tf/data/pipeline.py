@@ -35,7 +35,7 @@ class SliceLoader:
         samples: the samples to serve, by position.
         size: model size S.
         window: CT window for Hounsfield data.
-        segmenter: lung segmenter for slices without a lung mask (default `AutoLungMask`).
+        segmenter: lung segmenter for slices without a lung mask (default: the package's).
         margin: crop margin around the lung field.
     """
 
@@ -51,9 +51,9 @@ class SliceLoader:
         self.dataset, self.samples = dataset, list(samples)
         self.size, self.window, self.margin = check_model_size(size), window, margin
         if segmenter is None:
-            from stitchnet_tf.data.lungmask import AutoLungMask
+            from stitchnet_tf.data.lungmask import default_segmenter
 
-            segmenter = AutoLungMask()
+            segmenter = default_segmenter()
         self.segmenter = segmenter
 
     def __len__(self) -> int:

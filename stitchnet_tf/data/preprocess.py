@@ -204,7 +204,8 @@ def prepare(
     Args:
         raw: the slice as read.
         size: model size (a multiple of 32).
-        segmenter: a `LungSegmenter` used when `raw.lung` is None (default: `AutoLungMask`).
+        segmenter: a `LungSegmenter` used when `raw.lung` is None (default: the package's,
+            see `lungmask.default_segmenter`).
         margin: crop margin as a fraction of the lung field's larger side.
         already_cropped: the slice comes from `preprocess` output: its lung mask is the lung
             field and no further crop is made (only a resize if the size differs).
@@ -212,9 +213,9 @@ def prepare(
     lung = raw.lung
     if lung is None:
         if segmenter is None:
-            from stitchnet_tf.data.lungmask import AutoLungMask
+            from stitchnet_tf.data.lungmask import default_segmenter
 
-            segmenter = AutoLungMask()
+            segmenter = default_segmenter()
         lung = segmenter(raw.image)
     field = lung_field_of(raw.allowed, lung)
     allowed = combine_with_lung(raw.allowed, field)
@@ -269,9 +270,9 @@ def preprocess_dataset(
     """
     size = check_model_size(size)
     if segmenter is None:
-        from stitchnet_tf.data.lungmask import AutoLungMask
+        from stitchnet_tf.data.lungmask import default_segmenter
 
-        segmenter = AutoLungMask()
+        segmenter = default_segmenter()
     names = [output_name(s) for s in dataset.samples]
     if len(set(names)) != len(names):
         raise DataError(dataset.root, "two samples map to the same output name")

@@ -66,19 +66,31 @@ class StitchHead(layers.Layer):
 
 
 class SetDice(keras.metrics.Metric):
-    """Dice of one class over the exactly labelled pixels seen (accumulated over batches)."""
+    """Dice of a class (or a union of classes) over the labelled pixels seen, over batches.
 
-    def __init__(self, class_id: int, name: str | None = None, **kwargs):
-        super().__init__(name=name or f"dice_{STYLE_NAMES[class_id]}", **kwargs)
-        self.class_id = class_id
+    A pixel is positive when its allowed set lies inside `classes`, negative when it is disjoint
+    from them, and ignored otherwise (e.g. a GGO-or-consolidation pixel for GGO alone, or an
+    unlabelled lung pixel).
+    """
+
+    def __init__(self, classes, name: str | None = None, **kwargs):
+        classes = (classes,) if isinstance(classes, int) else tuple(classes)
+        super().__init__(name=name or "dice_" + "_".join(STYLE_NAMES[c] for c in classes), **kwargs)
+        self.classes = classes
         self.intersection = self.add_variable((), initializer="zeros", name="intersection")
         self.total = self.add_variable((), initializer="zeros", name="total")
 
     def update_state(self, allowed, predicted):
         """allowed [B,H,W,4] sets; predicted [B,H,W] class ids."""
-        exact = ops.cast(ops.sum(allowed, -1) == 1, "float32")
-        truth = allowed[..., self.class_id] * exact
-        pred = ops.cast(predicted == self.class_id, "float32") * exact
+        inside = ops.convert_to_tensor([float(k in self.classes) for k in range(NUM_CLASSES)])
+        n_in = ops.sum(allowed * inside, -1)
+        n_out = ops.sum(allowed * (1.0 - inside), -1)
+        truth = ops.cast((n_in > 0) & (n_out == 0), "float32")
+        scored = truth + ops.cast(n_in == 0, "float32")
+        hit = ops.zeros_like(truth, dtype="bool")
+        for k in self.classes:
+            hit = hit | (predicted == k)
+        pred = ops.cast(hit, "float32") * scored
         self.intersection.assign_add(ops.sum(truth * pred))
         self.total.assign_add(ops.sum(truth) + ops.sum(pred))
 
@@ -88,7 +100,7 @@ class SetDice(keras.metrics.Metric):
         )
 
     def get_config(self):
-        return super().get_config() | {"class_id": self.class_id}
+        return super().get_config() | {"classes": list(self.classes)}
 
 
 @keras.saving.register_keras_serializable(package="stitchnet_tf")
@@ -184,7 +196,7 @@ class StitchNet(keras.Model):
             for name in ("loss", "recon", "kl", "supervised")
             + tuple(f"kl_{i + 1}" for i in range(self.ladder.levels))
         }
-        self.dice = [SetDice(GGO), SetDice(CON)]
+        self.dice = [SetDice(GGO), SetDice(CON), SetDice((GGO, CON), name="dice_lesion")]
 
     def get_config(self):
         return {

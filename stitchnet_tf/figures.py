@@ -1,0 +1,126 @@
+"""Looking inside the generative model: style images (paper Fig. 6b) and samples from the prior."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from stitchnet_tf.data import io
+from stitchnet_tf.errors import DataError
+from stitchnet_tf.fileio import atomic_dir
+from stitchnet_tf.inference import load_model
+from stitchnet_tf.predict import LABEL_PALETTE, _inputs
+
+STYLE_TITLES = (
+    "input x",
+    "background",
+    "healthy",
+    "GGO",
+    "consolidation",
+    "stitched",
+    "segmentation",
+)
+
+
+def _colour(labels: np.ndarray) -> np.ndarray:
+    palette = np.asarray(LABEL_PALETTE, np.uint8).reshape(-1, 3)
+    return palette[labels]
+
+
+def _stitchnet(model_path):
+    loaded = load_model(model_path)
+    if not hasattr(loaded.model, "styles"):
+        raise DataError(
+            model_path, f"{type(loaded.model).__name__} has no styles: a StitchNet model is needed"
+        )
+    return loaded
+
+
+def _save_grid(rows: list[list[np.ndarray]], titles, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_rows, n_cols = len(rows), len(rows[0])
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.8 * n_cols, 1.9 * n_rows), squeeze=False)
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            ax = axes[r][c]
+            ax.imshow(image, cmap="gray", vmin=0, vmax=1) if image.ndim == 2 else ax.imshow(image)
+            ax.set_axis_off()
+            if r == 0:
+                ax.set_title(titles[c], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def styles_figures(
+    model_path, input_path, output, *, size: int | None = None, overwrite: bool = False
+) -> dict:
+    """For each input slice: x, the four style images E[Beta_k], the stitched reconstruction and
+    the segmentation side by side (`<name>_styles.png`), as the paper's Fig. 6b."""
+    from stitchnet_tf.data.preprocess import RawSlice, prepare
+
+    loaded = _stitchnet(model_path)
+    size = size or loaded.size
+    if size is None:
+        raise DataError(model_path, "model size unknown (no config.json beside it): pass --size")
+    from stitchnet_tf.data.classes import ALL
+    from stitchnet_tf.data.lungmask import default_segmenter
+
+    segmenter = default_segmenter()
+    written = 0
+    with atomic_dir(output, overwrite) as tmp:
+        for path in _inputs(Path(input_path)):
+            n = io.slice_count(path)
+            for k in [None] if n is None else [n // 2]:  # volumes: the middle slice
+                image = io.read_image(path, k)
+                io.check_size(image.shape, path)
+                p = prepare(
+                    RawSlice(image, np.full(image.shape, ALL, np.uint8), None), size, segmenter
+                )
+                x = p.x[None, ..., None].astype(np.float32)
+                lung = p.lung[None, ..., None].astype(np.float32)
+                out = {k2: np.asarray(v)[0] for k2, v in loaded.model.styles(x, lung).items()}
+                row = [
+                    p.x,
+                    *[out["styles"][..., c] for c in range(4)],
+                    out["stitched"][..., 0],
+                    _colour(out["labels"].astype(np.int64)),
+                ]
+                name = io.stem_of(path) + ("" if k is None else f"_{k:04d}")
+                _save_grid([row], STYLE_TITLES, tmp / f"{name}_styles.png")
+                written += 1
+    return {"figures": written}
+
+
+def sample_figure(
+    model_path,
+    output,
+    *,
+    n: int = 8,
+    size: int | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> dict:
+    """Draw n slices with their segmentations from the prior: `samples.png` and per-sample
+    `sample_<i>.png` / `sample_<i>_labels.png` (indexed, the label palette)."""
+    import keras
+
+    loaded = _stitchnet(model_path)
+    size = size or loaded.size
+    if size is None or size % 32:
+        raise DataError(model_path, "give --size, a multiple of 32")
+    keras.utils.set_random_seed(seed)
+    gen = {k: np.asarray(v) for k, v in loaded.model.generate(n, size).items()}
+    with atomic_dir(output, overwrite) as tmp:
+        rows = []
+        for i in range(n):
+            io.write_png(tmp / f"sample_{i}.png", np.rint(gen["x"][i, ..., 0] * 255))
+            io.write_png(tmp / f"sample_{i}_labels.png", gen["labels"][i], LABEL_PALETTE)
+            rows.append([gen["x"][i, ..., 0], _colour(gen["labels"][i])])
+        _save_grid(rows, ("sample x", "its segmentation"), tmp / "samples.png")
+    return {"samples": n}

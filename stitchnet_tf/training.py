@@ -1,0 +1,363 @@
+"""Training runs: data, split, model, callbacks, and a run directory that can be resumed.
+
+A run directory holds
+- `config.json`: the full `TrainConfig` (enough to reproduce the run) and library versions;
+- `split.json`: the split used (made on the fly, by patient, unless one was given);
+- `last.keras` / `best.keras`: the model after the last good epoch and at the best validation
+  mean lesion Dice (full `.keras` files: weights, optimizer state, config);
+- `state.json`: completed epochs and the best score, for resuming;
+- `log.csv`, `tensorboard/`, `curves.png`.
+Rerunning the same command on the same run directory continues from the last completed epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stitchnet_tf import __version__
+from stitchnet_tf.data.classes import CON, GGO, bits
+from stitchnet_tf.data.datasets import Dataset, discover
+from stitchnet_tf.data.pipeline import SliceLoader, slice_dataset, training_batches
+from stitchnet_tf.data.preprocess import check_model_size
+from stitchnet_tf.data.splits import Split, split_dataset, withhold_labels
+from stitchnet_tf.errors import DataError
+from stitchnet_tf.fileio import atomic_write_text
+
+MODELS = ("stitchnet", "unet", "segnet")
+
+
+class TrainingError(Exception):
+    """Training stopped for a reason the user must act on (one line)."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (saved as the run's `config.json`)."""
+
+    labelled: str
+    output: str
+    unlabelled: str | None = None
+    model: str = "stitchnet"
+    size: int = 352
+    epochs: int = 80
+    steps_per_epoch: int = 100
+    batch_size: int = 8
+    labelled_per_batch: int | None = None
+    learning_rate: float = 3e-4
+    clipnorm: float | None = 1.0
+    clipvalue: float | None = 0.5
+    seed: int = 0
+    split: str | None = None
+    fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    max_labelled: int | None = None
+    label_fraction: float | None = None
+    mixed_precision: bool = False
+    augment: bool = True
+    cache: bool = False
+    run_eagerly: bool = False  # no graph tracing: for debugging and tiny runs
+    # data reading
+    mask_values: str | None = None
+    patient_pattern: str | None = None
+    unlabelled_patient_pattern: str | None = None
+    masks_subdir: str = "masks"
+    lungs_subdir: str = "lungs"
+    # model options (see StitchNet / UNet / SegNet)
+    model_options: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        d = json.loads(text)
+        d["fractions"] = tuple(d.get("fractions", (0.6, 0.2, 0.2)))
+        return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
+
+
+def build_model(name: str, options: dict, clipnorm=None, clipvalue=None, seed: int = 0):
+    """A fresh, uncompiled model by name: `stitchnet`, `unet` or `segnet`."""
+    if name == "stitchnet":
+        from stitchnet_tf.models.stitchnet import StitchNet
+
+        return StitchNet(clipnorm=clipnorm, clipvalue=clipvalue, seed=seed, **options)
+    if name in ("unet", "segnet"):
+        from stitchnet_tf.models import baselines
+
+        cls = baselines.UNet if name == "unet" else baselines.SegNet
+        return cls(clipnorm=clipnorm, clipvalue=clipvalue, seed=seed, **options)
+    raise DataError(None, f"unknown model {name!r}: use one of {', '.join(MODELS)}")
+
+
+def _versions() -> dict:
+    import keras
+    import tensorflow as tf
+
+    return {
+        "stitchnet_tf": __version__,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _monitor_classes(dataset: Dataset) -> str:
+    """`ggo_con` when the labels tell GGO from consolidation, else `lesion`."""
+    singles = {bits(GGO), bits(CON)}
+    return "ggo_con" if singles & set(dataset.mask_map.mapping.values()) else "lesion"
+
+
+def _make_callbacks(run: Path, state: dict, monitor: str, log: Callable[[str], None]):
+    import keras
+    import numpy as np
+
+    class RunState(keras.callbacks.Callback):
+        """Mean lesion Dice into the logs; last/best `.keras` and state.json, NaN-safe."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs if logs is not None else {}
+            if monitor == "ggo_con":
+                score = (logs.get("val_dice_ggo", 0.0) + logs.get("val_dice_con", 0.0)) / 2
+            else:
+                score = logs.get("val_dice_lesion", 0.0)
+            logs["val_mean_lesion_dice"] = float(score)
+            loss = logs.get("loss", float("nan"))
+            if not np.isfinite(loss):
+                self.model.stop_training = True
+                state["nan_epoch"] = epoch + 1
+                return
+            _atomic_save(self.model, run / "last.keras")
+            state["epochs_done"] = epoch + 1
+            if state.get("best_score") is None or score > state["best_score"]:
+                state["best_score"], state["best_epoch"] = float(score), epoch + 1
+                _atomic_save(self.model, run / "best.keras")
+                log(f"epoch {epoch + 1}: best so far, val mean lesion Dice {score:.4f}")
+            atomic_write_text(run / "state.json", json.dumps(state, indent=1) + "\n")
+
+        def on_train_batch_end(self, batch, logs=None):
+            if logs and not np.isfinite(logs.get("loss", 0.0)):
+                self.model.stop_training = True
+
+    return [
+        RunState(),
+        keras.callbacks.CSVLogger(str(run / "log.csv"), append=True),
+        keras.callbacks.TensorBoard(str(run / "tensorboard"), write_graph=False),
+    ]
+
+
+def _atomic_save(model, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.keras")
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+def plot_curves(log_csv: Path, output: Path) -> None:
+    """Training curves from the CSV log (loss terms and validation Dice) as a PNG."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(log_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    epochs = [int(r["epoch"]) + 1 for r in rows]
+    keys = [k for k in rows[0] if k != "epoch"]
+    losses = [
+        k
+        for k in keys
+        if "dice" not in k
+        and not k.startswith("val_kl_")
+        and not k.startswith("kl_")
+        and k != "learning_rate"
+    ]
+    dices = [k for k in keys if "dice" in k]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for k in losses:
+        axes[0].plot(epochs, [float(r[k]) for r in rows], label=k)
+    for k in dices:
+        axes[1].plot(epochs, [float(r[k]) for r in rows], label=k)
+    axes[0].set(title="loss terms (per pixel)", xlabel="epoch")
+    axes[1].set(title="Dice", xlabel="epoch", ylim=(0, 1))
+    for ax in axes:
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = output.with_name(f".{output.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, output)
+
+
+def prepare_run(config: TrainConfig, overwrite: bool = False, warn=None) -> tuple[Path, dict]:
+    """Create (or reopen, to resume) the run directory; returns it and its state."""
+    run = Path(config.output)
+    state_path = run / "state.json"
+    if run.exists() and any(run.iterdir()):
+        if overwrite:
+            import shutil
+
+            shutil.rmtree(run)
+        elif state_path.is_file() and (run / "config.json").is_file():
+            saved = TrainConfig.from_json((run / "config.json").read_text())
+            if saved.to_json() != config.to_json():
+                raise DataError(
+                    run,
+                    "run folder holds a run with another configuration "
+                    "(use another --output, or --overwrite)",
+                )
+            state = json.loads(state_path.read_text())
+            if state.get("epochs_done", 0) >= config.epochs:
+                raise DataError(run, "run folder holds a finished run (use --overwrite)")
+            return run, state
+        else:
+            raise DataError(
+                run, "output folder exists and is not a resumable run (use --overwrite)"
+            )
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run / "config.json", config.to_json() + "\n")
+    atomic_write_text(run / "versions.json", json.dumps(_versions(), indent=1) + "\n")
+    state = {"epochs_done": 0, "best_score": None, "best_epoch": None}
+    atomic_write_text(state_path, json.dumps(state, indent=1) + "\n")
+    return run, state
+
+
+def train(
+    config: TrainConfig,
+    *,
+    overwrite: bool = False,
+    verbose: int | str = "auto",
+    log: Callable[[str], None] = print,
+    warn: Callable[[str], None] | None = None,
+) -> dict:
+    """Train a model as `config` says; returns a summary (run folder, epochs, best score, time).
+
+    Raises `DataError` for bad input and `TrainingError` when the loss became NaN (the last
+    good checkpoint is kept).
+    """
+    import keras
+
+    from stitchnet_tf.precision import set_precision
+
+    warn = warn or log
+    check_model_size(config.size)
+    if config.model not in MODELS:
+        raise DataError(None, f"unknown model {config.model!r}: use one of {', '.join(MODELS)}")
+    if (
+        config.labelled_per_batch is not None
+        and not 0 < config.labelled_per_batch <= config.batch_size
+    ):
+        raise DataError(None, f"--labelled-per-batch must be in 1..{config.batch_size}")
+    labelled = discover(
+        config.labelled,
+        mask_values=config.mask_values,
+        patient_pattern=config.patient_pattern,
+        masks_subdir=config.masks_subdir,
+        lungs_subdir=config.lungs_subdir,
+        require_labels=True,
+    )
+    unlabelled = None
+    if config.unlabelled and config.model == "stitchnet":
+        unlabelled = discover(config.unlabelled, patient_pattern=config.unlabelled_patient_pattern)
+    elif config.unlabelled:
+        warn(f"{config.model} is supervised: the unlabelled data is not used")
+
+    run, state = prepare_run(config, overwrite, warn)
+    split_path = run / "split.json"
+    if split_path.is_file():
+        split = Split.load(split_path)
+    elif config.split:
+        split = Split.load(config.split)
+        split.check(labelled)
+    else:
+        split = split_dataset(labelled, config.fractions, config.seed, warn=warn)
+    if (
+        config.max_labelled is not None or config.label_fraction is not None
+    ) and not split.unlabelled:
+        split = withhold_labels(
+            split, labelled, config.max_labelled, config.label_fraction, config.seed
+        )
+    split.save(split_path)
+    if not split.val:
+        raise DataError(
+            config.labelled, "the split has no validation slices (needed to pick the best epoch)"
+        )
+
+    keras.utils.set_random_seed(config.seed + state["epochs_done"])
+    policy = set_precision(config.mixed_precision)
+    labelled_per_batch = config.labelled_per_batch
+    if config.model != "stitchnet":
+        labelled_per_batch = config.batch_size
+    batches = training_batches(
+        labelled,
+        unlabelled,
+        config.size,
+        config.batch_size,
+        train_ids=split.train,
+        withheld_ids=split.unlabelled,
+        labelled_per_batch=labelled_per_batch,
+        seed=config.seed + state["epochs_done"],
+        augmentation=config.augment,
+        cache=config.cache,
+    )
+    val = labelled.subset(split.val)
+    val_data = slice_dataset(SliceLoader(val, val.samples, config.size), cache=config.cache)
+    val_data = val_data.batch(config.batch_size)
+
+    try:
+        if state["epochs_done"] > 0 and (run / "last.keras").is_file():
+            from stitchnet_tf.inference import load_model
+
+            model = load_model(run / "last.keras").model
+            log(f"resuming {run} after epoch {state['epochs_done']}")
+        else:
+            model = build_model(
+                config.model, config.model_options, config.clipnorm, config.clipvalue, config.seed
+            )
+            model.compile(
+                optimizer=keras.optimizers.Adam(config.learning_rate),
+                run_eagerly=config.run_eagerly,
+            )
+        start = time.time()
+        history = model.fit(
+            batches,
+            validation_data=val_data,
+            epochs=config.epochs,
+            initial_epoch=state["epochs_done"],
+            steps_per_epoch=config.steps_per_epoch,
+            callbacks=_make_callbacks(run, state, _monitor_classes(labelled), log),
+            verbose=verbose,
+        )
+        seconds = time.time() - start
+    finally:
+        set_precision(False)
+    if (run / "log.csv").is_file():
+        plot_curves(run / "log.csv", run / "curves.png")
+    state["train_seconds"] = state.get("train_seconds", 0.0) + seconds
+    state["policy"] = policy
+    atomic_write_text(run / "state.json", json.dumps(state, indent=1) + "\n")
+    if state.get("nan_epoch"):
+        kept = "last.keras" if (run / "last.keras").is_file() else "no checkpoint"
+        raise TrainingError(
+            f"loss became NaN in epoch {state['nan_epoch']}; stopped, kept {kept} from epoch "
+            f"{state['epochs_done']} in {run} (try a lower --learning-rate)"
+        )
+    last = {k: v[-1] for k, v in history.history.items() if v} if history.history else {}
+    return {
+        "run": str(run),
+        "epochs_done": state["epochs_done"],
+        "best_epoch": state.get("best_epoch"),
+        "best_val_mean_lesion_dice": state.get("best_score"),
+        "seconds": seconds,
+        "last": {k: float(v) for k, v in last.items() if math.isfinite(float(v))},
+    }
