@@ -60,10 +60,6 @@ def evaluate(
     With a run folder as the model and no `split`, its own split.json is used when the run
     was trained on the same folder (its test part, or `part`). Returns the summary dict.
     """
-    loaded = load_model(model_path)
-    size = size or loaded.size
-    if size is None:
-        raise DataError(model_path, "model size unknown (no config.json beside it): pass --size")
     dataset = discover(
         data,
         mask_values=mask_values,
@@ -72,6 +68,10 @@ def evaluate(
         lungs_subdir=lungs_subdir,
         require_labels=True,
     )
+    loaded = load_model(model_path)
+    size = size or loaded.size
+    if size is None:
+        raise DataError(model_path, "model size unknown (no config.json beside it): pass --size")
     chosen = None
     if split is not None:
         chosen = Split.load(split)

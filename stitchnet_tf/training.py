@@ -63,6 +63,7 @@ class TrainConfig:
     augment: bool = True
     cache: bool = False
     run_eagerly: bool = False  # no graph tracing: for debugging and tiny runs
+    recalibration_steps: int = 20  # BatchNorm re-estimation batches before each validation
     # data reading
     mask_values: str | None = None
     patient_pattern: str | None = None
@@ -114,15 +115,31 @@ def _monitor_classes(dataset: Dataset) -> str:
     return "ggo_con" if singles & set(dataset.mask_map.mapping.values()) else "lesion"
 
 
-def _make_callbacks(run: Path, state: dict, monitor: str, log: Callable[[str], None]):
+def _make_callbacks(
+    run: Path,
+    state: dict,
+    monitor: str,
+    log: Callable[[str], None],
+    batches,
+    val_data,
+    recalibration_steps: int,
+):
     import keras
     import numpy as np
 
+    from stitchnet_tf.models.optim import recalibrate_batchnorm
+
     class RunState(keras.callbacks.Callback):
-        """Mean lesion Dice into the logs; last/best `.keras` and state.json, NaN-safe."""
+        """Each epoch: re-estimate BatchNorm statistics, validate, write the mean lesion Dice
+        into the logs, save last/best `.keras` and state.json; NaN-safe."""
 
         def on_epoch_end(self, epoch, logs=None):
             logs = logs if logs is not None else {}
+            if np.isfinite(logs.get("loss", float("nan"))):
+                if recalibration_steps:
+                    recalibrate_batchnorm(self.model, batches, recalibration_steps)
+                val = self.model.evaluate(val_data, verbose=0, return_dict=True)
+                logs.update({f"val_{k}": float(v) for k, v in val.items()})
             if monitor == "ggo_con":
                 score = (logs.get("val_dice_ggo", 0.0) + logs.get("val_dice_con", 0.0)) / 2
             else:
@@ -331,11 +348,18 @@ def train(
         start = time.time()
         history = model.fit(
             batches,
-            validation_data=val_data,
             epochs=config.epochs,
             initial_epoch=state["epochs_done"],
             steps_per_epoch=config.steps_per_epoch,
-            callbacks=_make_callbacks(run, state, _monitor_classes(labelled), log),
+            callbacks=_make_callbacks(
+                run,
+                state,
+                _monitor_classes(labelled),
+                log,
+                batches,
+                val_data,
+                config.recalibration_steps,
+            ),
             verbose=verbose,
         )
         seconds = time.time() - start

@@ -284,3 +284,22 @@ def test_mixed_precision_policy_follows_the_device():
         assert keras.mixed_precision.global_policy().name == mixed_policy_name()
     finally:
         assert set_precision(False) == "float32"
+
+
+def test_batchnorm_recalibration_makes_inference_match_training(trained, batch):
+    from stitchnet_tf.models.optim import recalibrate_batchnorm
+
+    model, _ = trained
+    x, allowed = batch
+    data = tf.data.Dataset.from_tensors({"x": x, "allowed": allowed}).repeat()
+    assert recalibrate_batchnorm(model, data, steps=30) == 30
+    assert lesion_dice(model, x, allowed, training=False) > 0.8
+
+
+def test_group_norm_option_has_no_batchnorm_in_the_ladder():
+    model = StitchNet(**TINY, norm="group")
+    model(np.zeros((1, 64, 64, 1), "float32"))
+    inner = model.ladder._flatten_layers() + model.head._flatten_layers()
+    assert not any(isinstance(la, keras.layers.BatchNormalization) for la in inner)
+    assert any(isinstance(la, keras.layers.GroupNormalization) for la in inner)
+    assert StitchNet.from_config(model.get_config()).get_config()["norm"] == "group"

@@ -4,8 +4,8 @@
 `keras.models.load_model(path, safe_mode=True)` loads it without custom objects);
 `LearnedLungMask` wraps a saved model as a `LungSegmenter`; `default_segmenter()` returns the
 model shipped in `saved_models/lung_unet/` or, when that is missing or unreadable, the
-classical `AutoLungMask`. The trained model and how it was made: `saved_models/lung_unet/
-MODEL_CARD.md`; training: `benchmarks/train_lung_unet.py`.
+classical `AutoLungMask`. The trained model and how it was made:
+`saved_models/lung_unet/MODEL_CARD.md`; training: `benchmarks/train_lung_unet.py`.
 """
 
 from __future__ import annotations
@@ -108,19 +108,51 @@ def keep_components(mask: np.ndarray, max_components: int, min_area: float) -> n
     return _fill_holes(np.isin(lab, keep))
 
 
+def mask_from_probability(
+    prob: np.ndarray,
+    shape: tuple[int, int],
+    threshold: float = 0.5,
+    upsample: str = "linear",
+    max_components: int = 3,
+    min_area: float = 0.002,
+) -> np.ndarray:
+    """Working-size lung probability [S, S] -> cleaned [H, W] bool mask.
+
+    `upsample`: "linear" resizes the probability bilinearly and then thresholds (smoother edges,
+    about +0.006 Dice on the validation patients at 256 px); "nearest" thresholds first and
+    resizes the binary mask with nearest neighbour.
+    """
+    h, w = shape
+    if upsample == "linear":
+        big = cv2.resize(prob.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+        mask = big > threshold
+    elif upsample == "nearest":
+        small = (prob > threshold).astype(np.uint8)
+        mask = cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+    else:
+        raise ValueError(f"upsample must be 'linear' or 'nearest', got {upsample!r}")
+    if not mask.any():
+        return mask
+    return keep_components(mask, max_components, min_area)
+
+
 class LearnedLungMask:
     """Lung-field mask of one axial slice by a small U-Net (a `LungSegmenter`).
 
-    The slice is min-max scaled, resized to the network's working size, segmented, thresholded
-    at `threshold`, resized back with nearest neighbour, and cleaned: the largest
-    `max_components` components of at least `min_area` (fraction of H*W) are kept and their
-    holes filled. Input: [H, W] (or [H, W, 1]) lung-window slice of any size >= 32 px; output
-    [H, W] bool, empty for a constant slice. Calls are thread-safe (the network runs under a
-    lock; resizing and cleaning run in parallel).
+    The slice is min-max scaled, resized to the network's working size and segmented; the
+    probability is resized back (bilinear, `upsample="linear"`, the default) and thresholded at
+    `threshold` (or thresholded and resized with nearest neighbour, `upsample="nearest"`), and
+    the mask is cleaned: the largest `max_components` components of at least `min_area`
+    (fraction of H*W) are kept and their holes filled.
+
+    Input: [H, W] (or [H, W, 1]) lung-window slice of any size >= 32 px (smaller ones give an
+    empty mask); output [H, W] bool, empty for a constant slice. Calls are thread-safe (the
+    network runs under a lock; resizing and cleaning run in parallel).
 
     Args:
         model: path of a saved `.keras` model (default: the shipped one).
         threshold: on the lung probability.
+        upsample: "linear" or "nearest", see above.
         max_components, min_area: post-processing, see above.
         batch_size: chunk size of `predict_batch`.
     """
@@ -129,6 +161,7 @@ class LearnedLungMask:
         self,
         model: str | os.PathLike = DEFAULT_MODEL,
         threshold: float = 0.5,
+        upsample: str = "linear",
         max_components: int = 3,
         min_area: float = 0.002,
         batch_size: int = 16,
@@ -143,6 +176,9 @@ class LearnedLungMask:
             raise ValueError(f"{self.path}: expected input [B, S, S, 1], got {shape}")
         self.size = int(shape[1])
         self.threshold = float(threshold)
+        if upsample not in ("linear", "nearest"):
+            raise ValueError(f"upsample must be 'linear' or 'nearest', got {upsample!r}")
+        self.upsample = upsample
         self.max_components = int(max_components)
         self.min_area = float(min_area)
         self.batch_size = int(batch_size)
@@ -160,6 +196,7 @@ class LearnedLungMask:
             "model": self.path.name,
             "size": self.size,
             "threshold": self.threshold,
+            "upsample": self.upsample,
             "max_components": self.max_components,
             "min_area": self.min_area,
         }
@@ -183,14 +220,6 @@ class LearnedLungMask:
                 out[idx] = np.asarray(self._predict(x[idx]))[..., 0]
         return out
 
-    def _finish(self, prob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-        h, w = shape
-        small = (prob > self.threshold).astype(np.uint8)
-        if not small.any():
-            return np.zeros((h, w), bool)
-        mask = cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
-        return keep_components(mask, self.max_components, self.min_area)
-
     def predict_batch(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Masks of several slices (any sizes) with batched network calls."""
         shapes = []
@@ -202,7 +231,12 @@ class LearnedLungMask:
                 raise ValueError(f"expected one slice [H, W] or [H, W, 1], got shape {a.shape}")
             shapes.append(a.shape)
         probs = self.probability(images)
-        return [self._finish(p, s) for p, s in zip(probs, shapes, strict=True)]
+        return [
+            mask_from_probability(
+                p, s, self.threshold, self.upsample, self.max_components, self.min_area
+            )
+            for p, s in zip(probs, shapes, strict=True)
+        ]
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         return self.predict_batch([image])[0]
@@ -214,7 +248,7 @@ def _cached_segmenter(path: Path) -> LungSegmenter:
         return AutoLungMask()
     try:
         return LearnedLungMask(path)
-    except Exception as e:  # noqa: BLE001 - any load failure falls back to the classical method
+    except Exception as e:  # any load failure falls back to the classical method
         warnings.warn(
             f"{path}: cannot load the lung U-Net ({type(e).__name__}: {e}); using AutoLungMask",
             stacklevel=3,

@@ -14,6 +14,8 @@ FEATURE_LAYERS = (
     "block_13_expand_relu",
     "out_relu",
 )
+#: BatchNorm momentum of the backbone (Keras' MobileNetV2 default 0.999 lags on short runs).
+BN_MOMENTUM = 0.99
 #: Channels of d_1 … d_5 at width 1.0 (paper Table 2).
 D_FILTERS = (32, 64, 128, 256, 512)
 
@@ -35,7 +37,20 @@ def mobilenet_v2(
     net = keras.applications.MobileNetV2(
         input_shape=(None, None, channels), include_top=False, weights=weights, alpha=alpha
     )
+    set_bn_momentum(net)
     return keras.Model(net.inputs, [net.get_layer(n).output for n in FEATURE_LAYERS], name=name)
+
+
+def set_bn_momentum(model, momentum: float = BN_MOMENTUM) -> None:
+    """Set the moving-average momentum of every BatchNormalization layer in `model`.
+
+    Keras' MobileNetV2 uses 0.999: after a few thousand steps its moving statistics still lean
+    on their initial values, and inference-mode predictions (BatchNorm with moving statistics)
+    fall far behind training-mode ones. 0.99 is Keras' default elsewhere.
+    """
+    for layer in model._flatten_layers():
+        if isinstance(layer, layers.BatchNormalization):
+            layer.momentum = momentum
 
 
 @keras.saving.register_keras_serializable(package="stitchnet_tf")

@@ -21,7 +21,8 @@ from keras import layers, ops
 
 from stitchnet_tf import likelihood as lik
 from stitchnet_tf.data.classes import BACKGROUND, CON, GGO, HEALTHY
-from stitchnet_tf.models.backbone import scaled_filters
+from stitchnet_tf.models.backbone import scaled_filters, set_bn_momentum
+from stitchnet_tf.models.optim import clip_gradients
 from stitchnet_tf.models.stitchnet import SetDice
 
 NUM_LESION_CLASSES = 3  # 0 no lesion, 1 GGO, 2 consolidation
@@ -165,7 +166,7 @@ class SetSupervisedMixin:
         self.loss_type, self.focal_gamma = loss, focal_gamma
         self.clipnorm, self.clipvalue, self.seed = clipnorm, clipvalue, seed
         self.loss_tracker = keras.metrics.Mean(name="loss")
-        self.dice = [SetDice(GGO), SetDice(CON)]
+        self.dice = [SetDice(GGO), SetDice(CON), SetDice((GGO, CON), name="dice_lesion")]
 
     def _training_config(self) -> dict:
         return {
@@ -208,24 +209,7 @@ class SetSupervisedMixin:
         return ops.mean(lik.focal_set_loss(logits, lesion_sets(allowed), self.gamma))
 
     def _clip(self, grads):
-        """Per-variable value then norm clipping, in the units of the unscaled loss."""
-        if not (self.clipvalue or self.clipnorm):
-            return grads
-        # Under a LossScaleOptimizer the gradients are scaled; non-finite ones are left as
-        # they are so that it still sees the overflow and skips the step.
-        scale = getattr(self.optimizer, "dynamic_scale", None)
-        scale = 1.0 if scale is None else ops.cast(scale, "float32")
-        clipped = []
-        for g in grads:
-            if g is not None:
-                c = g
-                if self.clipvalue:
-                    c = tf.clip_by_value(c, -self.clipvalue * scale, self.clipvalue * scale)
-                if self.clipnorm:
-                    c = tf.clip_by_norm(c, self.clipnorm * scale)
-                g = tf.where(tf.math.is_finite(g), c, g)
-            clipped.append(g)
-        return clipped
+        return clip_gradients(grads, self.optimizer, self.clipnorm, self.clipvalue)
 
     def _update_metrics(self, loss, allowed, logits):
         self.loss_tracker.update_state(loss)
@@ -320,6 +304,7 @@ class UNet(SetSupervisedMixin, keras.Model):
             mobilenet = keras.applications.MobileNetV2(
                 input_shape=(None, None, 1), include_top=False, weights=None, alpha=alpha
             )
+            set_bn_momentum(mobilenet)
             self.encoder = keras.Model(
                 mobilenet.input,
                 [mobilenet.get_layer(n).output for n in (*UNET_SKIPS, UNET_BOTTOM)],

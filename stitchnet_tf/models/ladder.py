@@ -35,6 +35,7 @@ class SVAELadder(layers.Layer):
         light_c: use a LightSmooth instead of the last Smooth in mapping (c) (faster).
         kl: `analytic` Gaussian KL, or `mc` (single-sample log q − log p, the authors').
         seed: seeds the reparameterised samples.
+        norm: `batch` (the paper) or `group` normalisation in every block.
 
     `call(ds, training, sample)` returns a dict:
         features [B, H/2, W/2, f_1]; kl [B, L] (KL of level i, summed over its pixels, in column
@@ -48,26 +49,30 @@ class SVAELadder(layers.Layer):
         light_c: bool = False,
         kl: str = "analytic",
         seed: int | None = None,
+        norm: str = "batch",
         **kwargs,
     ):
         super().__init__(**kwargs)
         if kl not in KL_ESTIMATORS:
             raise ValueError(f"kl must be one of {KL_ESTIMATORS}, got {kl!r}")
         self.filters, self.light_c, self.kl, self.seed = tuple(filters), light_c, kl, seed
+        self.norm = norm
         policy = self.dtype_policy
         n = len(self.filters)
         # (b): ONE layer per level, used on d_i (inference) and on d̃_i (prior)
         self.latent_params = [
-            LatentParams(f, dtype=policy, name=f"b_{i + 1}") for i, f in enumerate(self.filters)
+            LatentParams(f, norm=norm, dtype=policy, name=f"b_{i + 1}")
+            for i, f in enumerate(self.filters)
         ]
         # (c): z_i -> d_i
         self.to_features = [
-            LatentToFeatures(f, light_c, dtype=policy, name=f"c_{i + 1}")
+            LatentToFeatures(f, light_c, norm=norm, dtype=policy, name=f"c_{i + 1}")
             for i, f in enumerate(self.filters)
         ]
         # (a): d_{i+1} -> d̃_i, for i = 1 … L−1
         self.top_down = [
-            TopDown(self.filters[i], dtype=policy, name=f"a_{i + 2}") for i in range(n - 1)
+            TopDown(self.filters[i], norm=norm, dtype=policy, name=f"a_{i + 2}")
+            for i in range(n - 1)
         ]
         self.seed_generator = keras.random.SeedGenerator(seed)
 
@@ -146,4 +151,5 @@ class SVAELadder(layers.Layer):
             "light_c": self.light_c,
             "kl": self.kl,
             "seed": self.seed,
+            "norm": self.norm,
         }

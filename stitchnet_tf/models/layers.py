@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import math
+
 import keras
 from keras import layers, ops
 
@@ -22,6 +24,42 @@ def _register(cls):
     return keras.saving.register_keras_serializable(package="stitchnet_tf")(cls)
 
 
+NORMS = ("batch", "group")
+
+
+@_register
+class Norm(layers.Layer):
+    """The blocks' normalisation: BatchNorm (the paper) or GroupNorm.
+
+    GroupNorm (groups = gcd(8, channels)) normalises each image on its own, so inference
+    behaves exactly as training: no moving statistics that lag the weights or that were
+    gathered on sampled z while inference uses the posterior mean.
+    """
+
+    def __init__(self, norm: str = "batch", **kwargs):
+        super().__init__(**kwargs)
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        self.norm = norm
+
+    def build(self, input_shape):
+        if self.norm == "batch":
+            self.inner = layers.BatchNormalization(dtype=self.dtype_policy)
+        else:
+            groups = math.gcd(8, int(input_shape[-1]))
+            self.inner = layers.GroupNormalization(groups=groups, dtype=self.dtype_policy)
+        self.inner.build(input_shape)
+
+    def call(self, x, training=None):
+        return self.inner(x, training=training)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return super().get_config() | {"norm": self.norm}
+
+
 @_register
 class Conv(layers.Layer):
     """The paper's k×k convolution to `filters` channels, [B, H, W, C] -> [B, H, W, filters].
@@ -30,20 +68,21 @@ class Conv(layers.Layer):
     BN → ReLU → 1×1 (f), which is what keeps the wide levels affordable.
     """
 
-    def __init__(self, filters: int, kernel_size: int = 3, **kwargs):
+    def __init__(self, filters: int, kernel_size: int = 3, norm: str = "batch", **kwargs):
         super().__init__(**kwargs)
+        self.norm = norm
         self.filters, self.kernel_size = int(filters), int(kernel_size)
         self.bottleneck = self.filters > BOTTLENECK_ABOVE
         if self.bottleneck:
             inner = max(1, self.filters // 4)
             self.steps = [
                 layers.Conv2D(inner, 1, use_bias=False, dtype=self.dtype_policy),
-                layers.BatchNormalization(dtype=self.dtype_policy),
+                Norm(self.norm, dtype=self.dtype_policy),
                 layers.ReLU(dtype=self.dtype_policy),
                 layers.Conv2D(
                     inner, self.kernel_size, padding="same", use_bias=False, dtype=self.dtype_policy
                 ),
-                layers.BatchNormalization(dtype=self.dtype_policy),
+                Norm(self.norm, dtype=self.dtype_policy),
                 layers.ReLU(dtype=self.dtype_policy),
                 layers.Conv2D(self.filters, 1, use_bias=False, dtype=self.dtype_policy),
             ]
@@ -67,20 +106,25 @@ class Conv(layers.Layer):
         return (*input_shape[:-1], self.filters)
 
     def get_config(self):
-        return super().get_config() | {"filters": self.filters, "kernel_size": self.kernel_size}
+        return super().get_config() | {
+            "norm": self.norm,
+            "filters": self.filters,
+            "kernel_size": self.kernel_size,
+        }
 
 
 @_register
 class ResBlock(layers.Layer):
     """Pre-activation residual block keeping shape: x + Conv(ReLU(BN(Conv(ReLU(BN(x))))))."""
 
-    def __init__(self, filters: int, **kwargs):
+    def __init__(self, filters: int, norm: str = "batch", **kwargs):
         super().__init__(**kwargs)
+        self.norm = norm
         self.filters = int(filters)
-        self.bn1 = layers.BatchNormalization(dtype=self.dtype_policy)
-        self.conv1 = Conv(self.filters, dtype=self.dtype_policy)
-        self.bn2 = layers.BatchNormalization(dtype=self.dtype_policy)
-        self.conv2 = Conv(self.filters, dtype=self.dtype_policy)
+        self.bn1 = Norm(self.norm, dtype=self.dtype_policy)
+        self.conv1 = Conv(self.filters, norm=self.norm, dtype=self.dtype_policy)
+        self.bn2 = Norm(self.norm, dtype=self.dtype_policy)
+        self.conv2 = Conv(self.filters, norm=self.norm, dtype=self.dtype_policy)
 
     def call(self, x, training=None):
         h = self.conv1(ops.relu(self.bn1(x, training=training)), training=training)
@@ -91,7 +135,7 @@ class ResBlock(layers.Layer):
         return input_shape
 
     def get_config(self):
-        return super().get_config() | {"filters": self.filters}
+        return super().get_config() | {"norm": self.norm, "filters": self.filters}
 
 
 @_register
@@ -101,14 +145,18 @@ class Smooth(layers.Layer):
     `n_res=3` is the paper's Smooth, `n_res=1` its LightSmooth (see `LightSmooth`).
     """
 
-    def __init__(self, filters: int, n_res: int = 3, **kwargs):
+    def __init__(self, filters: int, n_res: int = 3, norm: str = "batch", **kwargs):
         super().__init__(**kwargs)
+        self.norm = norm
         self.filters, self.n_res = int(filters), int(n_res)
-        self.conv1 = Conv(self.filters, dtype=self.dtype_policy)
-        self.bn1 = layers.BatchNormalization(dtype=self.dtype_policy)
-        self.conv2 = Conv(self.filters, dtype=self.dtype_policy)
-        self.blocks = [ResBlock(self.filters, dtype=self.dtype_policy) for _ in range(self.n_res)]
-        self.bn_out = layers.BatchNormalization(dtype=self.dtype_policy)
+        self.conv1 = Conv(self.filters, norm=self.norm, dtype=self.dtype_policy)
+        self.bn1 = Norm(self.norm, dtype=self.dtype_policy)
+        self.conv2 = Conv(self.filters, norm=self.norm, dtype=self.dtype_policy)
+        self.blocks = [
+            ResBlock(self.filters, norm=self.norm, dtype=self.dtype_policy)
+            for _ in range(self.n_res)
+        ]
+        self.bn_out = Norm(self.norm, dtype=self.dtype_policy)
 
     def call(self, x, training=None):
         x = self.conv1(x, training=training)
@@ -121,7 +169,11 @@ class Smooth(layers.Layer):
         return (*input_shape[:-1], self.filters)
 
     def get_config(self):
-        return super().get_config() | {"filters": self.filters, "n_res": self.n_res}
+        return super().get_config() | {
+            "norm": self.norm,
+            "filters": self.filters,
+            "n_res": self.n_res,
+        }
 
 
 def LightSmooth(filters: int, **kwargs) -> Smooth:  # noqa: N802 (a block name from the paper)
@@ -136,18 +188,19 @@ class Upsample(layers.Layer):
     Above 64 filters it runs at f/4 between two 1×1 convolutions, like `Conv`.
     """
 
-    def __init__(self, filters: int, **kwargs):
+    def __init__(self, filters: int, norm: str = "batch", **kwargs):
         super().__init__(**kwargs)
+        self.norm = norm
         self.filters = int(filters)
         policy = self.dtype_policy
         if self.filters > BOTTLENECK_ABOVE:
             inner = max(1, self.filters // 4)
             self.steps = [
                 layers.Conv2D(inner, 1, use_bias=False, dtype=policy),
-                layers.BatchNormalization(dtype=policy),
+                Norm(self.norm, dtype=policy),
                 layers.ReLU(dtype=policy),
                 layers.Conv2DTranspose(inner, 4, 2, padding="same", use_bias=False, dtype=policy),
-                layers.BatchNormalization(dtype=policy),
+                Norm(self.norm, dtype=policy),
                 layers.ReLU(dtype=policy),
                 layers.Conv2D(self.filters, 1, use_bias=False, dtype=policy),
             ]
@@ -157,7 +210,7 @@ class Upsample(layers.Layer):
                     self.filters, 4, 2, padding="same", use_bias=False, dtype=policy
                 )
             ]
-        self.steps += [layers.BatchNormalization(dtype=policy), layers.ReLU(dtype=policy)]
+        self.steps += [Norm(self.norm, dtype=policy), layers.ReLU(dtype=policy)]
 
     def call(self, x, training=None):
         for step in self.steps:
@@ -169,7 +222,7 @@ class Upsample(layers.Layer):
         return (b, None if h is None else 2 * h, None if w is None else 2 * w, self.filters)
 
     def get_config(self):
-        return super().get_config() | {"filters": self.filters}
+        return super().get_config() | {"norm": self.norm, "filters": self.filters}
 
 
 @_register
@@ -180,11 +233,12 @@ class TopDown(layers.Layer):
     mapping (b) of level i−1 applies to d̃_{i−1} as to the bottom-up d_{i−1}.
     """
 
-    def __init__(self, filters: int, **kwargs):
+    def __init__(self, filters: int, norm: str = "batch", **kwargs):
         super().__init__(**kwargs)
+        self.norm = norm
         self.filters = int(filters)
-        self.up = Upsample(self.filters, dtype=self.dtype_policy)
-        self.smooth = LightSmooth(self.filters, dtype=self.dtype_policy)
+        self.up = Upsample(self.filters, norm=self.norm, dtype=self.dtype_policy)
+        self.smooth = LightSmooth(self.filters, norm=self.norm, dtype=self.dtype_policy)
 
     def call(self, d, training=None):
         return self.smooth(self.up(d, training=training), training=training)
@@ -193,7 +247,7 @@ class TopDown(layers.Layer):
         return self.up.compute_output_shape(input_shape)
 
     def get_config(self):
-        return super().get_config() | {"filters": self.filters}
+        return super().get_config() | {"norm": self.norm, "filters": self.filters}
 
 
 @_register
@@ -206,15 +260,22 @@ class LatentParams(layers.Layer):
     top-down d̃_i (generation, the prior): the SVAE's shared weights.
     """
 
-    def __init__(self, filters: int, **kwargs):
+    def __init__(self, filters: int, norm: str = "batch", **kwargs):
         super().__init__(**kwargs)
+        self.norm = norm
         self.filters = int(filters)
         policy = self.dtype_policy
         half, quarter = max(1, self.filters // 2), max(1, self.filters // 4)
-        self.conv = Conv(half, dtype=policy)
-        self.smooth = LightSmooth(half, dtype=policy)
-        self.mu_branch = [Conv(quarter, dtype=policy), LightSmooth(quarter, dtype=policy)]
-        self.sigma_branch = [Conv(quarter, dtype=policy), LightSmooth(quarter, dtype=policy)]
+        self.conv = Conv(half, norm=self.norm, dtype=policy)
+        self.smooth = LightSmooth(half, norm=self.norm, dtype=policy)
+        self.mu_branch = [
+            Conv(quarter, norm=self.norm, dtype=policy),
+            LightSmooth(quarter, norm=self.norm, dtype=policy),
+        ]
+        self.sigma_branch = [
+            Conv(quarter, norm=self.norm, dtype=policy),
+            LightSmooth(quarter, norm=self.norm, dtype=policy),
+        ]
         self.mu_out = layers.Conv2D(1, 3, padding="same", dtype="float32")
         self.sigma_out = layers.Conv2D(1, 3, padding="same", dtype="float32")
 
@@ -234,7 +295,7 @@ class LatentParams(layers.Layer):
         return shape, shape
 
     def get_config(self):
-        return super().get_config() | {"filters": self.filters}
+        return super().get_config() | {"norm": self.norm, "filters": self.filters}
 
 
 @_register
@@ -245,17 +306,18 @@ class LatentToFeatures(layers.Layer):
     replaces the last Smooth by a LightSmooth, a measured speed lever).
     """
 
-    def __init__(self, filters: int, light: bool = False, **kwargs):
+    def __init__(self, filters: int, light: bool = False, norm: str = "batch", **kwargs):
         super().__init__(**kwargs)
+        self.norm = norm
         self.filters, self.light = int(filters), bool(light)
         policy = self.dtype_policy
         half = max(1, self.filters // 2)
         self.steps = [
-            Conv(half, dtype=policy),
-            LightSmooth(half, dtype=policy),
-            Conv(self.filters, dtype=policy),
-            LightSmooth(self.filters, dtype=policy),
-            Smooth(self.filters, n_res=1 if self.light else 3, dtype=policy),
+            Conv(half, norm=self.norm, dtype=policy),
+            LightSmooth(half, norm=self.norm, dtype=policy),
+            Conv(self.filters, norm=self.norm, dtype=policy),
+            LightSmooth(self.filters, norm=self.norm, dtype=policy),
+            Smooth(self.filters, n_res=1 if self.light else 3, norm=self.norm, dtype=policy),
         ]
 
     def call(self, z, training=None):
@@ -267,4 +329,8 @@ class LatentToFeatures(layers.Layer):
         return (*input_shape[:-1], self.filters)
 
     def get_config(self):
-        return super().get_config() | {"filters": self.filters, "light": self.light}
+        return super().get_config() | {
+            "norm": self.norm,
+            "filters": self.filters,
+            "light": self.light,
+        }

@@ -17,6 +17,7 @@ from stitchnet_tf.data.classes import CON, GGO, NUM_CLASSES
 from stitchnet_tf.models.backbone import Backbone
 from stitchnet_tf.models.ladder import SVAELadder
 from stitchnet_tf.models.layers import LightSmooth, Upsample
+from stitchnet_tf.models.optim import clip_gradients
 
 LIKELIHOODS = ("exact", "jensen")
 DECISIONS = ("posterior", "prior")
@@ -33,12 +34,12 @@ class StitchHead(layers.Layer):
     resolution and upsampled bilinearly (less flexible styles: DESIGN-NOTES §6).
     """
 
-    def __init__(self, filters: int = 16, style_pool: int = 1, **kwargs):
+    def __init__(self, filters: int = 16, style_pool: int = 1, norm: str = "batch", **kwargs):
         super().__init__(**kwargs)
-        self.filters, self.style_pool = int(filters), int(style_pool)
+        self.filters, self.style_pool, self.norm = int(filters), int(style_pool), norm
         policy = self.dtype_policy
-        self.up = Upsample(self.filters, dtype=policy)
-        self.smooth = LightSmooth(self.filters, dtype=policy)
+        self.up = Upsample(self.filters, norm=norm, dtype=policy)
+        self.smooth = LightSmooth(self.filters, norm=norm, dtype=policy)
         self.pi = layers.Conv2D(NUM_CLASSES, 1, dtype="float32", name="pi_logits")
         self.alpha = layers.Conv2D(NUM_CLASSES, 1, dtype="float32", name="alpha")
         self.beta = layers.Conv2D(NUM_CLASSES, 1, dtype="float32", name="beta")
@@ -62,7 +63,11 @@ class StitchHead(layers.Layer):
         }
 
     def get_config(self):
-        return super().get_config() | {"filters": self.filters, "style_pool": self.style_pool}
+        return super().get_config() | {
+            "filters": self.filters,
+            "style_pool": self.style_pool,
+            "norm": self.norm,
+        }
 
 
 class SetDice(keras.metrics.Metric):
@@ -134,6 +139,8 @@ class StitchNet(keras.Model):
         clipnorm, clipvalue: per-variable gradient clipping in `train_step` (paper: 1.0, 0.5);
             None to disable.
         seed: seeds the latent samples.
+        norm: normalisation in the ladder and head blocks: `batch` (the paper) or `group`
+            (batch-independent; inference-mode outputs equal training-mode ones).
     """
 
     def __init__(
@@ -157,6 +164,7 @@ class StitchNet(keras.Model):
         clipnorm: float | None = 1.0,
         clipvalue: float | None = 0.5,
         seed: int | None = None,
+        norm: str = "batch",
         **kwargs,
     ):
         if likelihood not in LIKELIHOODS:
@@ -168,8 +176,8 @@ class StitchNet(keras.Model):
         self.backbone = Backbone(
             width, backbone_alpha, backbone_weights, backbone_rgb, name="backbone"
         )
-        self.ladder = SVAELadder(self.backbone.filters, light_c, kl, seed, name="svae")
-        self.head = StitchHead(head_filters, style_pool, name="stitch_head")
+        self.ladder = SVAELadder(self.backbone.filters, light_c, kl, seed, norm, name="svae")
+        self.head = StitchHead(head_filters, style_pool, norm, name="stitch_head")
         # === Functional model ===
         x = keras.Input((None, None, 1), name="x")
         ladder = self.ladder(self.backbone(x))
@@ -189,7 +197,7 @@ class StitchNet(keras.Model):
             kl_warmup_steps,
         )
         self.free_bits, self.eps, self.decision, self.seed = free_bits, eps, decision, seed
-        self.clipnorm, self.clipvalue = clipnorm, clipvalue
+        self.clipnorm, self.clipvalue, self.norm = clipnorm, clipvalue, norm
         # === Metrics ===
         self.trackers = {
             name: keras.metrics.Mean(name=name)
@@ -220,6 +228,7 @@ class StitchNet(keras.Model):
             "clipnorm": self.clipnorm,
             "clipvalue": self.clipvalue,
             "seed": self.seed,
+            "norm": self.norm,
         }
 
     @classmethod
@@ -311,13 +320,7 @@ class StitchNet(keras.Model):
             scaled = self.optimizer.scale_loss(terms["loss"])
         variables = self.trainable_variables
         grads = tape.gradient(scaled, variables)
-        if self.clipvalue:
-            grads = [
-                None if g is None else tf.clip_by_value(g, -self.clipvalue, self.clipvalue)
-                for g in grads
-            ]
-        if self.clipnorm:
-            grads = [None if g is None else tf.clip_by_norm(g, self.clipnorm) for g in grads]
+        grads = clip_gradients(grads, self.optimizer, self.clipnorm, self.clipvalue)
         self.optimizer.apply(grads, variables)
         return self._update_metrics(terms, allowed, outputs, x)
 
@@ -350,6 +353,20 @@ class StitchNet(keras.Model):
             probs = probs / ops.maximum(ops.sum(probs, -1, keepdims=True), 1e-12)
         return probs
 
+    def infer(self, x) -> dict:
+        """The model's outputs in inference mode, through a traced function reused across calls
+        (an eager call of this large graph costs seconds)."""
+        if getattr(self, "_infer_fn", None) is None:
+            self._infer_fn = tf.function(lambda t: self(t, training=False), reduce_retracing=True)
+        return self._infer_fn(ops.convert_to_tensor(x, "float32"))
+
+    def calibration_forward(self, x):
+        """Forward pass for `recalibrate_batchnorm`: BatchNorm in training mode, z at the
+        posterior mean (as at inference)."""
+        ds = self.backbone(x, training=True)
+        lad = self.ladder(ds, training=True, sample=False)
+        return self.head(lad["features"], training=True)
+
     def segment(self, x, lung=None, samples: int = 0, decision: str | None = None) -> dict:
         """Segment x [B, H, W, 1]: BatchNorm in inference mode.
 
@@ -358,7 +375,7 @@ class StitchNet(keras.Model):
         """
         x = ops.convert_to_tensor(x, "float32")
         if samples <= 0:
-            probs = self.class_probabilities(x, self(x, training=False), lung, decision)
+            probs = self.class_probabilities(x, self.infer(x), lung, decision)
         else:
             ds = self.backbone(x, training=False)
             total = 0.0
@@ -374,7 +391,7 @@ class StitchNet(keras.Model):
         """The four style images E[Beta_k] = α_k/(α_k+β_k) [B,H,W,4], the segmentation, and the
         stitched reconstruction [B,H,W,1] (each pixel takes the style of its class; Fig. 6b)."""
         x = ops.convert_to_tensor(x, "float32")
-        outputs = self(x, training=False)
+        outputs = self.infer(x)
         styles = outputs["alpha"] / (outputs["alpha"] + outputs["beta"])
         labels = ops.argmax(self.class_probabilities(x, outputs, lung, decision), -1)
         onehot = ops.one_hot(labels, NUM_CLASSES)

@@ -1,0 +1,67 @@
+"""Gradient clipping shared by the models' `train_step`s (the paper: clipnorm 1.0, clipvalue 0.5).
+
+Keras optimizers take only one of clipnorm / clipvalue, so the models clip themselves.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+from keras import ops
+
+
+def clip_gradients(grads, optimizer, clipnorm: float | None, clipvalue: float | None):
+    """Per-variable value then norm clipping, in the units of the unscaled loss.
+
+    Under a `LossScaleOptimizer` the gradients are scaled by its dynamic scale; non-finite
+    gradients are left as they are, so that it still sees the overflow and skips the step.
+    """
+    if not (clipvalue or clipnorm):
+        return grads
+    scale = getattr(optimizer, "dynamic_scale", None)
+    scale = 1.0 if scale is None else ops.cast(scale, "float32")
+    clipped = []
+    for g in grads:
+        if g is not None:
+            c = g
+            if clipvalue:
+                c = tf.clip_by_value(c, -clipvalue * scale, clipvalue * scale)
+            if clipnorm:
+                c = tf.clip_by_norm(c, clipnorm * scale)
+            g = tf.where(tf.math.is_finite(g), c, g)
+        clipped.append(g)
+    return clipped
+
+
+def recalibrate_batchnorm(model, batches, steps: int = 20, momentum: float = 0.9) -> int:
+    """Re-estimate every BatchNorm layer's moving statistics under inference conditions.
+
+    Moving averages gathered during training lag the weights and, in StitchNet, were gathered
+    on sampled z while inference uses the posterior mean: inference-mode predictions can then
+    fall far behind training-mode ones. This resets the statistics and runs `steps` batches of
+    `batches` (dicts with `x`) forward in training mode without gradients, through the model's
+    `calibration_forward` (z at the posterior mean) when it has one. Returns the batches used.
+    """
+    import keras
+
+    norms = [
+        la for la in model._flatten_layers() if isinstance(la, keras.layers.BatchNormalization)
+    ]
+    if not norms:
+        return 0
+    for layer in norms:
+        layer.moving_mean.assign(ops.zeros_like(layer.moving_mean))
+        layer.moving_variance.assign(ops.ones_like(layer.moving_variance))
+    saved = [layer.momentum for layer in norms]
+    for layer in norms:
+        layer.momentum = momentum
+    forward = getattr(model, "calibration_forward", None) or (lambda x: model(x, training=True))
+    step = tf.function(forward, reduce_retracing=True)
+    used = 0
+    try:
+        for batch in batches.take(steps):
+            step(batch["x"])
+            used += 1
+    finally:
+        for layer, m in zip(norms, saved, strict=True):
+            layer.momentum = m
+    return used

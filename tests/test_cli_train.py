@@ -1,0 +1,273 @@
+"""train / evaluate / predict / styles / sample end to end on tiny synthetic data.
+
+Training runs use `--eager` (the same train_step, no minute-long graph trace) and 32 px slices.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from stitchnet_tf.data.synthetic import write_demo_dataset
+from stitchnet_tf_cli.main import cli
+
+TINY = [
+    "--size",
+    "32",
+    "--batch-size",
+    "4",
+    "--width",
+    "0.25",
+    "--backbone-alpha",
+    "0.35",
+    "--eager",
+    "--quiet",
+]
+
+
+def run(*args, expect=0):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == expect, result.output + repr(result.exception)
+    return result
+
+
+def error_line(result) -> str:
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli") / "data"
+    write_demo_dataset(
+        root, labelled_patients=5, unlabelled_patients=1, slices_per_patient=3, size=64, seed=2
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def stitchnet_run(data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "stitchnet"
+    r = run(
+        "train",
+        "-l",
+        data / "labelled",
+        "-u",
+        data / "unlabelled",
+        "-o",
+        out,
+        "--epochs",
+        2,
+        "--steps-per-epoch",
+        2,
+        "--labelled-per-batch",
+        2,
+        *TINY,
+    )
+    assert "trained 2 epochs" in r.output
+    return out
+
+
+def test_train_writes_a_complete_run_folder(stitchnet_run):
+    for name in (
+        "config.json",
+        "split.json",
+        "best.keras",
+        "last.keras",
+        "state.json",
+        "log.csv",
+        "curves.png",
+        "versions.json",
+    ):
+        assert (stitchnet_run / name).is_file(), name
+    assert any((stitchnet_run / "tensorboard").rglob("*tfevents*"))
+    config = json.loads((stitchnet_run / "config.json").read_text())
+    assert config["model"] == "stitchnet" and config["size"] == 32 and config["unlabelled"]
+    state = json.loads((stitchnet_run / "state.json").read_text())
+    assert state["epochs_done"] == 2 and state["best_epoch"] in (1, 2)
+    log = (stitchnet_run / "log.csv").read_text().splitlines()
+    assert len(log) == 3 and "val_mean_lesion_dice" in log[0] and "val_dice_ggo" in log[0]
+    split = json.loads((stitchnet_run / "split.json").read_text())
+    assert split["by"] == "patient" and split["val"]
+    # a finished run is not silently overwritten
+    r = run("train", "-l", "x", "-o", stitchnet_run, *TINY, expect=2)
+    assert "dataset folder not found" in error_line(r)
+
+
+def test_evaluate_writes_table1_reports(stitchnet_run, data, tmp_path):
+    out = tmp_path / "eval"
+    r = run("evaluate", "-m", stitchnet_run, "-d", data / "labelled", "-o", out)
+    assert "using the run's split" in r.output and "| Overall |" in r.output
+    for name in (
+        "metrics.md",
+        "metrics.csv",
+        "metrics.json",
+        "metrics_per_image.csv",
+        "evaluation.json",
+    ):
+        assert (out / name).is_file(), name
+    info = json.loads((out / "evaluation.json").read_text())
+    assert info["scheme"] == "multiclass" and info["geometry"] == "original slices"
+    split = json.loads((stitchnet_run / "split.json").read_text())
+    assert info["slices"] == len(split["test"])
+    rows = (out / "metrics_per_image.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3 * info["slices"]  # one row per image and class
+
+
+def test_predict_slices_nifti_and_dicom(stitchnet_run, data, tmp_path, write_ct_dicom):
+    out = tmp_path / "pred"
+    r = run("predict", "-m", stitchnet_run, "-i", data / "unlabelled", "-o", out, "--uncertainty")
+    assert "segmented 3 slices" in r.output
+    image = data / "unlabelled" / "images" / "U00_00.png"
+    labels = Image.open(out / "U00_00_labels.png")
+    assert labels.mode == "P" and labels.size == Image.open(image).size
+    assert set(np.unique(np.asarray(labels))) <= {0, 1, 2, 3}
+    assert (out / "U00_00_overlay.png").is_file() and (out / "U00_00_uncertainty.png").is_file()
+    burden = (out / "burden.csv").read_text().splitlines()
+    assert burden[0].startswith("input,level,slice,lung_px,ggo_px,con_px") and len(burden) == 4
+    # a NIfTI volume comes back as a label volume with the input's shape and affine
+    volume = np.stack(
+        [np.asarray(Image.open(p)) for p in sorted((data / "unlabelled" / "images").iterdir())], -1
+    )
+    hu = (volume.astype(np.float32) / 255 * 1500 - 1350).astype(np.int16).transpose(1, 0, 2)
+    affine = np.diag([0.7, 0.7, 5.0, 1.0])
+    nib.save(nib.Nifti1Image(hu, affine), tmp_path / "vol.nii.gz")
+    r = run("predict", "-m", stitchnet_run, "-i", tmp_path / "vol.nii.gz", "-o", tmp_path / "v")
+    assert "(1 volumes)" in r.output
+    labelled = nib.load(tmp_path / "v" / "vol_labels.nii.gz")
+    assert labelled.shape == hu.shape and np.allclose(labelled.affine, affine)
+    assert len(list((tmp_path / "v" / "vol_overlays").iterdir())) == 3
+    assert "volume" in (tmp_path / "v" / "burden.csv").read_text()
+    # a DICOM series folder
+    series = tmp_path / "series"
+    series.mkdir()
+    for k in range(2):
+        write_ct_dicom(series / f"{k}.dcm", hu[:, :, k].T.copy(), z=float(k), number=k)
+    r = run("predict", "-m", stitchnet_run, "-i", series, "-o", tmp_path / "d")
+    assert "segmented 2 slices (1 volumes)" in r.output
+    assert nib.load(tmp_path / "d" / "series_labels.nii.gz").shape == (64, 64, 2)
+
+
+def test_styles_and_sample(stitchnet_run, data, tmp_path):
+    run("styles", "-m", stitchnet_run, "-i", data / "unlabelled" / "images", "-o", tmp_path / "st")
+    assert len(list((tmp_path / "st").glob("*_styles.png"))) == 3
+    run("sample", "-m", stitchnet_run, "--n", 2, "-o", tmp_path / "samples")
+    assert (tmp_path / "samples" / "samples.png").is_file()
+    assert Image.open(tmp_path / "samples" / "sample_1_labels.png").size == (32, 32)
+
+
+def test_unet_baseline_trains_and_evaluates(data, tmp_path):
+    out = tmp_path / "unet"
+    r = run(
+        "train",
+        "-l",
+        data / "labelled",
+        "-u",
+        data / "unlabelled",
+        "--model",
+        "unet",
+        "-o",
+        out,
+        "--epochs",
+        1,
+        "--steps-per-epoch",
+        2,
+        *TINY,
+    )
+    assert "supervised: the unlabelled data is not used" in r.output
+    run("evaluate", "-m", out, "-d", data / "labelled", "-o", tmp_path / "eval")
+    assert "UNet" in (tmp_path / "eval" / "metrics.md").read_text()
+    # styles need a generative model
+    r = run("styles", "-m", out, "-i", data / "labelled" / "images", "-o", tmp_path / "s", expect=2)
+    assert "a StitchNet model is needed" in error_line(r)
+
+
+def test_bad_inputs(stitchnet_run, data, tmp_path):
+    assert "model not found" in error_line(
+        run(
+            "evaluate",
+            "-m",
+            tmp_path / "nope.keras",
+            "-d",
+            data / "labelled",
+            "-o",
+            tmp_path / "e",
+            expect=2,
+        )
+    )
+    assert "not a run folder" in error_line(
+        run("predict", "-m", data, "-i", data / "unlabelled", "-o", tmp_path / "p", expect=2)
+    )
+    assert "multiple of 32" in error_line(
+        run("train", "-l", data / "labelled", "-o", tmp_path / "r", "--size", 100, expect=2)
+    )
+    assert "no masks found" in error_line(
+        run("train", "-l", data / "unlabelled", "-o", tmp_path / "r2", *TINY, expect=2)
+    )
+    assert "no images found" in error_line(
+        run("evaluate", "-m", stitchnet_run, "-d", tmp_path, "-o", tmp_path / "e2", expect=2)
+    )
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "small.png")
+    assert "smaller than 32 px" in error_line(
+        run(
+            "predict",
+            "-m",
+            stitchnet_run,
+            "-i",
+            tmp_path / "small.png",
+            "-o",
+            tmp_path / "p2",
+            expect=2,
+        )
+    )
+    assert not (tmp_path / "p2").exists()
+
+
+def test_interrupted_training_resumes(data, tmp_path):
+    out = tmp_path / "resumed"
+    args = [
+        sys.executable,
+        "-m",
+        "stitchnet_tf_cli",
+        "train",
+        "-l",
+        str(data / "labelled"),
+        "-o",
+        str(out),
+        "--epochs",
+        "4",
+        "--steps-per-epoch",
+        "2",
+        *TINY,
+    ]
+    env = os.environ | {"TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 600
+    state = out / "state.json"
+    while time.time() < deadline:
+        if state.is_file() and json.loads(state.read_text()).get("epochs_done", 0) >= 1:
+            break
+        if proc.poll() is not None:
+            pytest.fail("training ended before it could be killed:\n" + proc.stdout.read().decode())
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = json.loads(state.read_text())["epochs_done"]
+    assert 1 <= done < 4
+    r = run(*args[3:])
+    assert f"resuming {out} after epoch {done}" in r.output
+    assert json.loads(state.read_text())["epochs_done"] == 4
+    rows = (out / "log.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == list(range(4))  # each epoch logged once
