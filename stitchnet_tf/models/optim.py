@@ -37,9 +37,10 @@ def recalibrate_batchnorm(model, batches, steps: int = 20, momentum: float = 0.9
 
     Moving averages gathered during training lag the weights and, in StitchNet, were gathered
     on sampled z while inference uses the posterior mean: inference-mode predictions can then
-    fall far behind training-mode ones. This resets the statistics and runs `steps` batches of
-    `batches` (dicts with `x`) forward in training mode without gradients, through the model's
-    `calibration_forward` (z at the posterior mean) when it has one. Returns the batches used.
+    fall far behind training-mode ones. This runs `steps` batches of `batches` (dicts with `x`)
+    forward in training mode without gradients, through the model's `calibration_forward`
+    (z at the posterior mean) when it has one: the first batch sets the statistics outright,
+    the others are averaged in with `momentum`. Returns the number of batches used.
     """
     import keras
 
@@ -48,17 +49,17 @@ def recalibrate_batchnorm(model, batches, steps: int = 20, momentum: float = 0.9
     ]
     if not norms:
         return 0
-    for layer in norms:
-        layer.moving_mean.assign(ops.zeros_like(layer.moving_mean))
-        layer.moving_variance.assign(ops.ones_like(layer.moving_variance))
-    saved = [layer.momentum for layer in norms]
-    for layer in norms:
-        layer.momentum = momentum
     forward = getattr(model, "calibration_forward", None) or (lambda x: model(x, training=True))
-    step = tf.function(forward, reduce_retracing=True)
+    saved = [layer.momentum for layer in norms]
     used = 0
     try:
         for batch in batches.take(steps):
+            # the momentum is read when the function is traced: one function per momentum
+            m = 0.0 if used == 0 else momentum
+            for layer in norms:
+                layer.momentum = m
+            if used <= 1:
+                step = tf.function(forward, reduce_retracing=True)
             step(batch["x"])
             used += 1
     finally:
