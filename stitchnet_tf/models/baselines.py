@@ -22,7 +22,7 @@ from keras import layers, ops
 from stitchnet_tf import likelihood as lik
 from stitchnet_tf.data.classes import BACKGROUND, CON, GGO, HEALTHY
 from stitchnet_tf.models.backbone import scaled_filters, set_bn_momentum
-from stitchnet_tf.models.optim import clip_gradients
+from stitchnet_tf.models.optim import CompiledOnce, clip_gradients
 from stitchnet_tf.models.stitchnet import SetDice
 
 NUM_LESION_CLASSES = 3  # 0 no lesion, 1 GGO, 2 consolidation
@@ -149,7 +149,7 @@ class MaxUnpool(layers.Layer):
 # --------------------------------------------------------------------------- shared behaviour
 
 
-class SetSupervisedMixin:
+class SetSupervisedMixin(CompiledOnce):
     """Loss, training, metrics and inference shared by the baselines.
 
     The model maps x [B, H, W, 1] to logits [B, H, W, 3] (no lesion, GGO, CON). Training
@@ -176,24 +176,6 @@ class SetSupervisedMixin:
             "clipvalue": self.clipvalue,
             "seed": self.seed,
         }
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
-    def compile(self, optimizer="adam", **kwargs):
-        """Compile, building the optimizer's variables at once.
-
-        Keras builds them lazily inside the first traced step when no distribution strategy is
-        set, which makes TensorFlow trace that step twice.
-        """
-        kwargs.setdefault("jit_compile", False)
-        super().compile(optimizer=optimizer, **kwargs)
-        self.optimizer.build(self.trainable_variables)
-
-    def compile_from_config(self, config):
-        """Recompile a loaded model with its saved optimizer (used by `load_model`)."""
-        self.compile(**keras.saving.deserialize_keras_object(config))
 
     @property
     def metrics(self):

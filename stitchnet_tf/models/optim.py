@@ -66,3 +66,27 @@ def recalibrate_batchnorm(model, batches, steps: int = 20, momentum: float = 0.9
         for layer, m in zip(norms, saved, strict=True):
             layer.momentum = m
     return used
+
+
+class CompiledOnce:
+    """Mixin for the models' `compile`: builds the optimizer's variables at once.
+
+    Keras builds them lazily inside the first traced step when no distribution strategy is set,
+    which makes TensorFlow trace that (large) step twice. XLA is off by default: it is slower
+    on CPU for these models.
+    """
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def compile(self, optimizer="adam", **kwargs):
+        kwargs.setdefault("jit_compile", False)
+        super().compile(optimizer=optimizer, **kwargs)
+        self.optimizer.build(self.trainable_variables)
+
+    def compile_from_config(self, config):
+        """Recompile a loaded model with its saved optimizer (used by `load_model`)."""
+        import keras
+
+        self.compile(**keras.saving.deserialize_keras_object(config))

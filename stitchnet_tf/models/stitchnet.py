@@ -17,7 +17,7 @@ from stitchnet_tf.data.classes import CON, GGO, NUM_CLASSES
 from stitchnet_tf.models.backbone import Backbone
 from stitchnet_tf.models.ladder import SVAELadder
 from stitchnet_tf.models.layers import LightSmooth, Upsample
-from stitchnet_tf.models.optim import clip_gradients
+from stitchnet_tf.models.optim import CompiledOnce, clip_gradients
 
 LIKELIHOODS = ("exact", "jensen")
 DECISIONS = ("posterior", "prior")
@@ -109,7 +109,7 @@ class SetDice(keras.metrics.Metric):
 
 
 @keras.saving.register_keras_serializable(package="stitchnet_tf")
-class StitchNet(keras.Model):
+class StitchNet(CompiledOnce, keras.Model):
     """StitchNet (Zammit et al. 2022) as a Keras model with a semi-supervised `train_step`.
 
     Call it on x [B, H, W, 1] in [0, 1] (H, W multiples of 32) to get a dict of pi_logits,
@@ -230,24 +230,6 @@ class StitchNet(keras.Model):
             "seed": self.seed,
             "norm": self.norm,
         }
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
-    def compile(self, optimizer="adam", **kwargs):
-        """Compile, building the optimizer's variables at once.
-
-        Keras builds them lazily inside the first traced step when no distribution strategy is
-        set, which makes TensorFlow trace that (large) step twice.
-        """
-        kwargs.setdefault("jit_compile", False)  # XLA is slower on CPU for this model
-        super().compile(optimizer=optimizer, **kwargs)
-        self.optimizer.build(self.trainable_variables)
-
-    def compile_from_config(self, config):
-        """Recompile a loaded model with its saved optimizer (used by `load_model`)."""
-        self.compile(**keras.saving.deserialize_keras_object(config))
 
     @classmethod
     def authors(cls, **overrides) -> StitchNet:
