@@ -386,10 +386,10 @@ def split(
 @click.option("--free-bits", default=0.0, show_default=True, help="Per-level free bits (nats).")
 @click.option(
     "--decision",
-    default="posterior",
+    default="prior",
     show_default=True,
     type=click.Choice(["posterior", "prior"]),
-    help="StitchNet decision rule.",
+    help="StitchNet decision rule (prior: softmax of pi; posterior: pi_k Beta_k(x)).",
 )
 @click.option(
     "--style-pool",

@@ -134,8 +134,9 @@ class StitchNet(CompiledOnce, keras.Model):
         kl_warmup_steps: linear KL warm-up from 0 over this many steps (0 = none).
         free_bits: per-level free bits, in nats per latent pixel (0 = none).
         eps: x is clipped to [eps, 1 − eps] in the Beta density.
-        decision: `posterior` (r_k ∝ π_k Beta_k(x), uses the pixel's intensity) or `prior`
-            (π(z) alone), for metrics and `segment`.
+        decision: `prior` (π(z) alone; the default, measured better on MedSeg validation
+            slices, benchmarks/results/decision_rule_batch.md) or `posterior` (r_k ∝ π_k
+            Beta_k(x), uses the pixel's intensity), for metrics and `segment`.
         clipnorm, clipvalue: per-variable gradient clipping in `train_step` (paper: 1.0, 0.5);
             None to disable.
         seed: seeds the latent samples.
@@ -160,7 +161,7 @@ class StitchNet(CompiledOnce, keras.Model):
         kl_warmup_steps: int = 0,
         free_bits: float = 0.0,
         eps: float = lik.DEFAULT_EPS,
-        decision: str = "posterior",
+        decision: str = "prior",
         clipnorm: float | None = 1.0,
         clipvalue: float | None = 0.5,
         seed: int | None = None,
