@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -25,24 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def machine() -> dict:
-    """A short description of this machine."""
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """A short description of this machine (lungmask_dice's, plus TensorFlow's version)."""
     import tensorflow as tf
+    from lungmask_dice import machine as describe
 
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "tensorflow": tf.__version__,
-        "platform": platform.platform(),
-    }
+    return describe() | {"tensorflow": tf.__version__}
 
 
 def rate(ds, n: int, warmup: int = 16) -> float:
