@@ -163,6 +163,15 @@ class Prepared:
     geometry: Geometry
 
 
+def _same_size(mask: np.ndarray, image: np.ndarray, path: str, what: str) -> None:
+    if mask.shape != image.shape:
+        raise DataError(
+            path,
+            f"{what} is {mask.shape[0]}x{mask.shape[1]} but its image is "
+            f"{image.shape[0]}x{image.shape[1]}",
+        )
+
+
 def read_sample(
     sample: Sample, mask_map: MaskValueMap, window: io.Window = io.Window()
 ) -> RawSlice:
@@ -171,24 +180,14 @@ def read_sample(
     io.check_size(image.shape, sample.image)
     if sample.mask is not None:
         stored = io.read_mask(sample.mask, sample.slice)
-        if stored.shape != image.shape:
-            raise DataError(
-                sample.mask,
-                f"mask is {stored.shape[0]}x{stored.shape[1]} but its image is "
-                f"{image.shape[0]}x{image.shape[1]}",
-            )
+        _same_size(stored, image, sample.mask, "mask")
         allowed = mask_map.to_allowed(stored, sample.mask)
     else:
         allowed = np.full(image.shape, ALL, np.uint8)
     lung = None
     if sample.lung is not None:
         lung = io.read_lung(sample.lung, sample.slice)
-        if lung.shape != image.shape:
-            raise DataError(
-                sample.lung,
-                f"lung mask is {lung.shape[0]}x{lung.shape[1]} but its image is "
-                f"{image.shape[0]}x{image.shape[1]}",
-            )
+        _same_size(lung, image, sample.lung, "lung mask")
     return RawSlice(image, allowed, lung)
 
 
