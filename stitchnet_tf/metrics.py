@@ -276,27 +276,7 @@ class Table1:
 
     def policy_line(self, summary: dict[str, Any] | None = None) -> str:
         """One sentence naming the empty-truth policy and the images left out per class."""
-        s = self.summary() if summary is None else summary
-        line = f"Empty ground truth: policy `{self.absent}` ({_ABSENT_TEXT[self.absent]})"
-        if self.absent == "exclude":
-            n = s["n_images"]
-            left = ", ".join(
-                f"{_class_label(c)} {e['n_left_out']} of {n}" for c, e in s["classes"].items()
-            )
-            line += f"; left out: {left}"
-        else:
-            line += f"; no image left out ({s['n_images']} images)"
-        return line + "."
-
-    def _rows(self, model_name: str, summary: dict[str, Any]) -> dict[str, list[str]]:
-        """class (and "overall") -> the markdown cells after the class column."""
-        rows: dict[str, list[str]] = {}
-        for c, e in summary["classes"].items():
-            cells = [format_cell(e[m]["mean"], e[m]["std"]) for m in METRICS]
-            rows[c] = [_md_escape(model_name), *cells]
-        overall = [format_cell(summary["overall"][m]) for m in METRICS]
-        rows["overall"] = [_md_escape(model_name), *overall]
-        return rows
+        return policy_line(self.summary() if summary is None else summary)
 
     def to_markdown(self, title: str | None = None, model_name: str = "model") -> str:
         """The paper's Table 1 layout, one row per class, ``mean ± std`` cells.
@@ -384,24 +364,46 @@ def _to_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def merge_markdown(tables: dict[str, Table1], title: str | None = None) -> str:
-    """Several models in one Table-1 markdown: rows grouped by class, one row per model.
+def policy_line(summary: dict[str, Any]) -> str:
+    """One sentence naming a summary's empty-truth policy and the images left out per class."""
+    absent = summary["absent"]
+    line = f"Empty ground truth: policy `{absent}` ({_ABSENT_TEXT[absent]})"
+    if absent == "exclude":
+        n = summary["n_images"]
+        left = ", ".join(
+            f"{_class_label(c)} {e['n_left_out']} of {n}" for c, e in summary["classes"].items()
+        )
+        line += f"; left out: {left}"
+    else:
+        line += f"; no image left out ({summary['n_images']} images)"
+    return line + "."
 
-    Args:
-        tables: model name -> its `Table1` (all with the same scheme), in row order.
-        title: optional heading line (``### title``).
+
+def _summary_cells(model_name: str, summary: dict[str, Any]) -> dict[str, list[str]]:
+    """class (and "overall") -> the markdown cells after the class column."""
+    rows: dict[str, list[str]] = {}
+    for c, e in summary["classes"].items():
+        cells = [format_cell(e[m]["mean"], e[m]["std"]) for m in METRICS]
+        rows[c] = [_md_escape(model_name), *cells]
+    overall = [format_cell(summary["overall"][m]) for m in METRICS]
+    rows["overall"] = [_md_escape(model_name), *overall]
+    return rows
+
+
+def summaries_markdown(summaries: dict[str, dict[str, Any]], title: str | None = None) -> str:
+    """Several models' `Table1.summary()` dicts (e.g. read back from ``metrics.json``) in one
+    Table-1 markdown: rows grouped by class, one row per model, in the dict's order.
 
     The Overall rows follow the classes, then the policy line (a bullet per model when there
     are several).
     """
-    if not tables:
+    if not summaries:
         raise ValueError("no tables to merge")
-    schemes = {t.scheme for t in tables.values()}
+    schemes = {s["scheme"] for s in summaries.values()}
     if len(schemes) > 1:
         raise ValueError(f"tables use different schemes: {', '.join(sorted(schemes))}")
-    summaries = {name: t.summary() for name, t in tables.items()}
-    rows = {name: t._rows(name, summaries[name]) for name, t in tables.items()}
-    class_names = next(iter(tables.values())).class_names
+    rows = {name: _summary_cells(name, s) for name, s in summaries.items()}
+    class_names = list(next(iter(summaries.values()))["classes"])
     lines = []
     if title:
         lines += [f"### {title}", ""]
@@ -409,10 +411,22 @@ def merge_markdown(tables: dict[str, Table1], title: str | None = None) -> str:
     lines.append("| --- " * (2 + len(METRICS)) + "|")
     for c in (*class_names, "overall"):
         label = "Overall" if c == "overall" else _class_label(c)
-        for name in tables:
+        for name in summaries:
             lines.append(f"| {label} | " + " | ".join(rows[name][c]) + " |")
     lines.append("")
-    for name, t in tables.items():
-        policy = t.policy_line(summaries[name])
-        lines.append(policy if len(tables) == 1 else f"- {_md_escape(name)}: {policy}")
+    for name, s in summaries.items():
+        policy = policy_line(s)
+        lines.append(policy if len(summaries) == 1 else f"- {_md_escape(name)}: {policy}")
     return "\n".join(lines) + "\n"
+
+
+def merge_markdown(tables: dict[str, Table1], title: str | None = None) -> str:
+    """Several models in one Table-1 markdown: rows grouped by class, one row per model.
+
+    Args:
+        tables: model name -> its `Table1` (all with the same scheme), in row order.
+        title: optional heading line (``### title``).
+    """
+    if not tables:
+        raise ValueError("no tables to merge")
+    return summaries_markdown({name: t.summary() for name, t in tables.items()}, title)
