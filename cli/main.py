@@ -530,7 +530,8 @@ def _model_options(f):
         "model_path",
         required=True,
         type=click.Path(path_type=Path),
-        help="Run folder (uses best.keras) or a .keras file.",
+        help="Run folder (uses best.keras), a .keras file, or an export (SavedModel folder, "
+        ".tflite file).",
     )
     @click.option(
         "--size", default=None, type=int, help="Model size (default: the run's config.json)."
@@ -760,6 +761,86 @@ def demo(output, size, epochs, steps_per_epoch, seed, overwrite):
     )
     click.echo((Path(result["report"])).read_text())
     click.echo(f"demo finished in {result['seconds'] / 60:.1f} min; report: {result['report']}")
+
+
+@cli.command()
+@_model_options
+@click.option(
+    "--format",
+    "fmt",
+    default="savedmodel",
+    show_default=True,
+    type=click.Choice(["savedmodel", "tflite"]),
+)
+@click.option(
+    "--quantize",
+    default="none",
+    show_default=True,
+    type=click.Choice(["none", "float16", "dynamic", "int8"]),
+    help="TFLite weights/activations (int8 calibrates on --data or the run's training data).",
+)
+@click.option(
+    "--output",
+    "-o",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="SavedModel: the model's base folder (default saved_models/<run>); "
+    "TFLite: the .tflite file (default saved_models/<run>-<quantize>.tflite).",
+)
+@click.option(
+    "--version",
+    "version_",
+    default=None,
+    type=click.IntRange(1),
+    help="SavedModel version folder (default: the next free number).",
+)
+@click.option(
+    "--data",
+    "-d",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Dataset folder of representative slices for int8.",
+)
+@click.option(
+    "--count",
+    default=100,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Representative slices for int8.",
+)
+@click.option("--decision", default=None, type=click.Choice(["posterior", "prior"]))
+@click.option("--no-bytes", is_flag=True, help="SavedModel: no encoded-image signature.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing version or file.")
+def export(
+    model_path, size, fmt, quantize, output, version_, data, count, decision, no_bytes, overwrite
+):
+    """Export the segmentation path: SavedModel (TensorFlow Serving layout) or TFLite.
+
+    SavedModel signatures: serving_default (image [B,S,S,1] in [0,1], preprocessed),
+    serving_lung (image + lung field) and serving_bytes (encoded PNG/JPEG, preprocessing
+    in the graph). Written atomically.
+
+    Example: stitchnet-tf export --model runs/demo --format tflite --quantize float16
+    """
+    from stitchnet_tf.export import export as run_export
+
+    result = run_export(
+        model_path,
+        fmt,
+        quantize=quantize,
+        output=output,
+        version=version_,
+        size=size,
+        data=data,
+        count=count,
+        decision=decision,
+        bytes_signature=not no_bytes,
+        overwrite=overwrite,
+    )
+    click.echo(
+        f"exported {fmt}{'' if fmt == 'savedmodel' else ' (' + quantize + ')'} at "
+        f"{result['size']} px -> {result['path']} ({result['bytes'] / 1e6:.1f} MB)"
+    )
 
 
 def main() -> None:

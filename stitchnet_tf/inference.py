@@ -37,13 +37,18 @@ class LoadedModel:
 
 
 def load_model(path: str | os.PathLike) -> LoadedModel:
-    """Load a run folder (its best.keras, else last.keras) or a `.keras` file."""
+    """Load a run folder (its best.keras, else last.keras), a `.keras` file, or an export
+    (`export.load_exported`: a SavedModel folder or a `.tflite` file)."""
     import keras
 
     import stitchnet_tf.models.baselines  # noqa: F401  (registers the model classes)
     import stitchnet_tf.models.stitchnet  # noqa: F401
+    from stitchnet_tf import export
 
     p = Path(path)
+    if export.is_exported(p):
+        exported = export.load_exported(p)
+        return LoadedModel(exported, exported.size, exported.path)
     run = None
     if p.is_dir():
         run = p
@@ -111,6 +116,9 @@ class Predictor:
         margin: float = DEFAULT_MARGIN,
     ):
         self.model, self.size = model, check_model_size(size)
+        fixed = getattr(model, "exported_size", None)
+        if fixed is not None and fixed != self.size:
+            raise DataError(None, f"the exported model takes {fixed} px slices, not {size}")
         if segmenter is None:
             from stitchnet_tf.data.lungmask import default_segmenter
 

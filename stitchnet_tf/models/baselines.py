@@ -227,6 +227,11 @@ class SetSupervisedMixin(CompiledOnce):
         lung = ops.cast(lung, "float32")
         return ops.concatenate([1.0 - lung, lung * probs], axis=-1)
 
+    def segmentation_probabilities(self, x, lung, decision: str | None = None):
+        """x [B,H,W,1], lung field [B,H,W,1] -> class probabilities [B,H,W,4] (BatchNorm in
+        inference mode), as exported for serving; `decision` is accepted for a common API."""
+        return self.class_probabilities(self(ops.cast(x, "float32"), training=False), lung)
+
     def segment(self, x, lung=None) -> dict:
         """Segment x [B, H, W, 1] (BatchNorm in inference mode), like `StitchNet.segment`.
 

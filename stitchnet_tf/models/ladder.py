@@ -93,7 +93,10 @@ class SVAELadder(layers.Layer):
             kl = gaussian_kl_mc(z, mu_q, sigma_q, mu_p, sigma_p)
         return ops.sum(kl, axis=(1, 2, 3))
 
-    def call(self, ds, training=None, sample=None):
+    def call(self, ds, training=None, sample=None, kl=True):
+        """Inference path: bottom-up features `ds` -> features for the head, the z, q and p
+        parameters of every level and the per-level KL [B, L] (`kl=False` leaves the KL out,
+        for the exported segmentation path)."""
         sample = bool(training) if sample is None else sample
         n = self.levels
         mu, sigma = self.latent_params[-1](ds[-1], training=training)
@@ -105,7 +108,8 @@ class SVAELadder(layers.Layer):
         def keep(i, z, mu, sigma, prior_mu, prior_sigma):
             out["z"][i], out["mu"][i], out["sigma"][i] = z, mu, sigma
             out["prior_mu"][i], out["prior_sigma"][i] = prior_mu, prior_sigma
-            kls[i] = self._kl(z, mu, sigma, prior_mu, prior_sigma)
+            if kl:
+                kls[i] = self._kl(z, mu, sigma, prior_mu, prior_sigma)
 
         keep(n - 1, z, mu, sigma, prior_mu, prior_sigma)
         for i in range(n - 2, -1, -1):
@@ -119,7 +123,10 @@ class SVAELadder(layers.Layer):
             z = self._draw(mu, sigma, sample)
             keep(i, z, mu, sigma, prior_mu, prior_sigma)
         features = self.to_features[0](ops.cast(z, self.compute_dtype), training=training)
-        return {"features": features, "kl": ops.stack(kls, axis=1), **out}
+        out = {"features": features, **out}
+        if kl:
+            out["kl"] = ops.stack(kls, axis=1)
+        return out
 
     def generate(self, top_shape, training=False, sample=True):
         """Generation (no x): z_L ~ N(0, I), then z_i ~ p(z_i | z_{i+1}); q = p everywhere.

@@ -49,9 +49,11 @@ class StitchHead(layers.Layer):
                 self.style_pool, interpolation="bilinear", dtype="float32"
             )
 
-    def call(self, features, training=None):
+    def call(self, features, training=None, styles=True):
         h = self.smooth(self.up(features, training=training), training=training)
         pi_logits = self.pi(h)
+        if not styles:  # the prior decision rule needs pi only
+            return {"pi_logits": pi_logits}
         s = self.pool(h) if self.style_pool > 1 else h
         alpha, beta = self.alpha(s), self.beta(s)
         if self.style_pool > 1:
@@ -342,6 +344,17 @@ class StitchNet(CompiledOnce, keras.Model):
         if getattr(self, "_infer_fn", None) is None:
             self._infer_fn = tf.function(lambda t: self(t, training=False), reduce_retracing=True)
         return self._infer_fn(ops.convert_to_tensor(x, "float32"))
+
+    def segmentation_probabilities(self, x, lung, decision: str | None = None):
+        """The segmentation path alone, as exported for serving: x [B,H,W,1], lung field
+        [B,H,W,1] -> class probabilities [B,H,W,4]. Bottom-up path, ladder at the posterior
+        mean without the KL, and the heads the decision rule needs (pi only for `prior`)."""
+        decision = decision or self.decision
+        x = ops.cast(x, "float32")
+        ds = self.backbone(x, training=False)
+        lad = self.ladder(ds, training=False, sample=False, kl=False)
+        outputs = self.head(lad["features"], training=False, styles=decision == "posterior")
+        return self.class_probabilities(x, outputs, lung, decision)
 
     def calibration_forward(self, x):
         """Forward pass for `recalibrate_batchnorm`: BatchNorm in training mode, z at the

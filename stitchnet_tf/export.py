@@ -1,0 +1,595 @@
+"""Export the segmentation path for deployment: SavedModel (TensorFlow Serving) and TFLite.
+
+The exported graph is the segmentation path only (bottom-up path, posterior-mean ladder, heads;
+no KL, no sampling, no optimizer) and returns class probabilities and the label map.
+
+SavedModel, in TensorFlow Serving's layout `<root>/<name>/<version>/`, with signatures
+- `serving_default`: `image` float32 [B, S, S, 1] in [0, 1], a slice preprocessed as
+  `stitchnet-tf preprocess` writes it (cropped to the lung field, 0 outside it; the lung field is
+  taken as image > 0) -> `probabilities` [B, S, S, 4], `labels` int32 [B, S, S], `entropy`.
+- `serving_lung`: `image` and `lung` [B, S, S, 1] (the lung field given explicitly).
+- `serving_bytes` (when the learned lung segmenter is available): `image_bytes` string [B],
+  encoded PNG/JPEG slices of one size H×W -> the same outputs at model size plus
+  `labels_original` int32 [B, H, W] in the slice's own geometry and `box` int32 [B, 4]
+  (y0, y1, x0, x1 of the crop). Preprocessing runs inside the graph: the lung U-Net, threshold,
+  crop with margin, pad, resize. Unlike `Predictor`, the lung mask is not cleaned of small
+  components (there is no connected-components op in the graph).
+`assets.extra/stitchnet.json` records the model size, class names, decision rule and source.
+
+TFLite: the `serving_lung` signature (`image` and `lung` [1, S, S, 1]; pass `lung` = image > 0
+for a preprocessed slice), converted with `TFLiteConverter` with `quantize` none | float16 |
+dynamic | int8 (int8: a representative dataset of training slices; float fallback for ops
+without an int8 kernel; float32 inputs and outputs).
+
+Writing is atomic: a temporary folder or file next to the target, renamed at the end, so an
+interrupted export never leaves a half model where a server would load it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+
+from stitchnet_tf.data.classes import CLASS_NAMES
+from stitchnet_tf.errors import DataError
+
+FORMATS = ("savedmodel", "tflite")
+QUANTIZE = ("none", "float16", "dynamic", "int8")
+#: Where a SavedModel export keeps its description (TF Serving ignores assets.extra/).
+METADATA = "assets.extra/stitchnet.json"
+
+
+def _entropy(probs):
+    import tensorflow as tf
+
+    return -tf.reduce_sum(probs * tf.math.log(tf.maximum(probs, 1e-12)), axis=-1)
+
+
+def _outputs(probs) -> dict:
+    import tensorflow as tf
+
+    probs = tf.cast(probs, tf.float32)
+    return {
+        "probabilities": probs,
+        "labels": tf.argmax(probs, axis=-1, output_type=tf.int32),
+        "entropy": _entropy(probs),
+    }
+
+
+class _InGraphPreprocess:
+    """The training preprocessing of one decoded slice [H, W, 1] in [0, 1], in TF ops.
+
+    Lung field by the learned lung U-Net (min-max scale, resize to its working size, sigmoid,
+    bilinear back, threshold), crop box around it plus `margin` of its larger side, pad to a
+    square, resize to the model size S; x is zeroed outside the resized lung field.
+    """
+
+    def __init__(self, lung_net, size: int, margin: float, threshold: float = 0.5):
+        self.lung_net, self.size, self.margin, self.threshold = lung_net, size, margin, threshold
+        self.lung_size = int(lung_net.input_shape[1])
+
+    def lung_field(self, image):
+        """image [H, W, 1] -> bool [H, W]."""
+        import tensorflow as tf
+
+        lo, hi = tf.reduce_min(image), tf.reduce_max(image)
+        scaled = (image - lo) / tf.maximum(hi - lo, 1e-6)
+        shape = tf.shape(image)[:2]
+        small = tf.image.resize(scaled, (self.lung_size, self.lung_size), method="area")
+        prob = self.lung_net(small[None], training=False)[0]
+        big = tf.image.resize(tf.cast(prob, tf.float32), shape, method="bilinear")
+        return (big[..., 0] > self.threshold) & (hi - lo > 1e-6)
+
+    def box(self, field):
+        """Half-open crop box (y0, y1, x0, x1) around `field` [H, W] plus the margin."""
+        import tensorflow as tf
+
+        H, W = tf.shape(field)[0], tf.shape(field)[1]
+        rows = tf.where(tf.reduce_any(field, 1))[:, 0]
+        cols = tf.where(tf.reduce_any(field, 0))[:, 0]
+
+        def around():
+            y0, y1 = tf.cast(rows[0], tf.int32), tf.cast(rows[-1], tf.int32) + 1
+            x0, x1 = tf.cast(cols[0], tf.int32), tf.cast(cols[-1], tf.int32) + 1
+            big = tf.cast(tf.maximum(y1 - y0, x1 - x0), tf.float32)
+            m = tf.maximum(2, tf.cast(tf.round(self.margin * big), tf.int32))
+            return tf.stack(
+                [
+                    tf.maximum(0, y0 - m),
+                    tf.minimum(H, y1 + m),
+                    tf.maximum(0, x0 - m),
+                    tf.minimum(W, x1 + m),
+                ]
+            )
+
+        return tf.cond(tf.size(rows) > 0, around, lambda: tf.stack([0, H, 0, W]))
+
+    def __call__(self, image):
+        """image [H, W, 1] -> x [S, S, 1], lung [S, S, 1] (float32) and box [4] int32."""
+        import tensorflow as tf
+
+        field = self.lung_field(image)
+        box = self.box(field)
+        y0, y1, x0, x1 = box[0], box[1], box[2], box[3]
+        h, w = y1 - y0, x1 - x0
+        side = tf.maximum(h, w)
+        top, left = (side - h) // 2, (side - w) // 2
+        stacked = tf.concat(
+            [image * tf.cast(field[..., None], tf.float32), tf.cast(field[..., None], tf.float32)],
+            -1,
+        )
+        square = tf.image.pad_to_bounding_box(stacked[y0:y1, x0:x1], top, left, side, side)
+        shrink = side > self.size
+        x = tf.cond(
+            shrink,
+            lambda: tf.image.resize(square[..., :1], (self.size, self.size), method="area"),
+            lambda: tf.image.resize(square[..., :1], (self.size, self.size), method="bilinear"),
+        )
+        lung = tf.image.resize(square[..., 1:], (self.size, self.size), method="nearest")
+        x = tf.where(lung > 0.5, tf.clip_by_value(x, 0.0, 1.0), 0.0)
+        return x, lung, box
+
+    @staticmethod
+    def to_original(labels, box, shape):
+        """labels [S, S] int32 at model size -> [H, W] in the slice (background outside)."""
+        import tensorflow as tf
+
+        y0, y1, x0, x1 = box[0], box[1], box[2], box[3]
+        h, w = y1 - y0, x1 - x0
+        side = tf.maximum(h, w)
+        top, left = (side - h) // 2, (side - w) // 2
+        square = tf.image.resize(labels[..., None], (side, side), method="nearest")[..., 0]
+        crop = square[top : top + h, left : left + w]
+        return tf.pad(crop, [[y0, shape[0] - y1], [x0, shape[1] - x1]])
+
+
+def float32_model(model):
+    """`model` itself if it computes in float32, else a float32 copy with the same weights (a
+    model trained under mixed precision exports and converts to TFLite in float32)."""
+    import keras
+
+    if model.dtype_policy.compute_dtype == "float32":
+        return model
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        copy = type(model).from_config(model.get_config())
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _serving_functions(model, size: int, decision: str | None, lung_net, margin: float) -> dict:
+    """The tf.functions of the exported signatures (see the module docstring)."""
+    import tensorflow as tf
+
+    image_spec = tf.TensorSpec([None, size, size, 1], tf.float32, name="image")
+    lung_spec = tf.TensorSpec([None, size, size, 1], tf.float32, name="lung")
+
+    def segment(image, lung):
+        return _outputs(model.segmentation_probabilities(image, lung, decision))
+
+    @tf.function(input_signature=[image_spec, lung_spec])
+    def serving_lung(image, lung):
+        return segment(image, lung)
+
+    @tf.function(input_signature=[image_spec])
+    def serving_default(image):  # calls serving_lung's graph: the model is traced once
+        return serving_lung(image, tf.cast(image > 0, tf.float32))
+
+    functions = {"serving_lung": serving_lung, "serving_default": serving_default}
+    if lung_net is None:
+        return functions
+    pre = _InGraphPreprocess(lung_net, size, margin)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    def serving_bytes(image_bytes):
+        images = tf.map_fn(
+            lambda b: tf.io.decode_image(b, channels=1, dtype=tf.float32, expand_animations=False),
+            image_bytes,
+            fn_output_signature=tf.TensorSpec([None, None, 1], tf.float32),
+        )
+        shape = tf.shape(images)[1:3]
+        x, lung, box = tf.map_fn(
+            pre,
+            images,
+            fn_output_signature=(
+                tf.TensorSpec([size, size, 1], tf.float32),
+                tf.TensorSpec([size, size, 1], tf.float32),
+                tf.TensorSpec([4], tf.int32),
+            ),
+        )
+        out = segment(x, lung)
+        out["labels_original"] = tf.map_fn(
+            lambda a: pre.to_original(a[0], a[1], shape),
+            (out["labels"], box),
+            fn_output_signature=tf.TensorSpec([None, None], tf.int32),
+        )
+        out["box"] = box
+        return out
+
+    functions["serving_bytes"] = serving_bytes
+    return functions
+
+
+def _metadata(model, size: int, decision: str | None, source: str, signatures) -> dict:
+    return {
+        "format": "stitchnet-tf segmentation path",
+        "model": type(model).__name__,
+        "size": int(size),
+        "classes": list(CLASS_NAMES),
+        "decision": decision or getattr(model, "decision", None),
+        "source": source,
+        "signatures": sorted(signatures),
+    }
+
+
+def next_version(root: str | os.PathLike) -> int:
+    """1 + the largest numeric version folder under `root` (1 when there is none)."""
+    root = Path(root)
+    versions = [int(p.name) for p in root.glob("*") if p.is_dir() and p.name.isdigit()]
+    return max(versions, default=0) + 1
+
+
+def _write_savedmodel(model, target: Path, size, decision, lung_net, margin, source) -> list:
+    """Write the SavedModel to `target` (not atomic; see `export_savedmodel`)."""
+    import keras
+
+    model = float32_model(model)
+    functions = _serving_functions(model, size, decision, lung_net, margin)
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    if lung_net is not None:
+        archive.track(lung_net)
+    for name, fn in functions.items():
+        archive.add_endpoint(name, fn)
+    archive.write_out(str(target), verbose=False)
+    meta = target / METADATA
+    meta.parent.mkdir(parents=True, exist_ok=True)
+    meta.write_text(
+        json.dumps(_metadata(model, size, decision, source, functions), indent=1) + "\n"
+    )
+    return sorted(functions)
+
+
+def export_savedmodel(
+    model,
+    root: str | os.PathLike,
+    size: int,
+    *,
+    version: int | None = None,
+    decision: str | None = None,
+    lung_model: str | os.PathLike | None | bool = None,
+    margin: float | None = None,
+    source: str = "",
+    overwrite: bool = False,
+    _fail_after_write: bool = False,
+) -> Path:
+    """Export `model` as `<root>/<version>/` (TensorFlow Serving's layout; `root` is the model's
+    base path, e.g. `saved_models/medseg`). Returns the version folder.
+
+    `version` defaults to the next free number. `lung_model`: the lung U-Net `.keras` used by
+    the `serving_bytes` signature (None: the shipped one if present; False: no bytes signature).
+    The folder is written under a temporary name and renamed when complete.
+    """
+    from stitchnet_tf.data.preprocess import DEFAULT_MARGIN, check_model_size
+
+    check_model_size(size)
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise DataError(root, "export folder is a file")
+    root.mkdir(parents=True, exist_ok=True)
+    version = next_version(root) if version is None else int(version)
+    final = root / str(version)
+    if final.exists() and not overwrite:
+        raise DataError(final, "version already exists (use another --version, or --overwrite)")
+    lung_net = _lung_net(lung_model)
+    margin = DEFAULT_MARGIN if margin is None else margin
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=root))
+    try:
+        _write_savedmodel(model, tmp, size, decision, lung_net, margin, source)
+        if _fail_after_write:  # tests: a failure after writing, before the rename
+            raise RuntimeError("simulated failure during export")
+        if final.exists():
+            old = root / f".old-{version}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _lung_net(lung_model):
+    """The lung U-Net for `serving_bytes`, or None (False, or nothing shipped)."""
+    if lung_model is False:
+        return None
+    import keras
+
+    from stitchnet_tf.data.lung_unet import DEFAULT_MODEL
+
+    path = Path(lung_model) if lung_model else DEFAULT_MODEL
+    if not path.is_file():
+        if lung_model:
+            raise DataError(path, "lung model not found")
+        return None
+    try:
+        return keras.models.load_model(path, safe_mode=True, compile=False)
+    except Exception as e:
+        raise DataError(path, f"cannot load lung model ({type(e).__name__})") from None
+
+
+def export_tflite(
+    model,
+    path: str | os.PathLike,
+    size: int,
+    *,
+    quantize: str = "none",
+    representative: Callable[[], Iterable[np.ndarray]] | None = None,
+    decision: str | None = None,
+    overwrite: bool = False,
+    saved_model: str | os.PathLike | None = None,
+) -> Path:
+    """Convert the segmentation path to a `.tflite` file with `quantize` (see module doc).
+
+    `representative` yields preprocessed slices [S, S] or [S, S, 1] (int8 only: a hundred or so
+    training slices). `saved_model`: convert this earlier `export_savedmodel` output instead of
+    tracing `model` again (`model` may then be None). The file is written under a temporary
+    name and renamed when complete.
+    """
+    import tensorflow as tf
+
+    from stitchnet_tf.data.preprocess import check_model_size
+
+    check_model_size(size)
+    if quantize not in QUANTIZE:
+        raise DataError(None, f"unknown quantization {quantize!r}: use one of {QUANTIZE}")
+    if quantize == "int8" and representative is None:
+        raise DataError(None, "int8 quantization needs a representative dataset (--data)")
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise DataError(path, "file exists (use --overwrite)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".tflite-", dir=path.parent) as work:
+        if saved_model is None:
+            saved = Path(work) / "savedmodel"
+            _write_savedmodel(model, saved, size, decision, None, 0.05, "")
+        else:
+            saved = Path(saved_model)
+        converter = tf.lite.TFLiteConverter.from_saved_model(
+            str(saved), signature_keys=["serving_lung"]
+        )
+        if quantize != "none":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if quantize == "float16":
+            converter.target_spec.supported_types = [tf.float16]
+        if quantize == "int8":
+
+            def dataset():
+                for x in representative():
+                    x = np.asarray(x, np.float32).reshape(1, size, size, 1)
+                    yield {"image": x, "lung": (x > 0).astype(np.float32)}
+
+            converter.representative_dataset = dataset
+            converter.target_spec.supported_ops = [
+                tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
+                tf.lite.OpsSet.TFLITE_BUILTINS,
+            ]
+        try:
+            flat = converter.convert()
+        except Exception as e:
+            raise DataError(
+                path, f"TFLite conversion failed ({type(e).__name__}: {str(e)[:200]})"
+            ) from None
+        tmp = Path(work) / path.name
+        tmp.write_bytes(flat)
+        os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _interpreter(path: Path):
+    """LiteRT's interpreter (`ai-edge-litert`) when installed, else `tf.lite.Interpreter`."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:  # pragma: no cover - depends on the environment
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter
+    return Interpreter(model_path=str(path))
+
+
+class ExportedSavedModel:
+    """A SavedModel written by `export_savedmodel`, with the `segment(x, lung)` API of the
+    Keras models (so `Predictor`, `evaluate` and `predict` accept it)."""
+
+    def __init__(self, path: str | os.PathLike):
+        import tensorflow as tf
+
+        self.path = Path(path)
+        meta = self.path / METADATA
+        if not meta.is_file():
+            raise DataError(self.path, f"not a stitchnet-tf export: {METADATA} is missing")
+        self.metadata = json.loads(meta.read_text())
+        self.size = self.exported_size = int(self.metadata["size"])
+        self.decision = self.metadata.get("decision")
+        try:
+            self.loaded = tf.saved_model.load(str(self.path))
+        except Exception as e:
+            raise DataError(self.path, f"cannot load SavedModel ({type(e).__name__})") from None
+        self.signature = self.loaded.signatures["serving_lung"]
+
+    def segment(self, x, lung=None, samples: int = 0, decision: str | None = None) -> dict:
+        """x, lung [B, S, S, 1] -> probabilities [B,S,S,4], labels [B,S,S], entropy [B,S,S]."""
+        _check_fixed(self.path, samples, decision, self.decision)
+        x = np.asarray(x, np.float32)
+        lung = (x > 0).astype(np.float32) if lung is None else np.asarray(lung, np.float32)
+        out = self.signature(image=x, lung=lung)
+        return {k: np.asarray(out[k]) for k in ("probabilities", "labels", "entropy")}
+
+
+class ExportedTFLite:
+    """A `.tflite` file written by `export_tflite`, with the `segment(x, lung)` API."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self.interpreter = _interpreter(self.path)
+            self.runner = self.interpreter.get_signature_runner("serving_lung")
+        except Exception as e:
+            raise DataError(self.path, f"cannot load TFLite model ({type(e).__name__})") from None
+        details = self.runner.get_input_details()["image"]
+        self.size = self.exported_size = int(details["shape_signature"][1])
+        self.decision = None
+
+    def segment(self, x, lung=None, samples: int = 0, decision: str | None = None) -> dict:
+        """As `ExportedSavedModel.segment`; the batch runs one slice at a time."""
+        _check_fixed(self.path, samples, decision, None)
+        x = np.asarray(x, np.float32)
+        lung = (x > 0).astype(np.float32) if lung is None else np.asarray(lung, np.float32)
+        outs = [self.runner(image=x[i : i + 1], lung=lung[i : i + 1]) for i in range(len(x))]
+        return {
+            k: np.concatenate([np.asarray(o[k]) for o in outs])
+            for k in ("probabilities", "labels", "entropy")
+        }
+
+
+def _check_fixed(path: Path, samples: int, decision: str | None, exported: str | None) -> None:
+    if samples:
+        raise DataError(path, "an exported model segments at the posterior mean (no --samples)")
+    if decision and exported and decision != exported:
+        raise DataError(path, f"exported with the {exported!r} decision rule, not {decision!r}")
+
+
+def load_exported(path: str | os.PathLike):
+    """An exported model: a `.tflite` file, a SavedModel version folder, or a model base folder
+    holding numeric versions (the newest is used, as TensorFlow Serving does)."""
+    p = Path(path)
+    if p.suffix == ".tflite":
+        if not p.is_file():
+            raise DataError(p, "model not found")
+        return ExportedTFLite(p)
+    if (p / "saved_model.pb").is_file():
+        return ExportedSavedModel(p)
+    versions = sorted(
+        (int(v.name) for v in p.glob("*") if v.is_dir() and v.name.isdigit()), reverse=True
+    )
+    for v in versions:
+        if (p / str(v) / "saved_model.pb").is_file():
+            return ExportedSavedModel(p / str(v))
+    raise DataError(p, "not an exported model: no saved_model.pb and no version folders")
+
+
+def is_exported(path: str | os.PathLike) -> bool:
+    """Whether `path` looks like an export (not a run folder or a `.keras` file)."""
+    p = Path(path)
+    if p.suffix == ".tflite":
+        return True
+    if not p.is_dir():
+        return False
+    if (p / "saved_model.pb").is_file():
+        return True
+    return any(v.is_dir() and v.name.isdigit() for v in p.glob("*"))
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def representative_slices(dataset_dir, size: int, count: int = 100, seed: int = 0, **discover_kw):
+    """A function yielding up to `count` preprocessed slices [S, S] of a dataset folder, drawn
+    at random (seeded): the representative dataset of int8 quantization."""
+    from stitchnet_tf.data.datasets import discover
+    from stitchnet_tf.data.pipeline import SliceLoader
+
+    dataset = discover(dataset_dir, **discover_kw)
+    order = np.random.default_rng(seed).permutation(len(dataset.samples))[:count]
+    loader = SliceLoader(dataset, [dataset.samples[i] for i in order], size)
+
+    def slices():
+        for i in range(len(loader)):
+            yield loader(i)[0]
+
+    return slices
+
+
+def export(
+    model_path: str | os.PathLike,
+    fmt: str = "savedmodel",
+    *,
+    quantize: str = "none",
+    output: str | os.PathLike | None = None,
+    version: int | None = None,
+    size: int | None = None,
+    data: str | os.PathLike | None = None,
+    count: int = 100,
+    decision: str | None = None,
+    bytes_signature: bool = True,
+    overwrite: bool = False,
+) -> dict:
+    """Export a run folder or `.keras` file (the `export` command); returns what was written.
+
+    Defaults: SavedModel to `saved_models/<run name>/<next version>/`; TFLite to
+    `saved_models/<run name>-<quantize>.tflite`. int8's representative slices come from `data`,
+    else from the run's own training data (its config.json).
+    """
+    from stitchnet_tf.inference import load_model
+
+    if fmt not in FORMATS:
+        raise DataError(None, f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if fmt == "savedmodel" and quantize != "none":
+        raise DataError(None, "--quantize applies to --format tflite only")
+    loaded = load_model(model_path)
+    size = size or loaded.size
+    if size is None:
+        raise DataError(model_path, "model size unknown (no config.json): give --size")
+    name = loaded.run.name if loaded.run else loaded.path.stem
+    source = str(loaded.path)
+    if fmt == "savedmodel":
+        root = Path(output) if output else Path("saved_models") / name
+        path = export_savedmodel(
+            loaded.model,
+            root,
+            size,
+            version=version,
+            decision=decision,
+            lung_model=None if bytes_signature else False,
+            source=source,
+            overwrite=overwrite,
+        )
+        nbytes = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        return {"path": str(path), "bytes": nbytes, "size": size}
+    representative = None
+    if quantize == "int8":
+        kw = {}
+        if data is None and loaded.run and (loaded.run / "config.json").is_file():
+            config = json.loads((loaded.run / "config.json").read_text())
+            data = config.get("unlabelled") or config["labelled"]
+            if data == config.get("unlabelled"):
+                kw["patient_pattern"] = config.get("unlabelled_patient_pattern")
+            else:
+                kw["mask_values"] = config.get("mask_values")
+        if data is None:
+            raise DataError(model_path, "int8 needs representative slices: give --data")
+        representative = representative_slices(data, size, count, **kw)
+    path = Path(output) if output else Path("saved_models") / f"{name}-{quantize}.tflite"
+    export_tflite(
+        loaded.model,
+        path,
+        size,
+        quantize=quantize,
+        representative=representative,
+        decision=decision,
+        overwrite=overwrite,
+    )
+    return {"path": str(path), "bytes": path.stat().st_size, "size": size}
