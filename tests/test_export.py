@@ -33,11 +33,17 @@ def data(tmp_path_factory) -> Path:
     return root
 
 
+MEDSEG = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "medseg-covid"
+
+
 @pytest.fixture(scope="module")
 def slices(data):
-    """Preprocessed x and lung field [N, S, S, 1] of the labelled slices."""
-    dataset = discover(data / "labelled")
-    loader = SliceLoader(dataset, dataset.samples, SIZE)
+    """Preprocessed x and lung field [N, S, S, 1]: real MedSeg slices where ../shared/data is
+    present, else the synthetic labelled slices."""
+    real = (MEDSEG / "labelled").is_dir()
+    dataset = discover(MEDSEG / "labelled" if real else data / "labelled")
+    print(f"parity slices: {'MedSeg (real)' if real else 'synthetic'}")
+    loader = SliceLoader(dataset, dataset.samples[:8], SIZE)
     prepared = [loader(i) for i in range(len(loader))]
     x = np.stack([p[0] for p in prepared]).reshape(-1, SIZE, SIZE, 1).astype(np.float32)
     lung = np.stack([p[2] for p in prepared]).reshape(-1, SIZE, SIZE, 1).astype(np.float32)
