@@ -9,14 +9,33 @@ import tensorflow as tf
 from keras import ops
 
 
+def replica_loss(loss):
+    """A replica's share of the loss to differentiate: its mean loss / replicas in sync.
+
+    The optimizer sums the replicas' gradients, so this makes them the gradients of the mean
+    loss over the global batch, as on one device.
+    """
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    return loss if replicas == 1 else loss * (1.0 / replicas)
+
+
 def clip_gradients(grads, optimizer, clipnorm: float | None, clipvalue: float | None):
     """Per-variable value then norm clipping, in the units of the unscaled loss.
 
     Under a `LossScaleOptimizer` the gradients are scaled by its dynamic scale; non-finite
     gradients are left as they are, so that it still sees the overflow and skips the step.
+    With several replicas (gradients of `replica_loss`) the global gradients are clipped: they
+    are summed over the replicas first and returned divided by the replica count, so that the
+    optimizer's own sum gives back the clipped global gradients.
     """
     if not (clipvalue or clipnorm):
         return grads
+    ctx = tf.distribute.get_replica_context()
+    replicas = ctx.num_replicas_in_sync if ctx is not None else 1
+    if replicas > 1:
+        present = [g for g in grads if g is not None]
+        summed = iter(ctx.all_reduce(tf.distribute.ReduceOp.SUM, present))
+        grads = [None if g is None else next(summed) for g in grads]
     scale = getattr(optimizer, "dynamic_scale", None)
     scale = 1.0 if scale is None else ops.cast(scale, "float32")
     clipped = []
@@ -28,6 +47,8 @@ def clip_gradients(grads, optimizer, clipnorm: float | None, clipvalue: float | 
             if clipnorm:
                 c = tf.clip_by_norm(c, clipnorm * scale)
             g = tf.where(tf.math.is_finite(g), c, g)
+            if replicas > 1:
+                g = g * (1.0 / replicas)
         clipped.append(g)
     return clipped
 

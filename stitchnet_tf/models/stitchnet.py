@@ -17,7 +17,7 @@ from stitchnet_tf.data.classes import CON, GGO, NUM_CLASSES
 from stitchnet_tf.models.backbone import Backbone
 from stitchnet_tf.models.ladder import SVAELadder
 from stitchnet_tf.models.layers import LightSmooth, Upsample
-from stitchnet_tf.models.optim import CompiledOnce, clip_gradients
+from stitchnet_tf.models.optim import CompiledOnce, clip_gradients, replica_loss
 
 LIKELIHOODS = ("exact", "jensen")
 DECISIONS = ("posterior", "prior")
@@ -300,7 +300,7 @@ class StitchNet(CompiledOnce, keras.Model):
         with tf.GradientTape() as tape:
             outputs = self(x, training=True)
             terms = self.compute_terms(x, allowed, outputs)
-            scaled = self.optimizer.scale_loss(terms["loss"])
+            scaled = self.optimizer.scale_loss(replica_loss(terms["loss"]))
         variables = self.trainable_variables
         grads = tape.gradient(scaled, variables)
         grads = clip_gradients(grads, self.optimizer, self.clipnorm, self.clipvalue)
