@@ -163,7 +163,7 @@ def _make_callbacks(
             atomic_write_text(run / "state.json", json.dumps(state, indent=1) + "\n")
 
         def on_train_batch_end(self, batch, logs=None):
-            if logs and not np.isfinite(logs.get("loss", 0.0)):
+            if logs and not np.all(np.isfinite(logs.get("loss", 0.0))):
                 self.model.stop_training = True
 
     if not chief:  # a worker's own folder (thrown away) gets only the checkpoints
@@ -303,6 +303,8 @@ def train(
             f"{replicas} replicas",
         )
     chief, multi_worker = distribute.is_chief(), distribute.is_multi_worker(strategy)
+    if multi_worker and config.run_eagerly:
+        raise DataError(None, "--eager does not work with a multi-worker strategy")
     labelled = discover(
         config.labelled,
         mask_values=config.mask_values,

@@ -199,7 +199,7 @@ class SetSupervisedMixin(CompiledOnce):
         predicted = ops.argmax(logits, axis=-1) + HEALTHY
         for dice in self.dice:
             dice.update_state(ops.cast(allowed, "float32"), predicted)
-        return {m.name: m.result() for m in self.metrics}
+        return self.step_logs({m.name: m.result() for m in self.metrics})
 
     def train_step(self, data):
         x, allowed = data["x"], data["allowed"]

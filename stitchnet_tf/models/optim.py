@@ -106,6 +106,28 @@ class CompiledOnce:
         super().compile(optimizer=optimizer, **kwargs)
         self.optimizer.build(self.trainable_variables)
 
+    def step_logs(self, logs: dict) -> dict:
+        """A train/test step's logs; [1]-shaped under a multi-worker strategy.
+
+        Keras 3 averages step logs over the workers along axis 0, which scalars lack
+        (tensorflow/tensorflow#72388).
+        """
+        strategy = tf.distribute.get_strategy()
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return {k: tf.reshape(v, [1]) for k, v in logs.items()}
+        return logs
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Skip Keras' symbolic build when model and optimizer are built (after `compile`).
+
+        Under a strategy Keras first reduces a batch over the replicas, which fails for dict
+        batches under MultiWorkerMirroredStrategy (Keras 3.15).
+        """
+        built = self.optimizer is not None and self.optimizer.built
+        if built and all(layer.built for layer in self._flatten_layers()):
+            return
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
     def compile_from_config(self, config):
         """Recompile a loaded model with its saved optimizer (used by `load_model`)."""
         import keras

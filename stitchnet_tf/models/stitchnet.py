@@ -293,7 +293,7 @@ class StitchNet(CompiledOnce, keras.Model):
         predicted = ops.argmax(self.class_probabilities(x, outputs), axis=-1)
         for dice in self.dice:
             dice.update_state(ops.cast(allowed, "float32"), predicted)
-        return {m.name: m.result() for m in self.metrics}
+        return self.step_logs({m.name: m.result() for m in self.metrics})
 
     def train_step(self, data):
         x, allowed = data["x"], data["allowed"]
