@@ -410,6 +410,18 @@ def split(
     is_flag=True,
     help="Run the train step eagerly (no graph tracing; for debugging and tiny runs).",
 )
+@click.option(
+    "--strategy",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "one-device", "mirrored", "multi-worker"]),
+    help="tf.distribute strategy; --batch-size is the global batch (see docs/DISTRIBUTED.md).",
+)
+@click.option(
+    "--per-replica-batchnorm",
+    is_flag=True,
+    help="With several replicas, normalise with each replica's batch statistics (faster).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @data_options
 def train(
@@ -446,6 +458,8 @@ def train(
     unlabelled_patient_pattern,
     overwrite,
     eager,
+    strategy,
+    per_replica_batchnorm,
     quiet,
     mask_values,
     patient_pattern,
@@ -509,6 +523,8 @@ def train(
         lungs_subdir=lungs_subdir,
         model_options=options,
         run_eagerly=eager,
+        strategy=strategy,
+        sync_batchnorm=not per_replica_batchnorm,
     )
     try:
         summary = run_training(
@@ -516,6 +532,9 @@ def train(
         )
     except TrainingError as e:
         raise DataError(output, str(e)) from None
+    if summary["run"] is None:  # a multi-worker run's non-chief worker
+        click.echo(f"worker done: {summary['epochs_done']} epochs (the chief wrote the run)")
+        return
     best = summary["best_val_mean_lesion_dice"]
     click.echo(
         f"trained {summary['epochs_done']} epochs in {summary['seconds'] / 60:.1f} min; best "

@@ -63,6 +63,8 @@ class TrainConfig:
     augment: bool = True
     cache: bool = False
     run_eagerly: bool = False  # no graph tracing: for debugging and tiny runs
+    strategy: str = "auto"  # tf.distribute strategy (see stitchnet_tf.distribute)
+    sync_batchnorm: bool = True  # with several replicas: BatchNorm on global-batch statistics
     recalibration_steps: int = 20  # BatchNorm re-estimation batches before each validation
     # data reading
     mask_values: str | None = None
@@ -123,6 +125,7 @@ def _make_callbacks(
     batches,
     val_data,
     recalibration_steps: int,
+    chief: bool = True,
 ):
     import keras
     import numpy as np
@@ -155,18 +158,32 @@ def _make_callbacks(
             if state.get("best_score") is None or score > state["best_score"]:
                 state["best_score"], state["best_epoch"] = float(score), epoch + 1
                 _atomic_save(self.model, run / "best.keras")
-                log(f"epoch {epoch + 1}: best so far, val mean lesion Dice {score:.4f}")
+                if chief:
+                    log(f"epoch {epoch + 1}: best so far, val mean lesion Dice {score:.4f}")
             atomic_write_text(run / "state.json", json.dumps(state, indent=1) + "\n")
 
         def on_train_batch_end(self, batch, logs=None):
-            if logs and not np.isfinite(logs.get("loss", 0.0)):
+            if logs and not np.all(np.isfinite(logs.get("loss", 0.0))):
                 self.model.stop_training = True
 
+    if not chief:  # a worker's own folder (thrown away) gets only the checkpoints
+        return [RunState()]
     return [
         RunState(),
         keras.callbacks.CSVLogger(str(run / "log.csv"), append=True),
         keras.callbacks.TensorBoard(str(run / "tensorboard"), write_graph=False),
     ]
+
+
+def _replica_order(batch_size: int, replicas: int):
+    """A batch map putting rows r, r + N, r + 2N, ... in replica r's share (N replicas).
+
+    Batches hold their labelled examples first; this gives every replica its share of them.
+    """
+    import tensorflow as tf
+
+    order = tf.constant([i for r in range(replicas) for i in range(r, batch_size, replicas)])
+    return lambda batch: {k: tf.gather(v, order) for k, v in batch.items()}
 
 
 def _atomic_save(model, path: Path) -> None:
@@ -263,7 +280,9 @@ def train(
     good checkpoint is kept).
     """
     import keras
+    import tensorflow as tf
 
+    from stitchnet_tf import distribute
     from stitchnet_tf.precision import set_precision
 
     warn = warn or log
@@ -275,6 +294,17 @@ def train(
         and not 0 < config.labelled_per_batch <= config.batch_size
     ):
         raise DataError(None, f"--labelled-per-batch must be in 1..{config.batch_size}")
+    strategy = distribute.make_strategy(config.strategy)  # before any other TensorFlow work
+    replicas = distribute.num_replicas(strategy)
+    if config.batch_size % replicas:
+        raise DataError(
+            None,
+            f"--batch-size {config.batch_size} (the global batch) must be a multiple of the "
+            f"{replicas} replicas",
+        )
+    chief, multi_worker = distribute.is_chief(), distribute.is_multi_worker(strategy)
+    if multi_worker and config.run_eagerly:
+        raise DataError(None, "--eager does not work with a multi-worker strategy")
     labelled = discover(
         config.labelled,
         mask_values=config.mask_values,
@@ -289,7 +319,17 @@ def train(
     elif config.unlabelled:
         warn(f"{config.model} is supervised: the unlabelled data is not used")
 
-    run, state = prepare_run(config, overwrite, warn)
+    scratch = None
+    if chief:
+        run, state = prepare_run(config, overwrite, warn)
+    else:  # other workers write their (identical) checkpoints to a folder thrown away
+        import tempfile
+
+        run = scratch = Path(tempfile.mkdtemp(prefix="stitchnet-worker-"))
+        state = {"epochs_done": 0, "best_score": None, "best_epoch": None}
+    if multi_worker:  # the chief's folder decides where a resumed run starts
+        (done,) = distribute.broadcast_from_chief(strategy, [float(state["epochs_done"])])
+        state["epochs_done"] = round(float(done))
     split_path = run / "split.json"
     if split_path.is_file():
         split = Split.load(split_path)
@@ -330,21 +370,40 @@ def train(
     val = labelled.subset(split.val)
     val_data = slice_dataset(SliceLoader(val, val.samples, config.size), cache=config.cache)
     val_data = val_data.batch(config.batch_size)
+    if replicas > 1:
+        batches = batches.map(_replica_order(config.batch_size, replicas))
+    # Every worker runs the same seeded pipeline and keeps its replicas' part of each batch.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    batches, val_data = batches.with_options(options), val_data.with_options(options)
 
     try:
-        if state["epochs_done"] > 0 and (run / "last.keras").is_file():
-            from stitchnet_tf.inference import load_model
+        with strategy.scope():
+            if state["epochs_done"] > 0 and (run / "last.keras").is_file():
+                from stitchnet_tf.inference import load_model
 
-            model = load_model(run / "last.keras").model
-            log(f"resuming {run} after epoch {state['epochs_done']}")
-        else:
-            model = build_model(
-                config.model, config.model_options, config.clipnorm, config.clipvalue, config.seed
-            )
-            model.compile(
-                optimizer=keras.optimizers.Adam(config.learning_rate),
-                run_eagerly=config.run_eagerly,
-            )
+                model = load_model(run / "last.keras").model
+                log(f"resuming {run} after epoch {state['epochs_done']}")
+            else:
+                model = build_model(
+                    config.model,
+                    config.model_options,
+                    config.clipnorm,
+                    config.clipvalue,
+                    config.seed,
+                )
+                model.compile(
+                    optimizer=keras.optimizers.Adam(config.learning_rate),
+                    run_eagerly=config.run_eagerly,
+                )
+            if replicas > 1:
+                distribute.synchronize_batchnorm(model, config.sync_batchnorm)
+            if multi_worker and state["epochs_done"] > 0:
+                variables = [*model.variables, *model.optimizer.variables]
+                for v, value in zip(
+                    variables, distribute.broadcast_from_chief(strategy, variables), strict=True
+                ):
+                    v.assign(value)
         start = time.time()
         history = model.fit(
             batches,
@@ -359,12 +418,19 @@ def train(
                 batches,
                 val_data,
                 config.recalibration_steps,
+                chief,
             ),
             verbose=verbose,
         )
         seconds = time.time() - start
     finally:
         set_precision(False)
+        if scratch is not None:
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)
+    if not chief:
+        return {"run": None, "epochs_done": state["epochs_done"], "seconds": seconds}
     if (run / "log.csv").is_file():
         plot_curves(run / "log.csv", run / "curves.png")
     state["train_seconds"] = state.get("train_seconds", 0.0) + seconds

@@ -22,7 +22,7 @@ from keras import layers, ops
 from stitchnet_tf import likelihood as lik
 from stitchnet_tf.data.classes import BACKGROUND, CON, GGO, HEALTHY
 from stitchnet_tf.models.backbone import scaled_filters, set_bn_momentum
-from stitchnet_tf.models.optim import CompiledOnce, clip_gradients
+from stitchnet_tf.models.optim import CompiledOnce, clip_gradients, replica_loss
 from stitchnet_tf.models.stitchnet import SetDice
 
 NUM_LESION_CLASSES = 3  # 0 no lesion, 1 GGO, 2 consolidation
@@ -199,14 +199,14 @@ class SetSupervisedMixin(CompiledOnce):
         predicted = ops.argmax(logits, axis=-1) + HEALTHY
         for dice in self.dice:
             dice.update_state(ops.cast(allowed, "float32"), predicted)
-        return {m.name: m.result() for m in self.metrics}
+        return self.step_logs({m.name: m.result() for m in self.metrics})
 
     def train_step(self, data):
         x, allowed = data["x"], data["allowed"]
         with tf.GradientTape() as tape:
             logits = self(x, training=True)
             loss = self.compute_set_loss(allowed, logits)
-            scaled = self.optimizer.scale_loss(loss)
+            scaled = self.optimizer.scale_loss(replica_loss(loss))
         variables = self.trainable_variables
         grads = self._clip(tape.gradient(scaled, variables))
         self.optimizer.apply(grads, variables)

@@ -17,7 +17,7 @@ from stitchnet_tf.data.classes import CON, GGO, NUM_CLASSES
 from stitchnet_tf.models.backbone import Backbone
 from stitchnet_tf.models.ladder import SVAELadder
 from stitchnet_tf.models.layers import LightSmooth, Upsample
-from stitchnet_tf.models.optim import CompiledOnce, clip_gradients
+from stitchnet_tf.models.optim import CompiledOnce, clip_gradients, replica_loss
 
 LIKELIHOODS = ("exact", "jensen")
 DECISIONS = ("posterior", "prior")
@@ -295,14 +295,14 @@ class StitchNet(CompiledOnce, keras.Model):
         predicted = ops.argmax(self.class_probabilities(x, outputs), axis=-1)
         for dice in self.dice:
             dice.update_state(ops.cast(allowed, "float32"), predicted)
-        return {m.name: m.result() for m in self.metrics}
+        return self.step_logs({m.name: m.result() for m in self.metrics})
 
     def train_step(self, data):
         x, allowed = data["x"], data["allowed"]
         with tf.GradientTape() as tape:
             outputs = self(x, training=True)
             terms = self.compute_terms(x, allowed, outputs)
-            scaled = self.optimizer.scale_loss(terms["loss"])
+            scaled = self.optimizer.scale_loss(replica_loss(terms["loss"]))
         variables = self.trainable_variables
         grads = tape.gradient(scaled, variables)
         grads = clip_gradients(grads, self.optimizer, self.clipnorm, self.clipvalue)
