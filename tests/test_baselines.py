@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import lesion_batch
 
 from stitchnet_tf.data.classes import (
     ALL,
@@ -18,13 +19,9 @@ from stitchnet_tf.data.classes import (
     LESION,
     LUNG,
     NO_LESION,
-    MaskValueMap,
     allowed_to_onehot,
     bits,
 )
-from stitchnet_tf.data.intensity import window_hu
-from stitchnet_tf.data.preprocess import RawSlice, prepare
-from stitchnet_tf.data.synthetic import synth_patient
 from stitchnet_tf.models.baselines import (
     UNET_BOTTOM,
     UNET_SKIPS,
@@ -38,18 +35,6 @@ MODELS = {
     "unet": lambda **kw: UNet(width=0.125, alpha=0.35, seed=0, **kw),
     "segnet": lambda **kw: SegNet(width=0.125, seed=0, **kw),
 }
-
-
-def lesion_batch(size=64, n=4):
-    """n preprocessed synthetic slices with lesions: x [n,S,S,1], allowed [n,S,S,4]."""
-    slices = [s for s in synth_patient(6, 12, 96) if (s.lesion > 0).mean() > 0.02][:n]
-    mask_map = MaskValueMap.parse("medseg")
-    xs, sets = [], []
-    for s in slices:
-        p = prepare(RawSlice(window_hu(s.hu), mask_map.to_allowed(s.lesion), s.lung), size)
-        xs.append(p.x[..., None])
-        sets.append(allowed_to_onehot(p.allowed))
-    return np.stack(xs).astype("float32"), np.stack(sets)
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from helpers import error_line, run
 
 from stitchnet_tf import __version__
 from stitchnet_tf.data.datasets import discover
 from stitchnet_tf.data.io import read_mask, write_png
 from stitchnet_tf.data.lungmask import default_segmenter
 from stitchnet_tf.data.synthetic import write_demo_dataset
-from stitchnet_tf_cli.main import cli
 
 COMMANDS = ["demo-data", "preprocess", "split"]
 
@@ -25,19 +24,6 @@ def demo(tmp_path_factory) -> Path:
         root, labelled_patients=5, unlabelled_patients=2, slices_per_patient=3, size=96, seed=1
     )
     return root
-
-
-def run(*args, expect=0):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    assert result.exit_code == expect, result.output + repr(result.exception)
-    return result
-
-
-def error_line(result) -> str:
-    """The single line a failing command prints (no traceback)."""
-    lines = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    return lines[0]
 
 
 def test_version_and_help_on_every_command():

@@ -16,11 +16,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from helpers import error_line, run
 from PIL import Image
 
 from stitchnet_tf.data.synthetic import write_demo_dataset
-from stitchnet_tf_cli.main import cli
 
 TINY = [
     "--size",
@@ -34,18 +33,6 @@ TINY = [
     "--eager",
     "--quiet",
 ]
-
-
-def run(*args, expect=0):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    assert result.exit_code == expect, result.output + repr(result.exception)
-    return result
-
-
-def error_line(result) -> str:
-    lines = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

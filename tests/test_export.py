@@ -11,7 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from helpers import error_line, run
 
 from stitchnet_tf import export
 from stitchnet_tf.data.datasets import discover
@@ -19,7 +19,6 @@ from stitchnet_tf.data.pipeline import SliceLoader
 from stitchnet_tf.data.preprocess import read_sample
 from stitchnet_tf.data.synthetic import write_demo_dataset
 from stitchnet_tf.errors import DataError
-from stitchnet_tf_cli.main import cli
 
 SIZE = 64
 
@@ -223,18 +222,6 @@ def test_an_interrupted_export_leaves_the_previous_version_intact(unet, monkeypa
     with pytest.raises(OSError):
         export.export_tflite(None, tflite, SIZE, saved_model=version, overwrite=True)
     assert tflite.read_bytes() == data and sorted(tmp_path.iterdir()) == [tflite]
-
-
-def run(*args, expect=0):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    assert result.exit_code == expect, result.output + repr(result.exception)
-    return result
-
-
-def error_line(result) -> str:
-    lines = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    return lines[0]
 
 
 def test_cli_mixed_precision_train_export_predict_evaluate(data, tmp_path):

@@ -10,11 +10,8 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import lesion_batch
 
-from stitchnet_tf.data.classes import MaskValueMap, allowed_to_onehot
-from stitchnet_tf.data.intensity import window_hu
-from stitchnet_tf.data.preprocess import RawSlice, prepare
-from stitchnet_tf.data.synthetic import synth_patient
 from stitchnet_tf.models.backbone import Backbone
 from stitchnet_tf.models.ladder import SVAELadder, precision_weighted_merge
 from stitchnet_tf.models.layers import BOTTLENECK_ABOVE, Conv, LatentParams
@@ -28,18 +25,6 @@ TABLE2 = {  # level: (z shape, d shape) at 352 x 352
     4: ((22, 22, 1), (22, 22, 256)),
     5: ((11, 11, 1), (11, 11, 512)),
 }
-
-
-def lesion_batch(size=64, n=4):
-    """n preprocessed synthetic slices with lesions: x [n,S,S,1], allowed [n,S,S,4]."""
-    slices = [s for s in synth_patient(6, 12, 96) if (s.lesion > 0).mean() > 0.02][:n]
-    mask_map = MaskValueMap.parse("medseg")
-    xs, sets = [], []
-    for s in slices:
-        p = prepare(RawSlice(window_hu(s.hu), mask_map.to_allowed(s.lesion), s.lung), size)
-        xs.append(p.x[..., None])
-        sets.append(allowed_to_onehot(p.allowed))
-    return np.stack(xs).astype("float32"), np.stack(sets)
 
 
 def lesion_dice(model, x, allowed, training=True):

@@ -1,0 +1,39 @@
+"""Helpers shared by several test modules (`from helpers import ...`: tests/ is on the path)."""
+
+from __future__ import annotations
+
+import numpy as np
+from click.testing import CliRunner
+
+from stitchnet_tf.data.classes import MaskValueMap, allowed_to_onehot
+from stitchnet_tf.data.intensity import window_hu
+from stitchnet_tf.data.preprocess import RawSlice, prepare
+from stitchnet_tf.data.synthetic import synth_patient
+
+
+def run(*args, expect=0):
+    """Invoke the CLI with `args` (stringified); assert its exit code and return the result."""
+    from stitchnet_tf_cli.main import cli
+
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == expect, result.output + repr(result.exception)
+    return result
+
+
+def error_line(result) -> str:
+    """The single line a failing command prints (no traceback)."""
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+def lesion_batch(size=64, n=4):
+    """n preprocessed synthetic slices with lesions: x [n,S,S,1], allowed [n,S,S,4]."""
+    slices = [s for s in synth_patient(6, 12, 96) if (s.lesion > 0).mean() > 0.02][:n]
+    mask_map = MaskValueMap.parse("medseg")
+    xs, sets = [], []
+    for s in slices:
+        p = prepare(RawSlice(window_hu(s.hu), mask_map.to_allowed(s.lesion), s.lung), size)
+        xs.append(p.x[..., None])
+        sets.append(allowed_to_onehot(p.allowed))
+    return np.stack(xs).astype("float32"), np.stack(sets)
