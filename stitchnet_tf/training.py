@@ -192,6 +192,14 @@ def _atomic_save(model, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _number(value: str) -> float:
+    """A CSV log cell as a float (Keras' CSVLogger writes "NA" for a missing value)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 def plot_curves(log_csv: Path, output: Path) -> None:
     """Training curves from the CSV log (loss terms and validation Dice) as a PNG."""
     import csv
@@ -218,9 +226,9 @@ def plot_curves(log_csv: Path, output: Path) -> None:
     dices = [k for k in keys if "dice" in k]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for k in losses:
-        axes[0].plot(epochs, [float(r[k]) for r in rows], label=k)
+        axes[0].plot(epochs, [_number(r[k]) for r in rows], label=k)
     for k in dices:
-        axes[1].plot(epochs, [float(r[k]) for r in rows], label=k)
+        axes[1].plot(epochs, [_number(r[k]) for r in rows], label=k)
     axes[0].set(title="loss terms (per pixel)", xlabel="epoch")
     axes[1].set(title="Dice", xlabel="epoch", ylim=(0, 1))
     for ax in axes:

@@ -258,3 +258,19 @@ def test_interrupted_training_resumes(data, tmp_path):
     assert json.loads(state.read_text())["epochs_done"] == 4
     rows = (out / "log.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == list(range(4))  # each epoch logged once
+
+
+def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(data, tmp_path):
+    """A learning rate of 1e30 blows the weights up in the first step: epoch 1's loss (computed
+    before the update) is finite and saved, epoch 2's is not, and the run stops there."""
+    out = tmp_path / "nan"
+    r = run(
+        "train", "-l", data / "labelled", "--model", "unet", "-o", out, "--epochs", 4,
+        "--steps-per-epoch", 1, "--learning-rate", 1e30, "--clipnorm", 0, "--clipvalue", 0,
+        *TINY, expect=2,
+    )  # fmt: skip
+    line = error_line(r)
+    assert "loss became NaN in epoch 2" in line and "kept last.keras from epoch 1" in line, line
+    state = json.loads((out / "state.json").read_text())
+    assert state["epochs_done"] == 1 and state["nan_epoch"] == 2
+    assert (out / "last.keras").is_file()
