@@ -20,7 +20,8 @@ Usage (from the repository root; about 30-40 minutes on a 2-core CPU with the de
   train step consumes there.
 - memory: peak resident memory (ru_maxrss) of a process training each model at the largest size,
   batch 8, float32, for a few steps.
-Writes benchmarks/results/speed.json and speed.md with the machine described.
+Writes benchmarks/results/speed.json and speed.md with the machine described; a rerun with
+`--parts` keeps the earlier results of the parts it does not rerun.
 """
 
 from __future__ import annotations
@@ -172,8 +173,9 @@ def inference(models: dict, size: int, xs: np.ndarray, reps: int, work: Path) ->
     import tensorflow as tf
 
     from stitchnet_tf import export
+    from stitchnet_tf.errors import DataError
 
-    rows = []
+    rows, failed = [], []
     for name, model in models.items():
         keras_fn = tf.function(
             lambda x, m=model: m.segmentation_probabilities(x, tf.cast(x > 0, tf.float32))
@@ -191,14 +193,19 @@ def inference(models: dict, size: int, xs: np.ndarray, reps: int, work: Path) ->
         )
         sizes = {"savedmodel": sum(f.stat().st_size for f in version.rglob("*") if f.is_file())}
         for q in ("none", "float16", "dynamic", "int8"):
-            path = export.export_tflite(
-                None,
-                work / f"{name}-{q}.tflite",
-                size,
-                quantize=q,
-                representative=lambda: iter(xs),
-                saved_model=version,
-            )
+            try:
+                path = export.export_tflite(
+                    None,
+                    work / f"{name}-{q}.tflite",
+                    size,
+                    quantize=q,
+                    representative=lambda: iter(xs),
+                    saved_model=version,
+                )
+            except DataError as e:  # reported, not fatal: the other variants still run
+                failed.append({"model": name, "variant": f"tflite-{q}", "error": str(e)})
+                print(json.dumps(failed[-1]), flush=True)
+                continue
             lite = export.load_exported(path)
             out = lite.segment(xs)
             variants[f"tflite-{q}"] = (
@@ -224,7 +231,7 @@ def inference(models: dict, size: int, xs: np.ndarray, reps: int, work: Path) ->
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
-    return rows
+    return rows + failed
 
 
 def pipeline_rate(data: Path, size: int, n: int) -> float | None:
@@ -313,6 +320,9 @@ def report(out: dict) -> str:
             "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in out["inference"]:
+            if "error" in r:
+                lines.append(f"| {r['model']} | {r['variant']} | failed: {r['error']} | | | | |")
+                continue
             dp = "" if r["max_abs_dp_vs_keras"] is None else f"{r['max_abs_dp_vs_keras']:.1e}"
             ag = (
                 ""
@@ -324,7 +334,11 @@ def report(out: dict) -> str:
                 f"| {r['model']} | {r['variant']} | {1000 * r['seconds_per_image']:.1f} | "
                 f"{r['images_per_s']:.1f} | {dp} | {ag} | {mb} |"
             )
-        by = {(r["model"], r["variant"]): r["seconds_per_image"] for r in out["inference"]}
+        by = {
+            (r["model"], r["variant"]): r["seconds_per_image"]
+            for r in out["inference"]
+            if "error" not in r
+        }
         if ("stitchnet", "keras") in by and ("unet", "keras") in by:
             ratio = by[("stitchnet", "keras")] / by[("unet", "keras")]
             lines += [
@@ -394,9 +408,25 @@ def main() -> int:
         "steps": args.steps,
         "command": "python benchmarks/speed.py " + " ".join(sys.argv[1:]),
     }
+    previous = args.output / "speed.json"
+    if previous.is_file():  # keep the results of parts not rerun now
+        earlier = json.loads(previous.read_text())
+        kept = {
+            "train": ("train",),
+            "flops": ("flops",),
+            "inference": ("inference", "inference_size", "inference_slices", "inference_models"),
+            "pipeline": ("pipeline_size", "pipeline_slices_per_s", "pipeline_consumed_per_s"),
+            "memory": ("memory_size", "memory_mib"),
+        }
+        for part, keys in kept.items():
+            if part not in args.parts:
+                out |= {k: earlier[k] for k in keys if k in earlier}
+        if "train" not in args.parts:
+            out |= {k: earlier[k] for k in ("batch", "reps", "steps") if k in earlier}
+            out["command"] = earlier.get("command", "") + "; then " + out["command"]
     largest = max(args.sizes)
     graphs = {}
-    if "train" in args.parts or "flops" in args.parts or "pipeline" in args.parts:
+    if "train" in args.parts or "flops" in args.parts:
         out["train"], graphs = train_steps(
             args.sizes, args.batch, args.reps, args.steps, args.precisions
         )
