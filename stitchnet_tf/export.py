@@ -346,7 +346,6 @@ def export_tflite(
     tracing `model` again (`model` may then be None). The file is written under a temporary
     name and renamed when complete.
     """
-    import tensorflow as tf
 
     from stitchnet_tf.data.preprocess import check_model_size
 
@@ -365,35 +364,75 @@ def export_tflite(
             _write_savedmodel(model, saved, size, decision, None, 0.05, "")
         else:
             saved = Path(saved_model)
-        converter = tf.lite.TFLiteConverter.from_saved_model(
-            str(saved), signature_keys=["serving_lung"]
-        )
-        if quantize != "none":
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        if quantize == "float16":
-            converter.target_spec.supported_types = [tf.float16]
         if quantize == "int8":
-
-            def dataset():
-                for x in representative():
-                    x = np.asarray(x, np.float32).reshape(1, size, size, 1)
-                    yield {"image": x, "lung": (x > 0).astype(np.float32)}
-
-            converter.representative_dataset = dataset
-            converter.target_spec.supported_ops = [
-                tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
-                tf.lite.OpsSet.TFLITE_BUILTINS,
-            ]
-        try:
-            flat = converter.convert()
-        except Exception as e:
-            raise DataError(
-                path, f"TFLite conversion failed ({type(e).__name__}: {str(e)[:200]})"
-            ) from None
+            slices = np.stack(
+                [np.asarray(x, np.float32).reshape(size, size, 1) for x in representative()]
+            )
+            flat = _convert_isolated(saved, quantize, slices, Path(work), path)
+        else:
+            try:
+                flat = _convert(str(saved), quantize)
+            except Exception as e:
+                raise DataError(
+                    path, f"TFLite conversion failed ({type(e).__name__}: {str(e)[:200]})"
+                ) from None
         tmp = Path(work) / path.name
         tmp.write_bytes(flat)
         os.replace(tmp, path)
     return path
+
+
+def _convert(saved: str, quantize: str, representative: np.ndarray | None = None) -> bytes:
+    """TFLiteConverter on the `serving_lung` signature of a SavedModel; `representative`
+    [N, S, S, 1] calibrates int8."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=["serving_lung"])
+    if quantize != "none":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantize == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    if quantize == "int8":
+
+        def dataset():
+            for x in representative:
+                x = x[None].astype(np.float32)
+                yield {"image": x, "lung": (x > 0).astype(np.float32)}
+
+        converter.representative_dataset = dataset
+        converter.target_spec.supported_ops = [
+            tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
+            tf.lite.OpsSet.TFLITE_BUILTINS,
+        ]
+    return converter.convert()
+
+
+def _convert_child(saved: str, quantize: str, representative, out: str) -> None:
+    try:
+        Path(out).write_bytes(_convert(saved, quantize, representative))
+    except Exception as e:
+        Path(out + ".error").write_text(f"{type(e).__name__}: {str(e)[:200]}")
+        raise SystemExit(1) from None
+
+
+def _convert_isolated(saved, quantize: str, representative, work: Path, path: Path) -> bytes:
+    """`_convert` in a child process: the int8 calibrator can abort the whole process (e.g.
+    "scale out of expressed type range"), which must become a one-line error here."""
+    import multiprocessing
+
+    out = str(work / "converted.tflite")
+    child = multiprocessing.get_context("spawn").Process(
+        target=_convert_child, args=(str(saved), quantize, representative, out)
+    )
+    child.start()
+    child.join()
+    if child.exitcode == 0 and Path(out).is_file():
+        return Path(out).read_bytes()
+    error = Path(out + ".error")
+    reason = error.read_text() if error.is_file() else f"the converter exited ({child.exitcode})"
+    raise DataError(
+        path, f"TFLite {quantize} conversion failed ({reason}); try --quantize dynamic or float16"
+    )
 
 
 # --------------------------------------------------------------------------- loading
