@@ -48,7 +48,8 @@ METADATA = "assets.extra/stitchnet.json"
 def _entropy(probs):
     import tensorflow as tf
 
-    return -tf.reduce_sum(probs * tf.math.log(tf.maximum(probs, 1e-12)), axis=-1)
+    # p log p = 0 at p = 0 (a floor like 1e-12 underflows to 0 in float16 inference)
+    return -tf.reduce_sum(tf.where(probs > 0, probs * tf.math.log(probs), 0.0), axis=-1)
 
 
 def _outputs(probs) -> dict:

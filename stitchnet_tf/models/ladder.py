@@ -20,10 +20,17 @@ KL_ESTIMATORS = ("analytic", "mc")
 
 
 def precision_weighted_merge(mu_q, sigma_q, mu_p, sigma_p):
-    """Ladder-VAE merge of two Gaussians: σ² = 1/(σ_q⁻² + σ_p⁻²), μ = (μ_q σ_q⁻² + μ_p σ_p⁻²) σ²."""
-    prec_q, prec_p = ops.reciprocal(ops.square(sigma_q)), ops.reciprocal(ops.square(sigma_p))
-    var = ops.reciprocal(prec_q + prec_p)
-    return (mu_q * prec_q + mu_p * prec_p) * var, ops.sqrt(var)
+    """Ladder-VAE merge of two Gaussians: σ² = 1/(σ_q⁻² + σ_p⁻²), μ = (μ_q σ_q⁻² + μ_p σ_p⁻²) σ².
+
+    The precisions are taken relative to s = min(σ_q, σ_p), so they lie in [0, 1]: the same
+    numbers in float32, but no 1/σ² that overflows float16 (TFLite float16 inference) when σ is
+    near its floor, and no ∞/∞ when a trained σ is huge.
+    """
+    s = ops.minimum(sigma_q, sigma_p)
+    prec_q = ops.reciprocal(ops.square(sigma_q / s))
+    prec_p = ops.reciprocal(ops.square(sigma_p / s))
+    total = prec_q + prec_p
+    return (mu_q * prec_q + mu_p * prec_p) / total, s / ops.sqrt(total)
 
 
 @keras.saving.register_keras_serializable(package="stitchnet_tf")

@@ -332,11 +332,10 @@ class StitchNet(CompiledOnce, keras.Model):
             return lik.responsibilities(
                 x, outputs["pi_logits"], outputs["alpha"], outputs["beta"], allowed, self.eps
             )
-        probs = ops.softmax(outputs["pi_logits"], axis=-1)
-        if allowed is not None:
-            probs = probs * allowed
-            probs = probs / ops.maximum(ops.sum(probs, -1, keepdims=True), 1e-12)
-        return probs
+        logits = outputs["pi_logits"]
+        if allowed is not None:  # masked logits: no 0/0 where float16 softmax underflows
+            logits = ops.where(allowed > 0, logits, ops.full_like(logits, -1e4))
+        return ops.softmax(logits, axis=-1)
 
     def infer(self, x) -> dict:
         """The model's outputs in inference mode, through a traced function reused across calls
