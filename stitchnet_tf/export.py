@@ -48,8 +48,9 @@ METADATA = "assets.extra/stitchnet.json"
 def _entropy(probs):
     import tensorflow as tf
 
-    # p log p = 0 at p = 0 (a floor like 1e-12 underflows to 0 in float16 inference)
-    return -tf.reduce_sum(tf.where(probs > 0, probs * tf.math.log(probs), 0.0), axis=-1)
+    # The floor is a normal float16 number (1e-12 underflows to 0 and log 0 = -inf gives NaN in
+    # float16 inference and an unquantizable range in int8); below it p log p is under 1e-3.
+    return -tf.reduce_sum(probs * tf.math.log(tf.maximum(probs, 1e-4)), axis=-1)
 
 
 def _outputs(probs) -> dict:
