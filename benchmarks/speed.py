@@ -56,15 +56,26 @@ def batch_for(name: str, size: int, batch: int, seed: int = 0) -> dict:
     return {"x": x, "allowed": allowed}
 
 
+PAPER = False  # --paper: the paper's widths and per-variable clipping instead of the defaults
+
+
 def build(name: str, seed: int = 0):
-    """A compiled model at the paper's widths (Adam 3e-4, clipnorm 1, clipvalue 0.5)."""
+    """A compiled model with the defaults users get (`train`'s), or with `--paper` the paper's
+    widths and objective (StitchNet.authors(); clipnorm 1, clipvalue 0.5)."""
     import keras
 
     from stitchnet_tf.training import build_model
 
-    options = {"supervised_weight": 100.0, "focal_gamma": 2.0} if name == "stitchnet" else {}
-    model = build_model(name, options, 1.0, 0.5, seed)
-    model.compile(optimizer=keras.optimizers.Adam(3e-4))
+    if PAPER:
+        if name == "stitchnet":
+            from stitchnet_tf.models.stitchnet import StitchNet
+
+            model = StitchNet.authors(seed=seed)
+        else:
+            model = build_model(name, {}, 1.0, 0.5, seed)
+    else:
+        model = build_model(name, {}, None, None, seed)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
     return model
 
 
@@ -396,7 +407,12 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument(
+        "--paper", action="store_true", help="the paper's widths instead of the defaults"
+    )
     args = parser.parse_args()
+    global PAPER
+    PAPER = args.paper
 
     import tensorflow as tf
     from pipeline_throughput import machine

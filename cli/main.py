@@ -10,6 +10,12 @@ import click
 
 from stitchnet_tf import __version__
 from stitchnet_tf.errors import DataError
+from stitchnet_tf.models.options import (
+    DEFAULT_GLOBAL_CLIPNORM,
+    DEFAULT_HEAD_SKIPS,
+    NORMS,
+    SUPERVISED,
+)
 
 
 def _warn(message: str) -> None:
@@ -321,11 +327,29 @@ def split(
     type=click.IntRange(1),
     help="Labelled slices in each batch (default: half when unlabelled data is given).",
 )
-@click.option("--learning-rate", default=3e-4, show_default=True, help="Adam learning rate.")
+@click.option("--learning-rate", default=1e-3, show_default=True, help="Adam (peak) learning rate.")
 @click.option(
-    "--clipnorm", default=1.0, show_default=True, help="Per-variable gradient norm clip (0 = off)."
+    "--lr-schedule",
+    default="cosine",
+    show_default=True,
+    type=click.Choice(["cosine", "constant"]),
+    help="cosine: 5% linear warm-up, then cosine decay to 0 at the last step.",
 )
-@click.option("--clipvalue", default=0.5, show_default=True, help="Gradient value clip (0 = off).")
+@click.option(
+    "--global-clipnorm",
+    default=None,
+    type=click.FloatRange(0),
+    help=f"StitchNet: clip the global gradient norm (0 = off; default {DEFAULT_GLOBAL_CLIPNORM}).",
+)
+@click.option(
+    "--clipnorm",
+    default=0.0,
+    show_default=True,
+    help="Per-variable gradient norm clip (0 = off; the paper: 1.0).",
+)
+@click.option(
+    "--clipvalue", default=0.0, show_default=True, help="Gradient value clip (0 = off; paper: 0.5)."
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option(
     "--split",
@@ -360,7 +384,12 @@ def split(
 )
 @click.option("--cache", is_flag=True, help="Cache preprocessed slices in memory.")
 @click.option("--no-augment", is_flag=True, help="Turn off the paper's augmentation.")
-@click.option("--width", default=1.0, show_default=True, help="Model width multiplier.")
+@click.option(
+    "--width",
+    default=None,
+    type=click.FloatRange(0, min_open=True),
+    help="Model width multiplier (default: StitchNet 0.5, U-Net and SegNet 1.0).",
+)
 @click.option(
     "--backbone-alpha",
     default=1.0,
@@ -376,12 +405,33 @@ def split(
 )
 @click.option("--kl", default="analytic", show_default=True, type=click.Choice(["analytic", "mc"]))
 @click.option(
-    "--supervised-weight",
-    default=100.0,
+    "--supervised",
+    default=SUPERVISED[0],
     show_default=True,
-    help="StitchNet: weight of the supervised set focal loss.",
+    type=click.Choice(SUPERVISED),
+    help="StitchNet supervised term: set cross-entropy + soft Dice, or the authors' focal loss.",
+)
+@click.option(
+    "--supervised-weight",
+    default=1.0,
+    show_default=True,
+    help="StitchNet: weight of the supervised term (the authors: 100 with --supervised focal).",
 )
 @click.option("--focal-gamma", default=2.0, show_default=True, help="Focal loss gamma.")
+@click.option(
+    "--head-skips",
+    default=None,
+    type=click.IntRange(0),
+    help="StitchNet: channels of the deterministic backbone skip into the head "
+    f"(0 = none, the paper; default {DEFAULT_HEAD_SKIPS}).",
+)
+@click.option(
+    "--norm",
+    default=NORMS[0],
+    show_default=True,
+    type=click.Choice(NORMS),
+    help="StitchNet: normalisation in the ladder and head (batch: the paper's).",
+)
 @click.option("--kl-warmup-steps", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--free-bits", default=0.0, show_default=True, help="Per-level free bits (nats).")
 @click.option(
@@ -435,6 +485,8 @@ def train(
     batch_size,
     labelled_per_batch,
     learning_rate,
+    lr_schedule,
+    global_clipnorm,
     clipnorm,
     clipvalue,
     seed,
@@ -449,8 +501,11 @@ def train(
     backbone_alpha,
     likelihood,
     kl,
+    supervised,
     supervised_weight,
     focal_gamma,
+    head_skips,
+    norm,
     kl_warmup_steps,
     free_bits,
     decision,
@@ -480,21 +535,26 @@ def train(
 
     if model_name == "stitchnet":
         options = dict(
-            width=width,
             backbone_alpha=backbone_alpha,
             likelihood=likelihood,
             kl=kl,
+            supervised=supervised,
             supervised_weight=supervised_weight,
             focal_gamma=focal_gamma,
             kl_warmup_steps=kl_warmup_steps,
             free_bits=free_bits,
             decision=decision,
             style_pool=style_pool,
+            norm=norm,
         )
+        if head_skips is not None:
+            options["head_skips"] = head_skips
     elif model_name == "unet":
-        options = dict(width=width, alpha=backbone_alpha, focal_gamma=focal_gamma)
+        options = dict(alpha=backbone_alpha, focal_gamma=focal_gamma)
     else:
-        options = dict(width=width, focal_gamma=focal_gamma)
+        options = dict(focal_gamma=focal_gamma)
+    if width is not None:
+        options["width"] = width
     config = TrainConfig(
         labelled=str(labelled),
         unlabelled=None if unlabelled is None else str(unlabelled),
@@ -506,6 +566,8 @@ def train(
         batch_size=batch_size,
         labelled_per_batch=labelled_per_batch,
         learning_rate=learning_rate,
+        lr_schedule=lr_schedule,
+        global_clipnorm=global_clipnorm,
         clipnorm=clipnorm or None,
         clipvalue=clipvalue or None,
         seed=seed,

@@ -18,7 +18,7 @@ from stitchnet_tf.data.synthetic import write_demo_dataset
 from stitchnet_tf.errors import DataError
 from stitchnet_tf.fileio import atomic_write_text
 
-TINY_STITCHNET = dict(width=0.25, backbone_alpha=0.35, supervised_weight=100.0, focal_gamma=2.0)
+TINY_STITCHNET = dict(width=0.25, backbone_alpha=0.35)
 TINY_UNET = dict(width=0.25, alpha=0.35)
 
 

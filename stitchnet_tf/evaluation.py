@@ -1,8 +1,11 @@
 """Evaluating a trained model on a labelled folder: the paper's Table 1, per image and class.
 
-Predictions are mapped back through the preprocessing onto each original slice, and scored
-against the stored masks there. Masks that tell GGO from consolidation are scored per class
-(GGO, consolidation, background = no lesion); binary lesion masks as lesion vs no lesion.
+Each slice is preprocessed with the lung field from the image alone (a supplied lung mask, else
+the lung segmenter; the label is used only for scoring), segmented, its class probabilities are
+mapped back onto the original slice and the argmax is scored there against the stored mask.
+Masks that tell GGO from consolidation are scored per class (GGO, consolidation, background =
+no lesion); binary lesion masks as lesion vs no lesion. `SliceScorer` is that scoring, reusable
+(e.g. for choosing the training epoch); `evaluate` writes its reports.
 """
 
 from __future__ import annotations
@@ -10,16 +13,20 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from stitchnet_tf.data.classes import CON, GGO, bits
 from stitchnet_tf.data.datasets import Dataset, discover
-from stitchnet_tf.data.preprocess import read_sample
+from stitchnet_tf.data.preprocess import DEFAULT_MARGIN, Prepared, check_model_size, read_sample
 from stitchnet_tf.data.splits import Split
 from stitchnet_tf.errors import DataError
 from stitchnet_tf.fileio import atomic_write_text
-from stitchnet_tf.inference import Predictor, load_model
-from stitchnet_tf.metrics import Table1
+from stitchnet_tf.inference import Predictor, load_model, prepare_inputs
+from stitchnet_tf.metrics import Table1, lesion_dice, mean_lesion_dice
 
 
 def scheme_for(dataset: Dataset) -> str:
@@ -34,6 +41,120 @@ def select(dataset: Dataset, split: Split | None, part: str | None) -> Dataset:
         return dataset
     split.check(dataset)
     return dataset.subset(split.part(part or "test"))
+
+
+@dataclass
+class ScoredSlice:
+    """A labelled slice ready to score: its id, the label-free `Prepared` input and the truth
+    as allowed-set bits [H, W] uint8 in the original geometry."""
+
+    id: str
+    prepared: Prepared
+    truth: np.ndarray
+
+
+class SliceScorer:
+    """Per-image Table-1 scores of models on labelled slices: exactly what `evaluate` reports.
+
+    Args:
+        dataset: the labelled slices to score (e.g. a split's val part).
+        size: model size S.
+        segmenter: lung segmenter for slices without a lung mask (default: the package's).
+        absent: empty-truth policy of `Table1` (`exclude`, `zero`, `one`).
+        batch_size: slices per model call.
+        margin: crop margin around the lung field.
+        cache: read and prepare the slices once, here (False: on every pass, for large sets).
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        size: int,
+        segmenter=None,
+        *,
+        absent: str = "exclude",
+        batch_size: int = 8,
+        margin: float = DEFAULT_MARGIN,
+        cache: bool = True,
+    ):
+        if not dataset.samples:
+            raise DataError(dataset.root, "no slices to score")
+        if segmenter is None:
+            from stitchnet_tf.data.lungmask import default_segmenter
+
+            segmenter = default_segmenter()
+        self.dataset, self.size, self.segmenter = dataset, check_model_size(size), segmenter
+        self.scheme, self.absent = scheme_for(dataset), absent
+        self.batch_size, self.margin = max(1, int(batch_size)), margin
+        Table1(self.scheme, absent)  # checks the options
+        self._cache = [s for chunk in self._read_all() for s in chunk] if cache else None
+
+    def __len__(self) -> int:
+        return len(self.dataset.samples)
+
+    def _read_all(self) -> Iterator[list[ScoredSlice]]:
+        samples = self.dataset.samples
+        cropped = self.dataset.prepared_size is not None
+        for i in range(0, len(samples), self.batch_size):
+            chunk = samples[i : i + self.batch_size]
+            raws = [read_sample(s, self.dataset.mask_map) for s in chunk]
+            prepared = prepare_inputs(raws, self.size, self.segmenter, self.margin, cropped)
+            yield [
+                ScoredSlice(s.id, p, r.allowed)
+                for s, p, r in zip(chunk, prepared, raws, strict=True)
+            ]
+
+    def batches(self) -> Iterator[list[ScoredSlice]]:
+        """The slices in batches of `batch_size` (from the cache when there is one)."""
+        if self._cache is None:
+            yield from self._read_all()
+            return
+        for i in range(0, len(self._cache), self.batch_size):
+            yield self._cache[i : i + self.batch_size]
+
+    def table(
+        self,
+        model,
+        *,
+        samples: int = 0,
+        decision: str | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> Table1:
+        """Segment every slice with `model` (its `segment(x, lung)`, inference mode) and score
+        the labels in the original geometry; returns the filled `Table1`."""
+        predictor = Predictor(model, self.size, self.segmenter, samples, decision, self.margin)
+        table = Table1(scheme=self.scheme, absent=self.absent)
+        for chunk in self.batches():
+            predictions = predictor.predict_prepared([s.prepared for s in chunk])
+            for s, pred in zip(chunk, predictions, strict=True):
+                table.add(s.id, pred.labels, s.truth)
+            if progress:
+                progress(len(chunk))
+        return table
+
+    def score(self, model, *, samples: int = 0, decision: str | None = None) -> dict:
+        """`Table1.summary()` of `model` on the slices, plus `lesion_dice` (lesion class ->
+        per-image mean F1) and `mean_lesion_dice` (their mean; None without lesions)."""
+        return summarize(self.table(model, samples=samples, decision=decision))
+
+
+def summarize(table: Table1) -> dict:
+    """A table's summary with its per-image lesion Dice (`lesion_dice`, `mean_lesion_dice`)."""
+    summary = table.summary()
+    return summary | {
+        "lesion_dice": lesion_dice(summary),
+        "mean_lesion_dice": mean_lesion_dice(summary),
+    }
+
+
+def lung_field_source(dataset: Dataset) -> str:
+    """Where evaluation takes a dataset's lung field from (never from its labels)."""
+    if dataset.prepared_size is not None:
+        return "the preprocessed folder's lung masks (written by preprocess)"
+    supplied = sum(s.lung is not None for s in dataset.samples)
+    if supplied == len(dataset.samples):
+        return "supplied lung masks"
+    return "lung segmenter" if not supplied else "supplied lung masks, else the lung segmenter"
 
 
 def evaluate(
@@ -52,13 +173,16 @@ def evaluate(
     patient_pattern: str | None = None,
     masks_subdir: str = "masks",
     lungs_subdir: str = "lungs",
+    segmenter=None,
     progress=None,
     log=print,
 ) -> dict:
     """Score a model on the labelled slices of `data`; write the reports into `output`.
 
     With a run folder as the model and no `split`, its own split.json is used when the run
-    was trained on the same folder (its test part, or `part`). Returns the summary dict.
+    was trained on the same folder (its test part, or `part`). The lung field comes from the
+    folder's lung masks, else `segmenter` (default: the package's). Returns the summary dict
+    (with `mean_lesion_dice`).
     """
     dataset = discover(
         data,
@@ -84,27 +208,13 @@ def evaluate(
     subset = select(dataset, chosen, part)
     if not len(subset):
         raise DataError(data, f"no slices to evaluate in the split's {part!r} part")
-    scheme = scheme_for(dataset)
-    table = Table1(scheme=scheme, absent=absent)
-    predictor = Predictor(loaded.model, size, samples=samples, decision=decision)
+    scorer = SliceScorer(subset, size, segmenter, absent=absent, batch_size=batch_size, cache=False)
     start = time.time()
-    samples_list = subset.samples
-    for i in range(0, len(samples_list), batch_size):
-        chunk = samples_list[i : i + batch_size]
-        raws = [read_sample(s, dataset.mask_map) for s in chunk]
-        for sample, raw, pred in zip(
-            chunk,
-            raws,
-            predictor.predict(raws, already_cropped=dataset.prepared_size is not None),
-            strict=True,
-        ):
-            table.add(sample.id, pred.labels, raw.allowed)
-        if progress:
-            progress(len(chunk))
+    table = scorer.table(loaded.model, samples=samples, decision=decision, progress=progress)
     seconds = time.time() - start
     name = type(loaded.model).__name__
     paths = table.write(output, stem="metrics", model_name=name)
-    summary = table.summary()
+    summary = summarize(table)
     info = {
         "model": str(loaded.path),
         "model_class": name,
@@ -113,9 +223,10 @@ def evaluate(
         "part": part if chosen is not None else "all",
         "slices": len(subset),
         "size": size,
-        "scheme": scheme,
+        "scheme": scorer.scheme,
         "absent": absent,
         "geometry": "preprocessed slices" if dataset.prepared_size else "original slices",
+        "lung_field": lung_field_source(subset),
         "seconds": seconds,
     }
     atomic_write_text(

@@ -1,8 +1,10 @@
 """Loading trained models and segmenting slices in their original geometry.
 
-A `Predictor` runs the training preprocessing on each slice (lung field, crop, pad, resize),
-segments it with any model that has `segment(x, lung)` (StitchNet and the baselines), and maps
-the labels back onto the original slice through the kept `Geometry`.
+A `Predictor` runs the training preprocessing on each slice (lung field, crop, pad, resize) with
+the lung field taken from the image alone (a supplied lung mask, else the lung segmenter; never
+the label), segments it with any model that has `segment(x, lung)` (StitchNet, the baselines,
+exports, `ThresholdRule`), maps the class probabilities back onto the original slice through the
+kept `Geometry` (linear interpolation) and takes the argmax there.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from stitchnet_tf.data import io
-from stitchnet_tf.data.classes import BACKGROUND
+from stitchnet_tf.data.classes import BACKGROUND, NUM_CLASSES
 from stitchnet_tf.data.preprocess import (
     DEFAULT_MARGIN,
     Geometry,
+    Prepared,
     RawSlice,
     check_model_size,
     prepare,
@@ -37,15 +40,22 @@ class LoadedModel:
 
 
 def load_model(path: str | os.PathLike) -> LoadedModel:
-    """Load a run folder (its best.keras, else last.keras), a `.keras` file, or an export
-    (`export.load_exported`: a SavedModel folder or a `.tflite` file)."""
+    """Load a run folder (its best.keras, else last.keras), a `.keras` file, an export
+    (`export.load_exported`: a SavedModel folder or a `.tflite` file) or a `ThresholdRule`
+    JSON file (`models.threshold`)."""
+    p = Path(path)
+    if p.suffix == ".json" and p.is_file():
+        from stitchnet_tf.models.threshold import ThresholdRule
+
+        rule = ThresholdRule.load(p)
+        return LoadedModel(rule, rule.size, p)
+
     import keras
 
     import stitchnet_tf.models.baselines  # noqa: F401  (registers the model classes)
     import stitchnet_tf.models.stitchnet  # noqa: F401
     from stitchnet_tf import export
 
-    p = Path(path)
     if export.is_exported(p):
         exported = export.load_exported(p)
         return LoadedModel(exported, exported.size, exported.path)
@@ -61,7 +71,9 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     elif not p.exists():
         raise DataError(path, "model not found")
     elif p.suffix != ".keras":
-        raise DataError(path, "not a model: expected a run folder or a .keras file")
+        raise DataError(
+            path, "not a model: expected a run folder, a .keras file or a threshold-rule .json"
+        )
     try:
         model = keras.models.load_model(p, safe_mode=True)
     except Exception as e:  # keras raises many types for bad files
@@ -78,10 +90,50 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     return LoadedModel(model, size, p, run)
 
 
+#: Class probabilities where nothing was predicted (outside the crop box): background.
+BACKGROUND_PROBABILITIES = np.eye(NUM_CLASSES, dtype=np.float32)[BACKGROUND]
+
+
+def probabilities_to_original(probabilities: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Model-size class probabilities [S, S, 4] -> [H, W, 4] in the original slice, by linear
+    interpolation; outside the crop box the background probability is 1."""
+    probs = np.asarray(probabilities, np.float32)
+    return geometry.to_original(probs, "linear", fill=BACKGROUND_PROBABILITIES)
+
+
+def labels_to_original(
+    probabilities: np.ndarray, geometry: Geometry, field: np.ndarray | None = None
+) -> np.ndarray:
+    """Labels [H, W] uint8 in the original slice from model-size probabilities [S, S, 4].
+
+    The probabilities are mapped back first (`probabilities_to_original`), the argmax is taken
+    there. With the lung field [H, W] bool of the original slice, pixels outside it are
+    background and pixels inside it take their most probable lung class (healthy, GGO, CON).
+    """
+    probs = probabilities_to_original(probabilities, geometry)
+    if field is None:
+        return np.argmax(probs, -1).astype(np.uint8)
+    lung_class = 1 + np.argmax(probs[..., 1:], -1)
+    return np.where(field, lung_class, BACKGROUND).astype(np.uint8)
+
+
+def prepare_inputs(
+    raws: list[RawSlice],
+    size: int,
+    segmenter,
+    margin: float = DEFAULT_MARGIN,
+    already_cropped: bool = False,
+) -> list[Prepared]:
+    """Preprocess slices for prediction: the lung field comes from the image alone (`raw.lung`,
+    else `segmenter`); labels in `raws` never shape the field, the crop or x."""
+    return [prepare(r, size, segmenter, margin, already_cropped, use_labels=False) for r in raws]
+
+
 @dataclass
 class Prediction:
     """One slice's result: labels [H, W] uint8 (0..3) in the original geometry, the model-size
-    probabilities [S, S, 4] and entropy [S, S], the prepared input x [S, S] and its geometry."""
+    probabilities [S, S, 4] and entropy [S, S], the prepared input x [S, S], its lung field
+    lung [S, S], its geometry, and the lung field [H, W] bool in the original geometry."""
 
     labels: np.ndarray
     probabilities: np.ndarray
@@ -89,21 +141,29 @@ class Prediction:
     x: np.ndarray
     lung: np.ndarray
     geometry: Geometry
+    field: np.ndarray | None = None
 
     def entropy_original(self) -> np.ndarray:
         """Predictive entropy [H, W] mapped back to the original slice (0 outside the crop)."""
         return self.geometry.to_original(self.entropy.astype(np.float32), "linear", fill=0.0)
+
+    def probabilities_original(self) -> np.ndarray:
+        """Class probabilities [H, W, 4] mapped back to the original slice (the labels are
+        their argmax within the lung field)."""
+        return probabilities_to_original(self.probabilities, self.geometry)
 
 
 class Predictor:
     """Segments slices with a trained model.
 
     Args:
-        model: a model with `segment(x, lung, samples, decision)` (StitchNet, UNet, SegNet).
+        model: a model with `segment(x, lung, samples, decision)` (StitchNet, UNet, SegNet,
+            an export, a `ThresholdRule`).
         size: model size S (a multiple of 32).
         segmenter: lung segmenter for slices without a lung mask (default: the package's).
         samples: posterior samples to average (StitchNet; 0 = posterior mean).
         decision: StitchNet decision rule (None = the model's own).
+        margin: crop margin around the lung field.
     """
 
     def __init__(
@@ -139,28 +199,35 @@ class Predictor:
         out = self.model.segment(x, **kwargs)
         return {k: np.asarray(v) for k, v in out.items()}
 
-    def predict(self, raws: list[RawSlice], already_cropped: bool = False) -> list[Prediction]:
-        """Segment a batch of slices as read (`preprocess.read_sample` or `io.read_image`)."""
-        prepared = [
-            prepare(r, self.size, self.segmenter, self.margin, already_cropped) for r in raws
-        ]
+    def prepare(self, raws: list[RawSlice], already_cropped: bool = False) -> list[Prepared]:
+        """Label-free preprocessing of slices as read (see `prepare_inputs`)."""
+        return prepare_inputs(raws, self.size, self.segmenter, self.margin, already_cropped)
+
+    def predict_prepared(self, prepared: list[Prepared]) -> list[Prediction]:
+        """Segment prepared slices (`prepare`) as one batch; labels in the original geometry."""
         x = np.stack([p.x for p in prepared])[..., None].astype(np.float32)
         lung = np.stack([p.lung for p in prepared])[..., None].astype(np.float32)
         out = self._segment(x, lung)
         results = []
         for i, p in enumerate(prepared):
-            labels = out["labels"][i].astype(np.uint8)
+            probabilities = out["probabilities"][i].astype(np.float32)
             results.append(
                 Prediction(
-                    labels=p.geometry.to_original(labels, "nearest", fill=BACKGROUND),
-                    probabilities=out["probabilities"][i],
+                    labels=labels_to_original(probabilities, p.geometry, p.field),
+                    probabilities=probabilities,
                     entropy=out["entropy"][i],
                     x=p.x,
                     lung=p.lung,
                     geometry=p.geometry,
+                    field=p.field,
                 )
             )
         return results
+
+    def predict(self, raws: list[RawSlice], already_cropped: bool = False) -> list[Prediction]:
+        """Segment a batch of slices as read (`preprocess.read_sample` or `io.read_image`);
+        their labels, if any, are not used."""
+        return self.predict_prepared(self.prepare(raws, already_cropped))
 
     def predict_images(self, images: list[np.ndarray]) -> list[Prediction]:
         """Segment unlabelled slices [H, W] in [0, 1] (lung field from the segmenter)."""

@@ -1,4 +1,4 @@
-"""The stitch likelihood and the loss terms built on it (DESIGN-NOTES §3).
+"""The stitch likelihood and the loss terms built on it (docs/DESIGN.md §3).
 
 Per pixel the model gives segmentation logits `pi_logits` and Beta parameters `alpha`, `beta`
 of the four styles (background, healthy, GGO, consolidation):
@@ -213,3 +213,68 @@ def gaussian_kl_mc(
     log_q = tfd.Normal(_f32(mu_q), _f32(sigma_q)).log_prob(z)
     log_p = tfd.Normal(_f32(mu_p), _f32(sigma_p)).log_prob(z)
     return log_q - log_p
+
+
+def set_cross_entropy(pi_logits: TensorLike, allowed: TensorLike) -> tf.Tensor:
+    """Set-aware cross-entropy −log p(y ∈ S) per pixel, 0 where S holds every class.
+
+    pi_logits, allowed [B, H, W, K] -> [B, H, W] float32 (`focal_set_loss` with γ = 0).
+    """
+    return focal_set_loss(pi_logits, allowed, 0.0)
+
+
+def set_dice_terms(
+    probabilities: TensorLike, allowed: TensorLike, k: int
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Soft-Dice sums of class k under set semantics, per image: ([B], [B], [B]).
+
+    A pixel is positive when its allowed set is exactly {k}, negative when k is not allowed,
+    and left out otherwise (unlabelled, or "GGO or consolidation"). Returns Σ p_k·t,
+    Σ p_k over scored pixels, and Σ t.
+    """
+    probs, allowed = _f32(probabilities), _f32(allowed)
+    n_allowed = tf.reduce_sum(allowed, -1)
+    truth = tf.cast((allowed[..., k] > 0.5) & (n_allowed < 1.5), tf.float32)
+    scored = truth + tf.cast(allowed[..., k] < 0.5, tf.float32)
+    p = probs[..., k] * scored
+    axes = tf.range(1, tf.rank(p))
+    return (
+        tf.reduce_sum(p * truth, axes),
+        tf.reduce_sum(p, axes),
+        tf.reduce_sum(truth, axes),
+    )
+
+
+def soft_set_dice_loss(
+    pi_logits: TensorLike, allowed: TensorLike, classes=(2, 3), smooth: float = 1.0
+) -> tf.Tensor:
+    """1 − mean over `classes` of the batch soft Dice (nnU-Net's DC term), set-aware.
+
+    Sums run over the whole batch (as nnU-Net's batch Dice), so slices without a class do not
+    each pull its prediction to zero. pi_logits, allowed [B, H, W, K] -> scalar float32.
+    """
+    probs = tf.nn.softmax(_f32(pi_logits), axis=-1)
+    dices = []
+    for k in classes:
+        inter, pred, truth = (tf.reduce_sum(t) for t in set_dice_terms(probs, allowed, k))
+        dices.append((2.0 * inter + smooth) / (pred + truth + smooth))
+    return 1.0 - tf.add_n(dices) / float(len(dices))
+
+
+#: Bounds of the Beta concentration α + β of a style: a ceiling keeps every density finite
+#: (no log-density that grows without limit on constant pixels), the floor keeps it unimodal.
+CONCENTRATION_MIN = 2.0
+CONCENTRATION_MAX = 500.0
+
+
+def beta_from_mean_concentration(
+    mean_logits: TensorLike,
+    concentration_logits: TensorLike,
+    low: float = CONCENTRATION_MIN,
+    high: float = CONCENTRATION_MAX,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Bounded Beta parameters from unconstrained outputs: mean m = sigmoid(·), concentration
+    κ = low + (high − low)·sigmoid(·); α = m κ, β = (1 − m) κ. Shapes kept, float32."""
+    m = tf.sigmoid(_f32(mean_logits))
+    kappa = low + (high - low) * tf.sigmoid(_f32(concentration_logits))
+    return m * kappa, (1.0 - m) * kappa

@@ -1,4 +1,4 @@
-"""Evaluation metrics of the paper's Table 1 (DESIGN-NOTES §5), pure NumPy.
+"""Evaluation metrics of the paper's Table 1 (docs/DESIGN.md §5), pure NumPy.
 
 Scoring is per image and per *scored class*. A scored class is a set of model classes
 (`stitchnet_tf.data.classes`), given as allowed-set bits:
@@ -58,6 +58,8 @@ SCHEMES: dict[str, tuple[tuple[str, int], ...]] = {
     "multiclass": (("ggo", bits(GGO)), ("con", bits(CON)), ("background", NO_LESION)),
     "lesion": (("lesion", LESION), ("background", NO_LESION)),
 }
+#: The scored classes that are lesions (what the mean lesion Dice averages).
+LESION_CLASSES: tuple[str, ...] = ("ggo", "con", "lesion")
 METRICS: tuple[str, ...] = ("iou", "f1", "recall", "precision")
 ABSENT_POLICIES: tuple[str, ...] = ("exclude", "zero", "one")
 
@@ -185,6 +187,23 @@ def overall_row(class_means: dict[str, dict[str, float | None]]) -> dict[str, fl
         values = [c[m] for c in class_means.values() if c.get(m) is not None]
         row[m] = float(np.mean(values)) if values else None
     return row
+
+
+def lesion_dice(summary: dict[str, Any]) -> dict[str, float | None]:
+    """The per-image mean F1 (Dice) of each lesion class of a `Table1.summary()`: ``ggo`` and
+    ``con`` (scheme multiclass) or ``lesion`` (scheme lesion); None where no image was kept."""
+    return {
+        name: entry["f1"]["mean"]
+        for name, entry in summary["classes"].items()
+        if name in LESION_CLASSES
+    }
+
+
+def mean_lesion_dice(summary: dict[str, Any]) -> float | None:
+    """Mean lesion Dice of a `Table1.summary()`: the mean of the lesion classes' per-image mean
+    F1 (GGO and CON, or lesion), skipping a class without a mean; None if none has one."""
+    values = [v for v in lesion_dice(summary).values() if v is not None]
+    return float(np.mean(values)) if values else None
 
 
 def format_cell(mean: float | None, std: float | None = None, digits: int = 3) -> str:

@@ -51,9 +51,12 @@ class TrainConfig:
     steps_per_epoch: int = 100
     batch_size: int = 8
     labelled_per_batch: int | None = None
-    learning_rate: float = 3e-4
-    clipnorm: float | None = 1.0
-    clipvalue: float | None = 0.5
+    learning_rate: float = 1e-3
+    lr_schedule: str = "cosine"  # "cosine": linear warm-up, then cosine decay to 0; "constant"
+    warmup_steps: int | None = None  # default: 5% of the budget
+    global_clipnorm: float | None = None  # None: the model's default (StitchNet: 5.0)
+    clipnorm: float | None = None  # the paper's per-variable clipping: 1.0
+    clipvalue: float | None = None  # and 0.5
     seed: int = 0
     split: str | None = None
     fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
@@ -85,11 +88,15 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
 
 
-def build_model(name: str, options: dict, clipnorm=None, clipvalue=None, seed: int = 0):
+def build_model(
+    name: str, options: dict, clipnorm=None, clipvalue=None, seed: int = 0, global_clipnorm=None
+):
     """A fresh, uncompiled model by name: `stitchnet`, `unet` or `segnet`."""
     if name == "stitchnet":
         from stitchnet_tf.models.stitchnet import StitchNet
 
+        if global_clipnorm is not None:
+            options = options | {"global_clipnorm": global_clipnorm or None}
         return StitchNet(clipnorm=clipnorm, clipvalue=clipvalue, seed=seed, **options)
     if name in ("unet", "segnet"):
         from stitchnet_tf.models import baselines
@@ -97,6 +104,29 @@ def build_model(name: str, options: dict, clipnorm=None, clipvalue=None, seed: i
         cls = baselines.UNet if name == "unet" else baselines.SegNet
         return cls(clipnorm=clipnorm, clipvalue=clipvalue, seed=seed, **options)
     raise DataError(None, f"unknown model {name!r}: use one of {', '.join(MODELS)}")
+
+
+LR_SCHEDULES = ("cosine", "constant")
+
+
+def learning_rate_schedule(config: TrainConfig):
+    """The learning rate: constant, or a linear warm-up to `learning_rate` over
+    `warmup_steps` (default 5% of the budget) and a cosine decay to 0 at the last step."""
+    import keras
+
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise DataError(None, f"unknown learning-rate schedule {config.lr_schedule!r}")
+    if config.lr_schedule == "constant":
+        return config.learning_rate
+    total = config.epochs * config.steps_per_epoch
+    warmup = config.warmup_steps if config.warmup_steps is not None else total // 20
+    warmup = min(max(0, warmup), total - 1)
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if warmup else config.learning_rate,
+        decay_steps=total - warmup,
+        warmup_target=config.learning_rate if warmup else None,
+        warmup_steps=warmup,
+    )
 
 
 def _versions() -> dict:
@@ -126,28 +156,53 @@ def _make_callbacks(
     val_data,
     recalibration_steps: int,
     chief: bool = True,
+    val_set: Dataset | None = None,
+    size: int | None = None,
 ):
+    """The run's callbacks. With `val_set` (the val slices) and `size`, the best epoch is the
+    one with the highest per-image, lung-masked mean lesion Dice of `evaluation.SliceScorer`
+    (what `evaluate` reports); without, the pooled Keras-metric Dice of `val_data`."""
     import keras
     import numpy as np
 
     from stitchnet_tf.models.optim import recalibrate_batchnorm
 
+    scorer = None
+    if val_set is not None and size is not None:
+        from stitchnet_tf.evaluation import SliceScorer
+
+        scorer = SliceScorer(val_set, size)  # reads and prepares the val slices once
+
+    def per_image_scores(model) -> dict[str, float]:
+        scores = scorer.score(model)
+        out = {f"val_dice_{c}_image": v for c, v in scores["lesion_dice"].items()}
+        out["val_mean_lesion_dice"] = scores["mean_lesion_dice"]
+        return {k: float("nan") if v is None else float(v) for k, v in out.items()}
+
     class RunState(keras.callbacks.Callback):
-        """Each epoch: re-estimate BatchNorm statistics, validate, write the mean lesion Dice
-        into the logs, save last/best `.keras` and state.json; NaN-safe."""
+        """Each epoch: re-estimate BatchNorm statistics, validate (loss terms from `val_data`,
+        the mean lesion Dice per image from the scorer) into the logs, save last/best `.keras`
+        and state.json; NaN-safe."""
 
         def on_epoch_end(self, epoch, logs=None):
             logs = logs if logs is not None else {}
-            if np.isfinite(logs.get("loss", float("nan"))):
+            finite = np.isfinite(logs.get("loss", float("nan")))
+            if finite:
                 if recalibration_steps:
                     recalibrate_batchnorm(self.model, batches, recalibration_steps)
                 val = self.model.evaluate(val_data, verbose=0, return_dict=True)
                 logs.update({f"val_{k}": float(v) for k, v in val.items()})
-            if monitor == "ggo_con":
+            if scorer is not None:
+                score = 0.0
+                if finite:
+                    logs.update(per_image_scores(self.model))
+                    score = logs["val_mean_lesion_dice"]
+                    score = 0.0 if np.isnan(score) else score
+            elif monitor == "ggo_con":
                 score = (logs.get("val_dice_ggo", 0.0) + logs.get("val_dice_con", 0.0)) / 2
             else:
                 score = logs.get("val_dice_lesion", 0.0)
-            logs["val_mean_lesion_dice"] = float(score)
+            logs.setdefault("val_mean_lesion_dice", float(score))
             loss = logs.get("loss", float("nan"))
             if not np.isfinite(loss):
                 self.model.stop_training = True
@@ -399,9 +454,10 @@ def train(
                     config.clipnorm,
                     config.clipvalue,
                     config.seed,
+                    config.global_clipnorm,
                 )
                 model.compile(
-                    optimizer=keras.optimizers.Adam(config.learning_rate),
+                    optimizer=keras.optimizers.Adam(learning_rate_schedule(config)),
                     run_eagerly=config.run_eagerly,
                 )
             if replicas > 1:
@@ -427,6 +483,8 @@ def train(
                 val_data,
                 config.recalibration_steps,
                 chief,
+                val_set=val,
+                size=config.size,
             ),
             verbose=verbose,
         )

@@ -299,3 +299,44 @@ def test_low_precision_inputs_give_float32(dtype):
     kl = gaussian_kl(*(tf.cast(t, dtype) for t in (MU_Q, SIGMA_Q, MU_P, SIGMA_P)))
     assert kl.dtype == tf.float32
     np.testing.assert_allclose(kl.numpy(), gaussian_kl(MU_Q, SIGMA_Q, MU_P, SIGMA_P), atol=0.05)
+
+
+def test_soft_set_dice_loss_matches_numpy():
+    from stitchnet_tf.likelihood import soft_set_dice_loss
+
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(2, 8, 8, 4)).astype("float32")
+    allowed = np.zeros((2, 8, 8, 4), "float32")
+    allowed[..., 1] = 1
+    allowed[0, :3, :3] = [0, 0, 1, 0]  # GGO
+    allowed[1, 4:, 4:] = [0, 0, 0, 1]  # consolidation
+    allowed[1, :2] = [0, 0, 1, 1]  # "lesion": ignored by both classes' Dice
+    allowed[0, 6:] = 1  # unlabelled: ignored
+    p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    dices = []
+    for k in (2, 3):
+        truth = (allowed[..., k] == 1) & (allowed.sum(-1) == 1)
+        scored = truth | (allowed[..., k] == 0)
+        inter = (p[..., k] * truth).sum()
+        dices.append((2 * inter + 1) / ((p[..., k] * scored).sum() + truth.sum() + 1))
+    loss = float(soft_set_dice_loss(logits, allowed))
+    np.testing.assert_allclose(loss, 1 - np.mean(dices), rtol=1e-5)
+    perfect = np.where(allowed > 0, 20.0, -20.0).astype("float32")
+    perfect[..., 1] = np.where((allowed.sum(-1) == 1) & (allowed[..., 1] == 1), 20.0, -20.0)
+    assert float(soft_set_dice_loss(perfect[:1, :6], allowed[:1, :6])) < 0.05
+
+
+def test_beta_from_mean_concentration_is_bounded():
+    from stitchnet_tf.likelihood import (
+        CONCENTRATION_MAX,
+        CONCENTRATION_MIN,
+        beta_from_mean_concentration,
+    )
+
+    raw = np.array([-50.0, -3.0, 0.0, 3.0, 50.0], "float32")
+    alpha, beta = beta_from_mean_concentration(raw, raw[::-1])
+    total = (alpha + beta).numpy()
+    assert (total >= CONCENTRATION_MIN - 1e-5).all() and (total <= CONCENTRATION_MAX + 1e-3).all()
+    np.testing.assert_allclose(alpha / (alpha + beta), 1 / (1 + np.exp(-raw)), rtol=1e-5)
+    # the log-density of a constant pixel is bounded: no spike as training sharpens a style
+    assert float(tf.reduce_max(beta_log_prob(np.full((1,), 0.3), alpha, beta))) < 5.0

@@ -16,6 +16,8 @@ from stitchnet_tf.metrics import (
     Table1,
     confusion_counts,
     image_scores,
+    lesion_dice,
+    mean_lesion_dice,
     merge_markdown,
     overall_row,
 )
@@ -256,7 +258,7 @@ def test_overall_is_the_mean_of_the_class_means():
     assert one.summary()["overall"] == pytest.approx(expected)
 
 
-# The paper's Table 1 class means (DESIGN-NOTES §5) and its published Overall rows.
+# The paper's Table 1 class means (docs/DESIGN.md §5) and its published Overall rows.
 PAPER = {
     "U-Net": {
         "ggo": (0.391, 0.499, 0.608, 0.470),
@@ -423,6 +425,25 @@ def test_empty_table_and_fully_left_out_class():
     s = t.summary()
     assert s["classes"]["lesion"]["iou"] == {"mean": None, "std": None}
     assert s["overall"]["iou"] == 1.0  # only background has a mean
+
+
+def test_mean_lesion_dice_averages_the_lesion_classes_per_image_f1():
+    t = Table1()
+    t.add("a", PRED, TRUTH)
+    t.add("b", np.where(PRED == 3, 2, PRED), TRUTH)  # CON called GGO: CON F1 0
+    s = t.summary()
+    dice = lesion_dice(s)
+    assert set(dice) == {"ggo", "con"}
+    assert dice["ggo"] == s["classes"]["ggo"]["f1"]["mean"]
+    con_a = t.per_image_rows()[1]["f1"]  # image a, class con
+    assert dice["con"] == s["classes"]["con"]["f1"]["mean"] == pytest.approx(con_a / 2)
+    assert mean_lesion_dice(s) == pytest.approx((dice["ggo"] + dice["con"]) / 2)
+    # lesion scheme: the lesion class alone; no lesion anywhere: None
+    t = Table1(scheme="lesion")
+    t.add("no-lesion", np.zeros((4, 4), int), np.full((4, 4), NO_LESION, np.uint8))
+    assert lesion_dice(t.summary()) == {"lesion": None} and mean_lesion_dice(t.summary()) is None
+    t.add("lesion", np.full((4, 4), 2), np.full((4, 4), LESION, np.uint8))
+    assert mean_lesion_dice(t.summary()) == 1.0
 
 
 def test_no_tensorflow_import():

@@ -29,10 +29,7 @@ TABLE2 = {  # level: (z shape, d shape) at 352 x 352
 
 def lesion_dice(model, x, allowed, training=True):
     """Dice of GGO-or-consolidation over the exactly labelled pixels, z at the posterior mean."""
-    ds = model.backbone(x, training=training)
-    out = model.head(
-        model.ladder(ds, training=training, sample=False)["features"], training=training
-    )
+    out = model.forward(x, training=training, sample=False)
     pred = np.argmax(model.class_probabilities(x, out), -1) >= 2
     truth = allowed[..., 2:].sum(-1) == allowed.sum(-1)
     return 2 * (pred & truth).sum() / (pred.sum() + truth.sum())
@@ -48,7 +45,7 @@ def trained(batch):
     """A tiny StitchNet trained on one synthetic batch, with its loss history."""
     keras.utils.set_random_seed(0)
     x, allowed = batch
-    model = StitchNet(**TINY, supervised_weight=100.0, focal_gamma=2.0)
+    model = StitchNet(**TINY)
     model.compile(optimizer=keras.optimizers.Adam(3e-3))
     data = tf.data.Dataset.from_tensors({"x": x, "allowed": allowed}).repeat()
     history = model.fit(data, epochs=8, steps_per_epoch=50, verbose=0)
@@ -291,3 +288,130 @@ def test_group_norm_option_has_no_batchnorm_in_the_ladder():
     assert not any(isinstance(la, keras.layers.BatchNormalization) for la in inner)
     assert any(isinstance(la, keras.layers.GroupNormalization) for la in inner)
     assert StitchNet.from_config(model.get_config()).get_config()["norm"] == "group"
+
+
+def test_inference_mode_matches_training_mode_after_training(trained, batch):
+    """The shared mapping (b) normalises each use on its own (GroupNorm): inference-mode KL and
+    π equal training-mode ones (z at the posterior mean in both), level by level."""
+    model, _ = trained
+    x, _ = batch
+    train_mode = model.forward(x, training=True, sample=False)
+    infer_mode = model.forward(x, training=False, sample=False)
+    kl_train = np.asarray(train_mode["kl"]).mean(0)
+    kl_infer = np.asarray(infer_mode["kl"]).mean(0)
+    for level, (a, b) in enumerate(zip(kl_train, kl_infer, strict=True), 1):
+        if max(a, b) > 1e-3:
+            assert 1 / 1.5 <= a / b <= 1.5, (level, a, b)
+    p_train = tf.nn.softmax(train_mode["pi_logits"]).numpy()
+    p_infer = tf.nn.softmax(infer_mode["pi_logits"]).numpy()
+    assert np.abs(p_train - p_infer).mean() < 0.05
+
+
+def test_batch_norm_in_the_shared_mapping_breaks_inference():
+    """Why the default is GroupNorm: with the paper's BatchNorm, the two uses of (b) share
+    moving statistics, and inference-mode KL is far from training-mode KL."""
+    keras.utils.set_random_seed(0)
+    x, allowed = lesion_batch()
+    model = StitchNet(**TINY, norm="batch")
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), run_eagerly=True)
+    data = tf.data.Dataset.from_tensors({"x": x, "allowed": allowed}).repeat()
+    model.fit(data, epochs=1, steps_per_epoch=3, verbose=0)
+    grouped = StitchNet(**TINY)
+    for m in (model, grouped):
+        kl_train = float(np.asarray(m.forward(x, training=True, sample=False)["kl"]).sum())
+        kl_infer = float(np.asarray(m.forward(x, training=False, sample=False)["kl"]).sum())
+        ratio = max(kl_train, kl_infer) / max(min(kl_train, kl_infer), 1e-9)
+        if m is grouped:
+            assert ratio < 1.5
+        else:
+            assert ratio > 1.5
+
+
+def test_initial_kl_is_small_and_gradients_are_balanced(batch):
+    """Zero-initialised (b) outputs: q̂ = prior at initialisation, so the KL starts at the
+    merge's 0.097 nats per latent pixel; no block's gradient dwarfs the head's."""
+    x, allowed = batch
+    keras.utils.set_random_seed(0)
+    model = StitchNet(**TINY)
+    with tf.GradientTape() as tape:
+        out = model(x, training=True)
+        loss = model.compute_terms(x, allowed, out)["loss"]
+    grads = tape.gradient(loss, model.trainable_variables)
+    latent_pixels = sum((64 // 2**i) ** 2 for i in range(1, 6))
+    kl = float(np.asarray(out["kl"]).sum(1).mean())
+    assert kl <= 0.1 * latent_pixels
+    blocks: dict[str, list] = {}
+    for v, g in zip(model.trainable_variables, grads, strict=True):
+        if g is not None:
+            blocks.setdefault(model._variable_block(v.path), []).append(g)
+    norms = {k: float(tf.linalg.global_norm(v)) for k, v in blocks.items()}
+    assert set(norms) == {"backbone", "head", *(f"level_{i}" for i in range(1, 6))}
+    assert max(norms.values()) <= 100 * norms["head"]
+
+
+def test_compute_terms_equals_a_hand_computation():
+    """recon, supervised and KL in nats per lung pixel, computed again with NumPy/SciPy."""
+    from scipy import special, stats
+
+    model = StitchNet(**TINY)
+    rng = np.random.default_rng(0)
+    b, h, k = 2, 32, 4
+    x = rng.uniform(0.05, 0.95, (b, h, h, 1)).astype("float32")
+    allowed = np.zeros((b, h, h, k), "float32")
+    classes = rng.integers(0, 4, (b, h, h))
+    allowed[np.arange(b)[:, None, None], np.arange(h)[None, :, None], np.arange(h), classes] = 1
+    allowed[1, :8] = 1  # unlabelled rows
+    out = {
+        "pi_logits": rng.normal(size=(b, h, h, k)).astype("float32"),
+        "alpha": rng.uniform(1, 5, (b, h, h, k)).astype("float32"),
+        "beta": rng.uniform(1, 5, (b, h, h, k)).astype("float32"),
+        "kl": rng.uniform(0, 10, (b, 5)).astype("float32"),
+    }
+    terms = model.compute_terms(x, allowed, out)
+    log_pi = special.log_softmax(out["pi_logits"], -1)
+    log_beta = stats.beta.logpdf(x, out["alpha"], out["beta"])
+    joint = np.where(allowed > 0, log_pi + log_beta, -np.inf)
+    ll = special.logsumexp(joint, -1)
+    lung = ~((allowed[..., 0] == 1) & (allowed.sum(-1) == 1))
+    np.testing.assert_allclose(float(terms["recon"]), -ll[lung].mean(), rtol=1e-4)
+    np.testing.assert_allclose(float(terms["kl"]), out["kl"].sum() / lung.sum(), rtol=1e-4)
+    labelled = allowed.sum(-1) < 4
+    log_p_set = special.logsumexp(np.where(allowed > 0, log_pi, -np.inf), -1)
+    ce = -log_p_set[labelled].mean()
+    p = special.softmax(out["pi_logits"], -1)
+    dice = []
+    for c in (2, 3):
+        truth = (allowed[..., c] == 1) & (allowed.sum(-1) == 1)
+        scored = truth | (allowed[..., c] == 0)
+        inter, pred = (p[..., c] * truth).sum(), (p[..., c] * scored).sum()
+        dice.append((2 * inter + 1) / (pred + truth.sum() + 1))
+    np.testing.assert_allclose(float(terms["supervised"]), ce + 1 - np.mean(dice), rtol=1e-4)
+    total = float(terms["recon"]) + float(terms["kl"]) + float(terms["supervised"])
+    np.testing.assert_allclose(float(terms["loss"]), total, rtol=1e-5)
+
+
+def test_global_norm_clipping_and_gradient_monitor():
+    from stitchnet_tf.models.optim import GradientMonitor, clip_gradients
+
+    grads = [tf.constant([3.0, 4.0]), None, tf.constant([12.0])]
+    monitor = GradientMonitor(["a", "b"])
+    out = clip_gradients(grads, None, None, None, 6.5, monitor=monitor, blocks=["a", "b", "b"])
+    assert out[1] is None
+    np.testing.assert_allclose(out[0], [1.5, 2.0], rtol=1e-6)  # norm 13 -> 6.5
+    np.testing.assert_allclose(out[2], [6.0], rtol=1e-6)
+    assert float(monitor.global_norm.result()) == pytest.approx(13.0)
+    assert float(monitor.clipped.result()) == 1.0
+    assert float(monitor.norms["a"].result()) == pytest.approx(5.0)
+    same = clip_gradients(grads, None, None, None, 100.0, monitor=monitor, blocks=["a", "b", "b"])
+    np.testing.assert_allclose(same[0], [3.0, 4.0])
+    assert float(monitor.clipped.result()) == 0.5  # one of two steps clipped
+
+
+def test_styles_have_bounded_beta_parameters(trained, batch):
+    from stitchnet_tf.likelihood import CONCENTRATION_MAX, CONCENTRATION_MIN
+
+    model, _ = trained
+    x, _ = batch
+    out = model(x, training=False)
+    total = (out["alpha"] + out["beta"]).numpy()
+    assert total.min() >= CONCENTRATION_MIN - 1e-4 and total.max() <= CONCENTRATION_MAX + 1e-3

@@ -4,7 +4,7 @@ Every label, exact or partial, becomes per pixel the set of classes it allows, s
 4-bit mask (bit k set = class k allowed). The model marginalises over exactly this set, so
 labelled, partially labelled and unlabelled pixels share one code path.
 
-Classes (DESIGN-NOTES §1): 0 background (outside the lung field), 1 healthy lung,
+Classes (docs/DESIGN.md §1): 0 background (outside the lung field), 1 healthy lung,
 2 ground-glass opacity (GGO), 3 consolidation (CON).
 """
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-#: The lung window (DESIGN-NOTES §1): level -600 HU, width 1500 HU.
+#: The lung window (docs/DESIGN.md §1): level -600 HU, width 1500 HU.
 LUNG_WINDOW_LEVEL = -600.0
 LUNG_WINDOW_WIDTH = 1500.0
 

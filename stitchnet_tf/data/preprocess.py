@@ -155,12 +155,14 @@ class RawSlice:
 @dataclass
 class Prepared:
     """A slice ready for the model: x [S, S] float32 in [0, 1] (zero outside the lung field),
-    allowed [S, S] uint8 bit sets, lung [S, S] bool lung field, and its `Geometry`."""
+    allowed [S, S] uint8 bit sets, lung [S, S] bool lung field, its `Geometry`, and the lung
+    field [H, W] bool in the original geometry (`field`)."""
 
     x: np.ndarray
     allowed: np.ndarray
     lung: np.ndarray
     geometry: Geometry
+    field: np.ndarray | None = None
 
 
 def _same_size(mask: np.ndarray, image: np.ndarray, path: str, what: str) -> None:
@@ -197,6 +199,7 @@ def prepare(
     segmenter=None,
     margin: float = DEFAULT_MARGIN,
     already_cropped: bool = False,
+    use_labels: bool = True,
 ) -> Prepared:
     """The paper's preprocessing of one slice.
 
@@ -208,6 +211,10 @@ def prepare(
         margin: crop margin as a fraction of the lung field's larger side.
         already_cropped: the slice comes from `preprocess` output: its lung mask is the lung
             field and no further crop is made (only a resize if the size differs).
+        use_labels: the lung field also takes the label's lesion and healthy-lung pixels and
+            drops its exact-background ones (training). False for evaluation and prediction:
+            the field, the crop and x come from the image alone (the supplied lung mask or the
+            segmenter); `allowed` still carries the label, for scoring.
     """
     lung = raw.lung
     if lung is None:
@@ -216,7 +223,10 @@ def prepare(
 
             segmenter = default_segmenter()
         lung = segmenter(raw.image)
-    field = lung_field_of(raw.allowed, lung)
+    if use_labels:
+        field = lung_field_of(raw.allowed, lung)
+    else:
+        field = np.asarray(lung).astype(bool)
     allowed = combine_with_lung(raw.allowed, field)
     if already_cropped:
         geometry = Geometry.identity(raw.image.shape, size)
@@ -224,13 +234,14 @@ def prepare(
         geometry = Geometry.from_field(field, size, margin)
     x = np.where(field, raw.image, 0.0).astype(np.float32)
     lung_model = geometry.to_model(field, "nearest", fill=False)
-    # zero again after resizing, so that x is exactly 0 wherever the label says background
+    # zero again after resizing, so that x is exactly 0 outside the (model-size) lung field
     x_model = np.where(lung_model, np.clip(geometry.to_model(x, "linear"), 0.0, 1.0), 0.0)
     return Prepared(
         x=x_model.astype(np.float32),
         allowed=geometry.to_model(allowed, "nearest", fill=bits(BACKGROUND)),
         lung=lung_model,
         geometry=geometry,
+        field=field,
     )
 
 

@@ -1,4 +1,4 @@
-"""The paper's two supervised baselines: a MobileNetV2 U-Net and SegNet (DESIGN-NOTES §4).
+"""The paper's two supervised baselines: a MobileNetV2 U-Net and SegNet (docs/DESIGN.md §4).
 
 Both are 3-class segmenters (0 no lesion, 1 GGO, 2 consolidation) trained on the same batches
 as StitchNet ({"x", "allowed"}, see `stitchnet_tf.data.pipeline`). A pixel's allowed set S over

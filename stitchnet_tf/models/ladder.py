@@ -1,10 +1,11 @@
 """The SVAE: a ladder VAE whose d → z mapping is shared by inference and generation.
 
-Top-down pass with x given (DESIGN-NOTES §2):
+Top-down pass with x given (docs/DESIGN.md §2):
 1. level L: q(z_L | x) = (b)_L(d_L), prior N(0, I);
-2. for i = L−1 … 1: d̃_i = (a)_{i+1}((c)_{i+1}(z_{i+1})); prior p(z_i | z_{i+1}) = (b)_i(d̃_i);
+2. for i = L−1 … 1: d̃_i = (a)_{i+1}(h_{i+1}); prior p(z_i | z_{i+1}) = (b)_i(d̃_i);
    q̂ = (b)_i(d_i); posterior = precision-weighted merge of q̂ and the prior;
-3. (c)_1(z_1) -> the features the StitchNet head turns into π, α, β.
+   h_i = d̃_i + g_i·(c)_i(z_i) (a residual top-down stream; the paper has h_i = (c)_i(z_i));
+3. h_1 -> the features the StitchNet head turns into π, α, β.
 Generation runs the same pass with q = p at every level.
 """
 
@@ -14,7 +15,7 @@ import keras
 from keras import layers, ops
 
 from stitchnet_tf.likelihood import gaussian_kl, gaussian_kl_mc
-from stitchnet_tf.models.layers import LatentParams, LatentToFeatures, TopDown
+from stitchnet_tf.models.layers import RESIDUAL_GAIN, LatentParams, LatentToFeatures, TopDown
 
 KL_ESTIMATORS = ("analytic", "mc")
 
@@ -43,6 +44,7 @@ class SVAELadder(layers.Layer):
         kl: `analytic` Gaussian KL, or `mc` (single-sample log q − log p, the authors').
         seed: seeds the reparameterised samples.
         norm: `batch` (the paper) or `group` normalisation in every block.
+        upsample: `resize` (×2 resize then conv) or `transpose` (the paper's) in mapping (a).
 
     `call(ds, training, sample)` returns a dict:
         features [B, H/2, W/2, f_1]; kl [B, L] (KL of level i, summed over its pixels, in column
@@ -57,13 +59,14 @@ class SVAELadder(layers.Layer):
         kl: str = "analytic",
         seed: int | None = None,
         norm: str = "batch",
+        upsample: str = "resize",
         **kwargs,
     ):
         super().__init__(**kwargs)
         if kl not in KL_ESTIMATORS:
             raise ValueError(f"kl must be one of {KL_ESTIMATORS}, got {kl!r}")
         self.filters, self.light_c, self.kl, self.seed = tuple(filters), light_c, kl, seed
-        self.norm = norm
+        self.norm, self.upsample = norm, upsample
         policy = self.dtype_policy
         n = len(self.filters)
         # (b): ONE layer per level, used on d_i (inference) and on d̃_i (prior)
@@ -78,10 +81,21 @@ class SVAELadder(layers.Layer):
         ]
         # (a): d_{i+1} -> d̃_i, for i = 1 … L−1
         self.top_down = [
-            TopDown(self.filters[i], norm=norm, dtype=policy, name=f"a_{i + 2}")
+            TopDown(self.filters[i], norm=norm, upsample=upsample, dtype=policy, name=f"a_{i + 2}")
             for i in range(n - 1)
         ]
         self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def build(self, input_shape):
+        self.gains = [
+            self.add_weight(
+                shape=(),
+                initializer=keras.initializers.Constant(RESIDUAL_GAIN),
+                name=f"gain_{i + 1}",
+                dtype="float32",
+            )
+            for i in range(self.levels)
+        ]
 
     @property
     def levels(self) -> int:
@@ -100,40 +114,54 @@ class SVAELadder(layers.Layer):
             kl = gaussian_kl_mc(z, mu_q, sigma_q, mu_p, sigma_p)
         return ops.sum(kl, axis=(1, 2, 3))
 
+    def _descend(self, ds, training, sample, kl, top_shape=None):
+        """The one top-down pass. With bottom-up features `ds` the posterior of every level is
+        the merge of q̂ = (b)_i(d_i) with the prior; with `ds=None` (generation) q = p.
+
+        The top-down stream is residual: h_L = g_L·(c)_L(z_L) and, for i < L,
+        d̃_i = (a)_{i+1}(h_{i+1}), h_i = d̃_i + g_i·(c)_i(z_i), where g_i is a learnt gain that
+        starts at `RESIDUAL_GAIN`. Each level adds to the stream instead of replacing it
+        (VDVAE, NVAE), which keeps gradients through the five-level chain bounded.
+        """
+        n = self.levels
+        out = {k: [None] * n for k in ("z", "mu", "sigma", "prior_mu", "prior_sigma")}
+        kls = [None] * n
+        h = None
+        for i in range(n - 1, -1, -1):
+            if h is None:  # top level: prior N(0, I)
+                if ds is not None:
+                    mu, sigma = self.latent_params[i](ds[i], training=training)
+                else:
+                    mu = ops.zeros(top_shape)
+                    sigma = ops.ones(top_shape)
+                prior_mu, prior_sigma = ops.zeros_like(mu), ops.ones_like(mu)
+            else:
+                d_tilde = self.top_down[i](h, training=training)
+                prior_mu, prior_sigma = self.latent_params[i](d_tilde, training=training)
+                if ds is not None:
+                    mu_hat, sigma_hat = self.latent_params[i](ds[i], training=training)
+                    mu, sigma = precision_weighted_merge(mu_hat, sigma_hat, prior_mu, prior_sigma)
+                else:
+                    mu, sigma = prior_mu, prior_sigma
+            z = self._draw(mu, sigma, sample)
+            out["z"][i], out["mu"][i], out["sigma"][i] = z, mu, sigma
+            out["prior_mu"][i], out["prior_sigma"][i] = prior_mu, prior_sigma
+            if kl:
+                kls[i] = self._kl(z, mu, sigma, prior_mu, prior_sigma)
+            branch = self.to_features[i](ops.cast(z, self.compute_dtype), training=training)
+            branch = ops.cast(self.gains[i], branch.dtype) * branch
+            h = branch if h is None else d_tilde + branch
+        out = {"features": h, **out}
+        if kl:
+            out["kl"] = ops.stack(kls, axis=1)
+        return out
+
     def call(self, ds, training=None, sample=None, kl=True):
         """Inference path: bottom-up features `ds` -> features for the head, the z, q and p
         parameters of every level and the per-level KL [B, L] (`kl=False` leaves the KL out,
         for the exported segmentation path)."""
         sample = bool(training) if sample is None else sample
-        n = self.levels
-        mu, sigma = self.latent_params[-1](ds[-1], training=training)
-        prior_mu, prior_sigma = ops.zeros_like(mu), ops.ones_like(mu)
-        z = self._draw(mu, sigma, sample)
-        out = {k: [None] * n for k in ("z", "mu", "sigma", "prior_mu", "prior_sigma")}
-        kls = [None] * n
-
-        def keep(i, z, mu, sigma, prior_mu, prior_sigma):
-            out["z"][i], out["mu"][i], out["sigma"][i] = z, mu, sigma
-            out["prior_mu"][i], out["prior_sigma"][i] = prior_mu, prior_sigma
-            if kl:
-                kls[i] = self._kl(z, mu, sigma, prior_mu, prior_sigma)
-
-        keep(n - 1, z, mu, sigma, prior_mu, prior_sigma)
-        for i in range(n - 2, -1, -1):
-            d_tilde = self.top_down[i](
-                self.to_features[i + 1](ops.cast(z, self.compute_dtype), training=training),
-                training=training,
-            )
-            prior_mu, prior_sigma = self.latent_params[i](d_tilde, training=training)
-            mu_hat, sigma_hat = self.latent_params[i](ds[i], training=training)
-            mu, sigma = precision_weighted_merge(mu_hat, sigma_hat, prior_mu, prior_sigma)
-            z = self._draw(mu, sigma, sample)
-            keep(i, z, mu, sigma, prior_mu, prior_sigma)
-        features = self.to_features[0](ops.cast(z, self.compute_dtype), training=training)
-        out = {"features": features, **out}
-        if kl:
-            out["kl"] = ops.stack(kls, axis=1)
-        return out
+        return self._descend(ds, training, sample, kl)
 
     def generate(self, top_shape, training=False, sample=True):
         """Generation (no x): z_L ~ N(0, I), then z_i ~ p(z_i | z_{i+1}); q = p everywhere.
@@ -141,23 +169,8 @@ class SVAELadder(layers.Layer):
         `top_shape` is (B, h_L, w_L, 1). With `sample=False` every z is its prior mean.
         Returns the features of `call` and the list of z.
         """
-        z = (
-            keras.random.normal(top_shape, seed=self.seed_generator)
-            if sample
-            else ops.zeros(top_shape)
-        )
-        zs = [None] * self.levels
-        zs[-1] = z
-        for i in range(self.levels - 2, -1, -1):
-            d_tilde = self.top_down[i](
-                self.to_features[i + 1](ops.cast(z, self.compute_dtype), training=training),
-                training=training,
-            )
-            mu, sigma = self.latent_params[i](d_tilde, training=training)
-            z = self._draw(mu, sigma, sample)
-            zs[i] = z
-        features = self.to_features[0](ops.cast(z, self.compute_dtype), training=training)
-        return features, zs
+        out = self._descend(None, training, sample, kl=False, top_shape=top_shape)
+        return out["features"], out["z"]
 
     def get_config(self):
         return super().get_config() | {
@@ -166,4 +179,5 @@ class SVAELadder(layers.Layer):
             "kl": self.kl,
             "seed": self.seed,
             "norm": self.norm,
+            "upsample": self.upsample,
         }

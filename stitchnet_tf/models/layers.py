@@ -1,12 +1,17 @@
-"""The SVAE's building blocks (paper Fig. 4 and Fig. 5, DESIGN-NOTES §2).
+"""The SVAE's building blocks (paper Fig. 4 and Fig. 5, docs/DESIGN.md §2).
 
 - `Conv`: the paper's convolution; above 64 filters the authors' "linear bottleneck"
   (1×1 down to f/4 → k×k at f/4 → 1×1 back to f), else a plain k×k conv.
-- `ResBlock`: pre-activation residual block, BN → ReLU → Conv → BN → ReLU → Conv, + skip.
+- `ResBlock`: pre-activation residual block, Norm → ReLU → Conv → Norm → ReLU → Conv, scaled
+  by a learnt gain (initialised small, so a deep stack starts close to the identity) + skip.
 - `Smooth`: Conv → BN → ReLU → Conv, then `n_res` ResBlocks, then BN → ReLU; `LightSmooth`
   is `Smooth(n_res=1)`, the paper's Smooth has 3.
+- `Upsample`: ×2 resize then 3×3 conv (the paper's 4×4 stride-2 transposed conv drew
+  checkerboard patterns in styles and samples; `mode="transpose"` keeps it).
 - The three mappings per level: (a) `TopDown` d_i → d̃_{i−1}, (b) `LatentParams` d → (μ, σ)
-  of z (shared by inference and generation), (c) `LatentToFeatures` z_i → d_i.
+  of z (shared by inference and generation; its output convolutions start at zero, so q̂
+  starts equal to the prior), (c) `LatentToFeatures` z_i → d_i.
+See docs/DESIGN.md for the departures from the paper and why.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import keras
 from keras import layers, ops
 
 BOTTLENECK_ABOVE = 64  # the paper: linear bottleneck convolutions where filters > 64
-SIGMA_FLOOR = 1e-3
+SIGMA_FLOOR = 1e-2
+#: initial gain of residual branches (ResBlock, the (c) branch added to the top-down stream)
+RESIDUAL_GAIN = 0.1
 
 
 def _register(cls):
@@ -115,7 +122,11 @@ class Conv(layers.Layer):
 
 @_register
 class ResBlock(layers.Layer):
-    """Pre-activation residual block keeping shape: x + Conv(ReLU(BN(Conv(ReLU(BN(x))))))."""
+    """Pre-activation residual block keeping shape: x + g · Conv(ReLU(N(Conv(ReLU(N(x)))))).
+
+    g is a learnt scalar starting at `RESIDUAL_GAIN`: stacks of blocks start near the identity,
+    which keeps gradients through the deep top-down chain from growing level by level.
+    """
 
     def __init__(self, filters: int, norm: str = "batch", **kwargs):
         super().__init__(**kwargs)
@@ -126,10 +137,18 @@ class ResBlock(layers.Layer):
         self.bn2 = Norm(self.norm, dtype=self.dtype_policy)
         self.conv2 = Conv(self.filters, norm=self.norm, dtype=self.dtype_policy)
 
+    def build(self, input_shape):
+        self.gain = self.add_weight(
+            shape=(),
+            initializer=keras.initializers.Constant(RESIDUAL_GAIN),
+            name="gain",
+            dtype="float32",
+        )
+
     def call(self, x, training=None):
         h = self.conv1(ops.relu(self.bn1(x, training=training)), training=training)
         h = self.conv2(ops.relu(self.bn2(h, training=training)), training=training)
-        return x + h
+        return x + ops.cast(self.gain, h.dtype) * h
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -181,19 +200,32 @@ def LightSmooth(filters: int, **kwargs) -> Smooth:  # noqa: N802 (a block name f
     return Smooth(filters, n_res=1, **kwargs)
 
 
+UPSAMPLE_MODES = ("resize", "transpose")
+
+
 @_register
 class Upsample(layers.Layer):
-    """4×4 transposed convolution, stride 2, → BN → ReLU: [B,h,w,C] -> [B,2h,2w,filters].
+    """×2 upsampling to `filters` channels → Norm → ReLU: [B,h,w,C] -> [B,2h,2w,filters].
 
-    Above 64 filters it runs at f/4 between two 1×1 convolutions, like `Conv`.
+    `mode="resize"` (default): nearest-neighbour ×2 then a 3×3 `Conv` (bottlenecked above 64
+    filters), free of the checkerboard artefacts of strided transposed convolutions.
+    `mode="transpose"`: the paper's 4×4 stride-2 transposed convolution (run at f/4 between two
+    1×1 convolutions above 64 filters).
     """
 
-    def __init__(self, filters: int, norm: str = "batch", **kwargs):
+    def __init__(self, filters: int, norm: str = "batch", mode: str = "resize", **kwargs):
         super().__init__(**kwargs)
-        self.norm = norm
+        if mode not in UPSAMPLE_MODES:
+            raise ValueError(f"mode must be one of {UPSAMPLE_MODES}, got {mode!r}")
+        self.norm, self.mode = norm, mode
         self.filters = int(filters)
         policy = self.dtype_policy
-        if self.filters > BOTTLENECK_ABOVE:
+        if mode == "resize":
+            self.steps = [
+                layers.UpSampling2D(2, interpolation="nearest", dtype=policy),
+                Conv(self.filters, norm=norm, dtype=policy),
+            ]
+        elif self.filters > BOTTLENECK_ABOVE:
             inner = max(1, self.filters // 4)
             self.steps = [
                 layers.Conv2D(inner, 1, use_bias=False, dtype=policy),
@@ -222,22 +254,26 @@ class Upsample(layers.Layer):
         return (b, None if h is None else 2 * h, None if w is None else 2 * w, self.filters)
 
     def get_config(self):
-        return super().get_config() | {"norm": self.norm, "filters": self.filters}
+        return super().get_config() | {
+            "norm": self.norm,
+            "filters": self.filters,
+            "mode": self.mode,
+        }
 
 
 @_register
 class TopDown(layers.Layer):
-    """Mapping (a), d_i -> d̃_{i−1}: Upsample (4×4 transposed conv) → LightSmooth.
+    """Mapping (a), d_i -> d̃_{i−1}: Upsample (×2) → LightSmooth.
 
     [B, h, w, f_i] -> [B, 2h, 2w, `filters`] with `filters` = f_{i−1}, so that the shared
     mapping (b) of level i−1 applies to d̃_{i−1} as to the bottom-up d_{i−1}.
     """
 
-    def __init__(self, filters: int, norm: str = "batch", **kwargs):
+    def __init__(self, filters: int, norm: str = "batch", upsample: str = "resize", **kwargs):
         super().__init__(**kwargs)
-        self.norm = norm
+        self.norm, self.upsample = norm, upsample
         self.filters = int(filters)
-        self.up = Upsample(self.filters, norm=self.norm, dtype=self.dtype_policy)
+        self.up = Upsample(self.filters, norm=self.norm, mode=upsample, dtype=self.dtype_policy)
         self.smooth = LightSmooth(self.filters, norm=self.norm, dtype=self.dtype_policy)
 
     def call(self, d, training=None):
@@ -247,7 +283,11 @@ class TopDown(layers.Layer):
         return self.up.compute_output_shape(input_shape)
 
     def get_config(self):
-        return super().get_config() | {"norm": self.norm, "filters": self.filters}
+        return super().get_config() | {
+            "norm": self.norm,
+            "filters": self.filters,
+            "upsample": self.upsample,
+        }
 
 
 @_register
@@ -257,7 +297,10 @@ class LatentParams(layers.Layer):
     Conv 3×3 to f/2 → LightSmooth, then two branches, each Conv 3×3 to f/4 → LightSmooth →
     Conv 3×3 to 1 channel: μ, and σ = softplus(·) + floor. [B,h,w,f] -> ([B,h,w,1], [B,h,w,1]),
     float32. One instance per level serves both the bottom-up d_i (inference, q̂) and the
-    top-down d̃_i (generation, the prior): the SVAE's shared weights.
+    top-down d̃_i (generation, the prior): the SVAE's shared weights. The two output
+    convolutions start at zero, so at initialisation q̂ = prior = N(0, (softplus(0) + floor)²)
+    and the first KL is only the merge's, about 0.1 nats per latent pixel (no 1/σ² blow-up
+    through the merge and the KL on the first steps).
     """
 
     def __init__(self, filters: int, norm: str = "batch", **kwargs):
@@ -276,8 +319,12 @@ class LatentParams(layers.Layer):
             Conv(quarter, norm=self.norm, dtype=policy),
             LightSmooth(quarter, norm=self.norm, dtype=policy),
         ]
-        self.mu_out = layers.Conv2D(1, 3, padding="same", dtype="float32")
-        self.sigma_out = layers.Conv2D(1, 3, padding="same", dtype="float32")
+        self.mu_out = layers.Conv2D(
+            1, 3, padding="same", kernel_initializer="zeros", dtype="float32"
+        )
+        self.sigma_out = layers.Conv2D(
+            1, 3, padding="same", kernel_initializer="zeros", dtype="float32"
+        )
 
     def call(self, d, training=None):
         h = self.smooth(self.conv(d, training=training), training=training)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import tensorflow as tf
 from keras import ops
 
+from stitchnet_tf.models.options import DEFAULT_GLOBAL_CLIPNORM  # noqa: F401 (re-exported)
+
 
 def replica_loss(loss):
     """A replica's share of the loss to differentiate: its mean loss / replicas in sync.
@@ -19,8 +21,47 @@ def replica_loss(loss):
     return loss if replicas == 1 else loss * (1.0 / replicas)
 
 
-def clip_gradients(grads, optimizer, clipnorm: float | None, clipvalue: float | None):
-    """Per-variable value then norm clipping, in the units of the unscaled loss.
+class GradientMonitor:
+    """Per-block gradient norms, the global norm and whether clipping bound, as Keras metrics.
+
+    `blocks` are block names (e.g. backbone, level_1 … level_5, head); each gets a Mean metric
+    `grad_<block>` of its gradient norm, plus `grad_norm` (global, before clipping) and
+    `clipped` (share of steps whose gradients were clipped). They show in `fit`'s logs, the
+    CSV log and TensorBoard.
+    """
+
+    def __init__(self, blocks):
+        import keras
+
+        self.blocks = list(blocks)
+        self.norms = {b: keras.metrics.Mean(name=f"grad_{b}") for b in self.blocks}
+        self.global_norm = keras.metrics.Mean(name="grad_norm")
+        self.clipped = keras.metrics.Mean(name="clipped")
+
+    @property
+    def metrics(self) -> list:
+        return [self.global_norm, self.clipped, *self.norms.values()]
+
+    def update(self, grads, blocks, global_norm, clipped) -> None:
+        for name in self.blocks:
+            part = [g for g, b in zip(grads, blocks, strict=True) if b == name and g is not None]
+            if part:
+                self.norms[name].update_state(tf.linalg.global_norm(part))
+        self.global_norm.update_state(global_norm)
+        self.clipped.update_state(tf.cast(clipped, tf.float32))
+
+
+def clip_gradients(
+    grads,
+    optimizer,
+    clipnorm: float | None,
+    clipvalue: float | None,
+    global_clipnorm: float | None = None,
+    monitor: GradientMonitor | None = None,
+    blocks: list[str] | None = None,
+):
+    """Clip gradients in the units of the unscaled loss: per-variable value then norm
+    (the paper's), then the global norm (the default). Records norms in `monitor`.
 
     Under a `LossScaleOptimizer` the gradients are scaled by its dynamic scale; non-finite
     gradients are left as they are, so that it still sees the overflow and skips the step.
@@ -28,7 +69,7 @@ def clip_gradients(grads, optimizer, clipnorm: float | None, clipvalue: float | 
     are summed over the replicas first and returned divided by the replica count, so that the
     optimizer's own sum gives back the clipped global gradients.
     """
-    if not (clipvalue or clipnorm):
+    if not (clipvalue or clipnorm or global_clipnorm or monitor):
         return grads
     ctx = tf.distribute.get_replica_context()
     replicas = ctx.num_replicas_in_sync if ctx is not None else 1
@@ -38,7 +79,10 @@ def clip_gradients(grads, optimizer, clipnorm: float | None, clipvalue: float | 
         grads = [None if g is None else next(summed) for g in grads]
     scale = getattr(optimizer, "dynamic_scale", None)
     scale = 1.0 if scale is None else ops.cast(scale, "float32")
-    clipped = []
+    unscaled = [None if g is None else tf.cast(g, tf.float32) / scale for g in grads]
+    norm = tf.linalg.global_norm([g for g in unscaled if g is not None])
+    clipped_any = tf.constant(False)
+    out = []
     for g in grads:
         if g is not None:
             c = g
@@ -47,10 +91,20 @@ def clip_gradients(grads, optimizer, clipnorm: float | None, clipvalue: float | 
             if clipnorm:
                 c = tf.clip_by_norm(c, clipnorm * scale)
             g = tf.where(tf.math.is_finite(g), c, g)
-            if replicas > 1:
-                g = g * (1.0 / replicas)
-        clipped.append(g)
-    return clipped
+        out.append(g)
+    if clipvalue or clipnorm:
+        changed = [tf.reduce_any(a != b) for a, b in zip(out, grads, strict=True) if a is not None]
+        clipped_any = tf.reduce_any(tf.stack(changed))
+    if global_clipnorm:
+        factor = tf.minimum(1.0, global_clipnorm / tf.maximum(norm, 1e-12))
+        factor = tf.where(tf.math.is_finite(norm), factor, 1.0)
+        clipped_any = clipped_any | (factor < 1.0)
+        out = [None if g is None else g * tf.cast(factor, g.dtype) for g in out]
+    if monitor is not None:
+        monitor.update(unscaled, blocks, norm, clipped_any)
+    if replicas > 1:
+        out = [None if g is None else g * (1.0 / replicas) for g in out]
+    return out
 
 
 def recalibrate_batchnorm(model, batches, steps: int = 20, momentum: float = 0.9) -> int:

@@ -13,15 +13,24 @@ import tensorflow as tf
 from keras import layers, ops
 
 from stitchnet_tf import likelihood as lik
-from stitchnet_tf.data.classes import CON, GGO, NUM_CLASSES
+from stitchnet_tf.data.classes import BACKGROUND, CON, GGO, NUM_CLASSES
 from stitchnet_tf.models.backbone import Backbone
 from stitchnet_tf.models.ladder import SVAELadder
 from stitchnet_tf.models.layers import LightSmooth, Upsample
-from stitchnet_tf.models.optim import CompiledOnce, clip_gradients, replica_loss
+from stitchnet_tf.models.optim import (
+    CompiledOnce,
+    GradientMonitor,
+    clip_gradients,
+    replica_loss,
+)
+from stitchnet_tf.models.options import (
+    DECISIONS,
+    DEFAULT_GLOBAL_CLIPNORM,
+    DEFAULT_HEAD_SKIPS,
+    LIKELIHOODS,
+    SUPERVISED,
+)
 
-LIKELIHOODS = ("exact", "jensen")
-DECISIONS = ("posterior", "prior")
-STYLE_FLOOR = 1e-3
 STYLE_NAMES = ("background", "healthy", "ggo", "con")
 
 
@@ -29,46 +38,79 @@ STYLE_NAMES = ("background", "healthy", "ggo", "con")
 class StitchHead(layers.Layer):
     """features [B, H/2, W/2, f_1] -> pi_logits, alpha, beta, each [B, H, W, 4] float32.
 
-    A 4×4 transposed conv to full size → LightSmooth → 1×1 convs. α, β = softplus + floor, so
-    strictly positive. With `style_pool` > 1 the style parameters are predicted at 1/style_pool
-    resolution and upsampled bilinearly (less flexible styles: DESIGN-NOTES §6).
+    Upsample (×2 resize → conv) to full size → LightSmooth → 1×1 convs. The styles are Beta
+    distributions with bounded parameters: mean m_k = sigmoid(·) and concentration
+    κ_k ∈ [2, 500] (`likelihood.beta_from_mean_concentration`), α = m κ, β = (1 − m) κ, so no
+    density spikes. With `style_pool` > 1 the style parameters are predicted at 1/style_pool
+    resolution and upsampled bilinearly (less flexible styles: docs/DESIGN.md).
+
+    With `skips` > 0 (`head_skips`, a departure from the paper, see docs/DESIGN.md) the
+    segmentation branch also sees deterministic features of the image: the backbone's d_1
+    [B, H/2, W/2, f_1] projected to `skips` channels and upsampled, and x itself
+    [B, H, W, 1]; they join the latent features in a LightSmooth before the π convolution.
+    The styles stay a function of z alone, so generation needs no image for them.
     """
 
-    def __init__(self, filters: int = 16, style_pool: int = 1, norm: str = "batch", **kwargs):
+    def __init__(
+        self,
+        filters: int = 16,
+        style_pool: int = 1,
+        norm: str = "batch",
+        skips: int = 0,
+        upsample: str = "resize",
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.filters, self.style_pool, self.norm = int(filters), int(style_pool), norm
+        self.skips, self.upsample = int(skips), upsample
         policy = self.dtype_policy
-        self.up = Upsample(self.filters, norm=norm, dtype=policy)
+        self.up = Upsample(self.filters, norm=norm, mode=upsample, dtype=policy)
         self.smooth = LightSmooth(self.filters, norm=norm, dtype=policy)
+        if self.skips:
+            self.skip_proj = layers.Conv2D(self.skips, 1, dtype=policy, name="skip_proj")
+            self.skip_up = layers.UpSampling2D(2, interpolation="nearest", dtype=policy)
+            self.pi_smooth = LightSmooth(self.filters, norm=norm, dtype=policy)
         self.pi = layers.Conv2D(NUM_CLASSES, 1, dtype="float32", name="pi_logits")
-        self.alpha = layers.Conv2D(NUM_CLASSES, 1, dtype="float32", name="alpha")
-        self.beta = layers.Conv2D(NUM_CLASSES, 1, dtype="float32", name="beta")
+        self.style_mean = layers.Conv2D(NUM_CLASSES, 1, dtype="float32", name="style_mean")
+        # styles start broad (κ ≈ 10): no huge first reconstruction gradients
+        self.style_concentration = layers.Conv2D(
+            NUM_CLASSES,
+            1,
+            bias_initializer=keras.initializers.Constant(-4.0),
+            dtype="float32",
+            name="style_concentration",
+        )
         if self.style_pool > 1:
             self.pool = layers.AveragePooling2D(self.style_pool, dtype=policy)
             self.unpool = layers.UpSampling2D(
                 self.style_pool, interpolation="bilinear", dtype="float32"
             )
 
-    def call(self, features, training=None, styles=True):
+    def call(self, features, skip=None, x=None, training=None, styles=True):
+        """`skip` d_1 [B,H/2,W/2,f] and `x` [B,H,W,1] feed the π branch when `skips` > 0."""
         h = self.smooth(self.up(features, training=training), training=training)
-        pi_logits = self.pi(h)
+        g = h
+        if self.skips:
+            s = self.skip_up(ops.relu(self.skip_proj(skip)))
+            g = ops.concatenate([h, ops.cast(s, h.dtype), ops.cast(x, h.dtype)], axis=-1)
+            g = self.pi_smooth(g, training=training)
+        pi_logits = self.pi(g)
         if not styles:  # the prior decision rule needs pi only
             return {"pi_logits": pi_logits}
         s = self.pool(h) if self.style_pool > 1 else h
-        alpha, beta = self.alpha(s), self.beta(s)
+        mean, concentration = self.style_mean(s), self.style_concentration(s)
         if self.style_pool > 1:
-            alpha, beta = self.unpool(alpha), self.unpool(beta)
-        return {
-            "pi_logits": pi_logits,
-            "alpha": ops.softplus(alpha) + STYLE_FLOOR,
-            "beta": ops.softplus(beta) + STYLE_FLOOR,
-        }
+            mean, concentration = self.unpool(mean), self.unpool(concentration)
+        alpha, beta = lik.beta_from_mean_concentration(mean, concentration)
+        return {"pi_logits": pi_logits, "alpha": alpha, "beta": beta}
 
     def get_config(self):
         return super().get_config() | {
             "filters": self.filters,
             "style_pool": self.style_pool,
             "norm": self.norm,
+            "skips": self.skips,
+            "upsample": self.upsample,
         }
 
 
@@ -118,74 +160,93 @@ class StitchNet(CompiledOnce, keras.Model):
     alpha, beta [B, H, W, 4] and kl [B, 5] (per-level KL, summed over latent pixels). Train with
     `fit` on batches {"x", "allowed"} (see `stitchnet_tf.data.pipeline`).
 
+    The loss, in nats per lung pixel (pixels whose allowed set is not {background}):
+        loss = recon + w_kl · kl + w_sup · supervised
+    recon = −log p(x, y ∈ S | z) averaged over lung pixels (x dequantised in training); kl =
+    Σ_i KL_i over latent pixels divided by the image's lung pixels; supervised = set-aware
+    cross-entropy (over labelled pixels) + soft Dice over GGO and consolidation (`ce_dice`,
+    nnU-Net's DC+CE), or the authors' set focal loss (`focal`).
+
     Args:
         width: width multiplier of the ladder (1.0 = the paper's 32…512 channels).
         backbone_alpha: MobileNetV2's width multiplier.
         backbone_weights: None (from scratch) or a path to ImageNet MobileNetV2 weights.
         backbone_rgb: build the three-channel backbone (set on reload of an ImageNet model).
-        head_filters: channels of the full-resolution head (default 16 × width, at least 4).
+        head_filters: channels of the full-resolution head (default 16 × width, at least 16).
         light_c: LightSmooth instead of Smooth at the end of mapping (c).
         style_pool: predict style parameters at 1/style_pool resolution.
         kl: `analytic` or `mc` (single-sample, the authors') per-level KL.
         likelihood: `exact` (log Σ_{k∈S} π_k Beta_k(x), the paper) or `jensen` (the authors'
             code: Σ_k π_k (−log Beta_k(x)), labels only through the supervised term).
-        supervised_weight: weight of the extra supervised term, the set focal loss
-            −(1 − p_S)^γ log p_S averaged per pixel (authors: 100 with `jensen`).
-        focal_gamma: γ of that term (0 = cross-entropy on sets; authors: 2).
+        supervised: `ce_dice` (default) or `focal` (the authors': −(1 − p_S)^γ log p_S).
+        supervised_weight: weight of the supervised term (authors: 100 with `focal`).
+        focal_gamma: γ of the focal loss (authors: 2).
         kl_weight: weight of the KL (after warm-up).
         kl_warmup_steps: linear KL warm-up from 0 over this many steps (0 = none).
         free_bits: per-level free bits, in nats per latent pixel (0 = none).
         eps: x is clipped to [eps, 1 − eps] in the Beta density.
-        decision: `prior` (π(z) alone; the default, measured better on MedSeg validation
-            slices, benchmarks/results/decision_rule_batch.md) or `posterior` (r_k ∝ π_k
-            Beta_k(x), uses the pixel's intensity), for metrics and `segment`.
-        clipnorm, clipvalue: per-variable gradient clipping in `train_step` (paper: 1.0, 0.5);
-            None to disable.
-        seed: seeds the latent samples.
-        norm: normalisation in the ladder and head blocks: `batch` (the paper) or `group`
-            (batch-independent; inference-mode outputs equal training-mode ones).
+        decision: `prior` (π(z) alone) or `posterior` (r_k ∝ π_k Beta_k(x), uses the pixel's
+            intensity), for metrics and `segment`.
+        global_clipnorm: clip the global gradient norm to this (None: off; default).
+        clipnorm, clipvalue: the paper's per-variable clipping (1.0, 0.5); None to disable.
+        seed: seeds the latent samples and the dequantisation noise.
+        norm: normalisation in the ladder and head blocks: `group` (default: batch-independent,
+            so the two uses of the shared mapping (b) never share statistics and inference
+            equals training) or `batch` (the paper).
+        head_skips: channels of a deterministic skip from the backbone's d_1 into the head
+            (0 = none, the paper).
+        upsample: `resize` (×2 resize then conv) or `transpose` (the paper's 4×4 stride 2).
     """
 
     def __init__(
         self,
-        width: float = 1.0,
+        width: float = 0.5,
         backbone_alpha: float = 1.0,
         backbone_weights: str | None = None,
         backbone_rgb: bool = False,
         head_filters: int | None = None,
-        light_c: bool = False,
+        light_c: bool = True,
         style_pool: int = 1,
         kl: str = "analytic",
         likelihood: str = "exact",
+        supervised: str = "ce_dice",
         supervised_weight: float = 1.0,
-        focal_gamma: float = 0.0,
+        focal_gamma: float = 2.0,
         kl_weight: float = 1.0,
         kl_warmup_steps: int = 0,
         free_bits: float = 0.0,
         eps: float = lik.DEFAULT_EPS,
         decision: str = "prior",
-        clipnorm: float | None = 1.0,
-        clipvalue: float | None = 0.5,
+        global_clipnorm: float | None = DEFAULT_GLOBAL_CLIPNORM,
+        clipnorm: float | None = None,
+        clipvalue: float | None = None,
         seed: int | None = None,
-        norm: str = "batch",
+        norm: str = "group",
+        head_skips: int = DEFAULT_HEAD_SKIPS,
+        upsample: str = "resize",
         **kwargs,
     ):
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
         if decision not in DECISIONS:
             raise ValueError(f"decision must be one of {DECISIONS}, got {decision!r}")
-        head_filters = int(head_filters or max(4, round(16 * width)))
+        if supervised not in SUPERVISED:
+            raise ValueError(f"supervised must be one of {SUPERVISED}, got {supervised!r}")
+        head_filters = int(head_filters or max(16, round(16 * width)))
         # === Layers ===
         self.backbone = Backbone(
             width, backbone_alpha, backbone_weights, backbone_rgb, name="backbone"
         )
-        self.ladder = SVAELadder(self.backbone.filters, light_c, kl, seed, norm, name="svae")
-        self.head = StitchHead(head_filters, style_pool, norm, name="stitch_head")
+        self.ladder = SVAELadder(
+            self.backbone.filters, light_c, kl, seed, norm, upsample, name="svae"
+        )
+        self.head = StitchHead(
+            head_filters, style_pool, norm, int(head_skips), upsample, name="stitch_head"
+        )
+        self.head_skips, self.upsample = int(head_skips), upsample
         # === Functional model ===
         x = keras.Input((None, None, 1), name="x")
-        ladder = self.ladder(self.backbone(x))
-        outputs = self.head(ladder["features"]) | {"kl": ladder["kl"]}
-        super().__init__(inputs=x, outputs=outputs, **kwargs)
+        super().__init__(inputs=x, outputs=self.forward(x), **kwargs)
         # === Config ===
         self.width, self.backbone_alpha, self.backbone_rgb = (
             width,
@@ -193,20 +254,22 @@ class StitchNet(CompiledOnce, keras.Model):
             bool(backbone_rgb or backbone_weights is not None),
         )
         self.head_filters, self.light_c, self.style_pool = head_filters, light_c, style_pool
-        self.kl, self.likelihood, self.supervised_weight = kl, likelihood, supervised_weight
-        self.focal_gamma, self.kl_weight, self.kl_warmup_steps = (
-            focal_gamma,
-            kl_weight,
-            kl_warmup_steps,
-        )
+        self.kl, self.likelihood, self.supervised = kl, likelihood, supervised
+        self.supervised_weight, self.focal_gamma = supervised_weight, focal_gamma
+        self.kl_weight, self.kl_warmup_steps = kl_weight, kl_warmup_steps
         self.free_bits, self.eps, self.decision, self.seed = free_bits, eps, decision, seed
-        self.clipnorm, self.clipvalue, self.norm = clipnorm, clipvalue, norm
+        self.global_clipnorm, self.clipnorm, self.clipvalue = global_clipnorm, clipnorm, clipvalue
+        self.norm = norm
+        self.noise_seed = keras.random.SeedGenerator(None if seed is None else seed + 1)
         # === Metrics ===
         self.trackers = {
             name: keras.metrics.Mean(name=name)
             for name in ("loss", "recon", "kl", "supervised")
             + tuple(f"kl_{i + 1}" for i in range(self.ladder.levels))
         }
+        self.gradient_monitor = GradientMonitor(
+            ["backbone", *(f"level_{i + 1}" for i in range(self.ladder.levels)), "head"]
+        )
         self.dice = [SetDice(GGO), SetDice(CON), SetDice((GGO, CON), name="dice_lesion")]
 
     def get_config(self):
@@ -221,6 +284,7 @@ class StitchNet(CompiledOnce, keras.Model):
             "style_pool": self.style_pool,
             "kl": self.kl,
             "likelihood": self.likelihood,
+            "supervised": self.supervised,
             "supervised_weight": self.supervised_weight,
             "focal_gamma": self.focal_gamma,
             "kl_weight": self.kl_weight,
@@ -228,23 +292,62 @@ class StitchNet(CompiledOnce, keras.Model):
             "free_bits": self.free_bits,
             "eps": self.eps,
             "decision": self.decision,
+            "global_clipnorm": self.global_clipnorm,
             "clipnorm": self.clipnorm,
             "clipvalue": self.clipvalue,
             "seed": self.seed,
             "norm": self.norm,
+            "head_skips": self.head_skips,
+            "upsample": self.upsample,
         }
 
     @classmethod
     def authors(cls, **overrides) -> StitchNet:
-        """The authors' training objective: Jensen bound, focal loss ×100 (γ = 2), MC KL."""
-        options = dict(likelihood="jensen", supervised_weight=100.0, focal_gamma=2.0, kl="mc")
+        """The authors' model and objective: paper widths, BatchNorm, transposed convolutions,
+        Jensen bound, focal loss ×100 (γ = 2), MC KL, per-variable clipping."""
+        options = dict(
+            width=1.0,
+            light_c=False,
+            norm="batch",
+            likelihood="jensen",
+            supervised="focal",
+            supervised_weight=100.0,
+            focal_gamma=2.0,
+            kl="mc",
+            global_clipnorm=None,
+            clipnorm=1.0,
+            clipvalue=0.5,
+            head_skips=0,
+            upsample="transpose",
+        )
         return cls(**(options | overrides))
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, x, training=None, sample=None, kl: bool = True, styles: bool = True):
+        """The one forward path: backbone → shared ladder → head.
+
+        x [B, H, W, 1] -> {pi_logits, alpha, beta [B, H, W, 4] (no alpha/beta when not
+        `styles`), kl [B, L] (when `kl`)}. z is sampled when `sample` (default: when
+        training), else the posterior mean. Every other entry point (the functional graph,
+        `segmentation_probabilities`, `calibration_forward`, sampled `segment`) calls this.
+        """
+        ds = self.backbone(x, training=training)
+        lad = self.ladder(ds, training=training, sample=sample, kl=kl)
+        if self.head_skips:
+            x32 = ops.cast(x, self.head.compute_dtype)
+            out = self.head(lad["features"], ds[0], x32, training=training, styles=styles)
+        else:
+            out = self.head(lad["features"], training=training, styles=styles)
+        if kl:
+            out["kl"] = lad["kl"]
+        return out
 
     # ------------------------------------------------------------------ losses
 
     @property
     def metrics(self):
-        return [*self.trackers.values(), *self.dice]
+        return [*self.trackers.values(), *self.gradient_monitor.metrics, *self.dice]
 
     def _kl_scale(self):
         if self.kl_warmup_steps <= 0 or self.optimizer is None:
@@ -252,39 +355,58 @@ class StitchNet(CompiledOnce, keras.Model):
         step = ops.cast(self.optimizer.iterations, "float32")
         return self.kl_weight * ops.minimum(1.0, step / float(self.kl_warmup_steps))
 
-    def compute_terms(self, x, allowed, outputs) -> dict:
-        """The loss terms, each a scalar normalised per image pixel.
+    def dequantise(self, x):
+        """x + U(−½, ½)/255 inside the lung field (0 stays 0): the 8-bit CT becomes a
+        continuous variable for the Beta density."""
+        x = ops.cast(x, "float32")
+        noise = keras.random.uniform(ops.shape(x), -0.5, 0.5, seed=self.noise_seed) / 255.0
+        return ops.where(x > 0, ops.clip(x + noise, 0.0, 1.0), x)
 
-        recon: −log p(x, y ∈ S | z) (exact) or the Jensen bound; kl: Σ_i KL_i; supervised:
-        the set focal loss; loss = recon + w_kl · kl + w_sup · supervised.
+    def compute_terms(self, x, allowed, outputs) -> dict:
+        """The loss terms, each a scalar in nats per lung pixel (see the class docstring).
+
+        x [B,H,W,1]; allowed [B,H,W,4]; outputs of `forward`. Lung pixels are those whose
+        allowed set is not exactly {background}; the KL of an image is divided by its lung
+        pixels. Returns loss, recon, kl, supervised and kl_levels [L].
         """
         x = ops.cast(x, "float32")
         allowed = ops.cast(allowed, "float32")
         pi_logits, alpha, beta = outputs["pi_logits"], outputs["alpha"], outputs["beta"]
-        n_pixels = ops.cast(ops.shape(x)[1] * ops.shape(x)[2], "float32")
+        only_background = (allowed[..., BACKGROUND] > 0.5) & (ops.sum(allowed, -1) < 1.5)
+        lung = 1.0 - ops.cast(only_background, "float32")  # [B, H, W]
+        lung_pixels = ops.maximum(ops.sum(lung), 1.0)
         if self.likelihood == "exact":
-            recon = -ops.mean(
-                lik.stitch_log_likelihood(x, pi_logits, alpha, beta, allowed, self.eps)
-            )
+            per_pixel = -lik.stitch_log_likelihood(x, pi_logits, alpha, beta, allowed, self.eps)
         else:
-            recon = ops.mean(lik.jensen_reconstruction_loss(x, pi_logits, alpha, beta, self.eps))
-        supervised = ops.mean(lik.focal_set_loss(pi_logits, allowed, self.focal_gamma))
-        kl_levels = ops.mean(ops.cast(outputs["kl"], "float32"), axis=0)  # [L], nats per image
+            per_pixel = lik.jensen_reconstruction_loss(x, pi_logits, alpha, beta, self.eps)
+        recon = ops.sum(per_pixel * lung) / lung_pixels
+        if self.supervised == "ce_dice":
+            labelled = ops.cast(ops.sum(allowed, -1) < NUM_CLASSES - 0.5, "float32")
+            ce = ops.sum(lik.set_cross_entropy(pi_logits, allowed)) / ops.maximum(
+                ops.sum(labelled), 1.0
+            )
+            has_labels = ops.cast(ops.sum(labelled) > 0, "float32")
+            supervised = ce + has_labels * lik.soft_set_dice_loss(pi_logits, allowed, (GGO, CON))
+        else:
+            supervised = ops.sum(lik.focal_set_loss(pi_logits, allowed, self.focal_gamma) * lung)
+            supervised = supervised / lung_pixels
+        kl_levels = ops.sum(ops.cast(outputs["kl"], "float32"), axis=0)  # [L], nats per batch
         if self.free_bits > 0:
             h, w = ops.shape(x)[1], ops.shape(x)[2]
             latent_pixels = ops.cast(
                 ops.stack([(h // 2**i) * (w // 2**i) for i in range(1, self.ladder.levels + 1)]),
                 "float32",
-            )
+            ) * ops.cast(ops.shape(x)[0], "float32")
             kl_levels = ops.maximum(kl_levels, self.free_bits * latent_pixels)
-        kl = ops.sum(kl_levels) / n_pixels
+        kl_levels = kl_levels / lung_pixels
+        kl = ops.sum(kl_levels)
         loss = recon + self._kl_scale() * kl + self.supervised_weight * supervised
         return {
             "loss": loss,
             "recon": recon,
             "kl": kl,
             "supervised": supervised,
-            "kl_levels": kl_levels / n_pixels,
+            "kl_levels": kl_levels,
         }
 
     def _update_metrics(self, terms, allowed, outputs, x):
@@ -297,15 +419,37 @@ class StitchNet(CompiledOnce, keras.Model):
             dice.update_state(ops.cast(allowed, "float32"), predicted)
         return self.step_logs({m.name: m.result() for m in self.metrics})
 
+    def _variable_block(self, path: str) -> str:
+        """The block a variable belongs to, for the per-block gradient norms: `level_i` for
+        the ladder's mappings (a)_i, (b)_i, (c)_i and gain of level i, `head`, or `backbone`."""
+        parts = path.split("/")
+        if parts[0] == self.head.name:
+            return "head"
+        if parts[0] != self.ladder.name:
+            return "backbone"
+        for i in range(self.ladder.levels):
+            if parts[1] in (f"b_{i + 1}", f"c_{i + 1}", f"a_{i + 1}", f"gain_{i + 1}"):
+                return f"level_{i + 1}"
+        return "backbone"
+
     def train_step(self, data):
         x, allowed = data["x"], data["allowed"]
         with tf.GradientTape() as tape:
             outputs = self(x, training=True)
-            terms = self.compute_terms(x, allowed, outputs)
+            terms = self.compute_terms(self.dequantise(x), allowed, outputs)
             scaled = self.optimizer.scale_loss(replica_loss(terms["loss"]))
         variables = self.trainable_variables
         grads = tape.gradient(scaled, variables)
-        grads = clip_gradients(grads, self.optimizer, self.clipnorm, self.clipvalue)
+        blocks = [self._variable_block(v.path) for v in variables]
+        grads = clip_gradients(
+            grads,
+            self.optimizer,
+            self.clipnorm,
+            self.clipvalue,
+            self.global_clipnorm,
+            monitor=self.gradient_monitor,
+            blocks=blocks,
+        )
         self.optimizer.apply(grads, variables)
         return self._update_metrics(terms, allowed, outputs, x)
 
@@ -346,24 +490,22 @@ class StitchNet(CompiledOnce, keras.Model):
 
     def segmentation_probabilities(self, x, lung, decision: str | None = None):
         """The segmentation path alone, as exported for serving: x [B,H,W,1], lung field
-        [B,H,W,1] -> class probabilities [B,H,W,4]. Bottom-up path, ladder at the posterior
-        mean without the KL, and the heads the decision rule needs (pi only for `prior`)."""
+        [B,H,W,1] -> class probabilities [B,H,W,4]. `forward` at the posterior mean without
+        the KL, with the heads the decision rule needs (pi only for `prior`)."""
         decision = decision or self.decision
         x = ops.cast(x, "float32")
-        ds = self.backbone(x, training=False)
-        lad = self.ladder(ds, training=False, sample=False, kl=False)
-        outputs = self.head(lad["features"], training=False, styles=decision == "posterior")
+        outputs = self.forward(
+            x, training=False, sample=False, kl=False, styles=decision == "posterior"
+        )
         return self.class_probabilities(x, outputs, lung, decision)
 
     def calibration_forward(self, x):
-        """Forward pass for `recalibrate_batchnorm`: BatchNorm in training mode, z at the
+        """Forward pass for `recalibrate_batchnorm`: normalisation in training mode, z at the
         posterior mean (as at inference)."""
-        ds = self.backbone(x, training=True)
-        lad = self.ladder(ds, training=True, sample=False)
-        return self.head(lad["features"], training=True)
+        return self.forward(x, training=True, sample=False, kl=False)
 
     def segment(self, x, lung=None, samples: int = 0, decision: str | None = None) -> dict:
-        """Segment x [B, H, W, 1]: BatchNorm in inference mode.
+        """Segment x [B, H, W, 1] in inference mode.
 
         z at the posterior mean (`samples=0`), or the average over `samples` posterior samples.
         Returns probabilities [B,H,W,4], labels [B,H,W] and the predictive entropy [B,H,W].
@@ -372,11 +514,9 @@ class StitchNet(CompiledOnce, keras.Model):
         if samples <= 0:
             probs = self.class_probabilities(x, self.infer(x), lung, decision)
         else:
-            ds = self.backbone(x, training=False)
             total = 0.0
             for _ in range(samples):
-                lad = self.ladder(ds, training=False, sample=True)
-                outputs = self.head(lad["features"], training=False)
+                outputs = self.forward(x, training=False, sample=True, kl=False)
                 total = total + self.class_probabilities(x, outputs, lung, decision)
             probs = total / samples
         entropy = -ops.sum(probs * ops.log(ops.maximum(probs, 1e-12)), axis=-1)
@@ -402,7 +542,23 @@ class StitchNet(CompiledOnce, keras.Model):
         if size % 32:
             raise ValueError(f"size must be a multiple of 32, got {size}")
         features, _ = self.ladder.generate((n, size // 32, size // 32, 1))
-        outputs = self.head(features, training=False)
+        if self.head_skips:
+            # π needs the image: stitch the style means by a first π from a blank image,
+            # then run the segmentation branch on that draft slice
+            blank = ops.zeros((n, size, size, 1), self.compute_dtype)
+            ds = self.backbone(blank, training=False)
+            outputs = self.head(features, ds[0], blank, training=False)
+            means = outputs["alpha"] / (outputs["alpha"] + outputs["beta"])
+            draft = ops.sum(
+                means * ops.one_hot(ops.argmax(outputs["pi_logits"], -1), NUM_CLASSES),
+                axis=-1,
+                keepdims=True,
+            )
+            draft = ops.cast(draft, self.compute_dtype)
+            ds = self.backbone(draft, training=False)
+            outputs = self.head(features, ds[0], draft, training=False)
+        else:
+            outputs = self.head(features, training=False)
         labels = tf.random.categorical(
             tf.reshape(outputs["pi_logits"], (-1, NUM_CLASSES)), 1, dtype=tf.int32
         )

@@ -1,0 +1,16 @@
+"""StitchNet's option choices and defaults, importable without TensorFlow (for the CLI)."""
+
+from __future__ import annotations
+
+#: Reconstruction terms: the exact stitch likelihood (the paper) or the authors' Jensen bound.
+LIKELIHOODS = ("exact", "jensen")
+#: Decision rules: softmax(π) alone, or the posterior r_k ∝ π_k Beta_k(x).
+DECISIONS = ("prior", "posterior")
+#: Supervised terms: set cross-entropy + soft Dice (default), or the authors' set focal loss.
+SUPERVISED = ("ce_dice", "focal")
+#: Normalisation in the ladder and head: GroupNorm (default) or BatchNorm (the paper).
+NORMS = ("group", "batch")
+#: Channels of the deterministic backbone skip into the head (0 = none, the paper).
+DEFAULT_HEAD_SKIPS = 16
+#: Default global gradient-norm clip (benchmarks/results/gradients.md).
+DEFAULT_GLOBAL_CLIPNORM = 5.0

@@ -1,0 +1,254 @@
+"""The two-threshold rule: a reproducible contender that learns nothing but two cut-offs.
+
+On the prepared slice x (lung-cropped, resized, in [0, 1]), inside the lung field:
+x < low -> healthy lung, low <= x < high -> GGO, x >= high -> consolidation; outside it ->
+background. `ThresholdRule.fit` chooses (low, high) on labelled training slices by a grid
+search maximising the mean per-image lesion Dice that `evaluation.evaluate` reports; the rule
+is kept as a small JSON file that `inference.load_model` (and so `stitchnet-tf evaluate
+--model rule.json`) reads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from stitchnet_tf.data.classes import BACKGROUND, CLASS_NAMES, CON, GGO, HEALTHY, NUM_CLASSES
+from stitchnet_tf.data.preprocess import DEFAULT_MARGIN
+from stitchnet_tf.errors import DataError
+from stitchnet_tf.fileio import atomic_write_text
+
+KIND = "threshold_rule"
+FILE_NAME = "threshold_rule.json"
+RULE_TEXT = (
+    "inside the lung field: x < low healthy, low <= x < high GGO, x >= high consolidation; "
+    "outside: background"
+)
+
+
+def _plane(a, name: str) -> np.ndarray:
+    """[B, H, W, 1] or [B, H, W] (numpy or tensor) -> [B, H, W] numpy."""
+    a = np.asarray(a)
+    if a.ndim == 4 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim != 3:
+        raise ValueError(f"{name} must be [B, H, W, 1] or [B, H, W], got shape {a.shape}")
+    return a
+
+
+def threshold_grid(step: float = 0.01) -> np.ndarray:
+    """The candidate cut-offs 0, step, 2 step, ..., 1 (float64, rounded to 6 decimals)."""
+    n = int(round(1.0 / step))
+    if n < 1 or not math.isclose(n * step, 1.0, rel_tol=1e-6):
+        raise ValueError(f"step {step} must divide 1 into a whole number of steps")
+    return np.round(np.arange(n + 1) * step, 6)
+
+
+class ThresholdRule:
+    """Two cut-offs on the prepared slice, with the models' `segment` contract.
+
+    Args:
+        low: GGO from `low` on (0 <= low <= high <= 1).
+        high: consolidation from `high` on.
+        size: the model size the cut-offs were fitted at (None if unknown).
+        fit_info: how they were fitted (saved in the JSON file).
+
+    Example:
+        >>> rule = ThresholdRule(0.3, 0.6)
+        >>> x = np.array([[[0.0, 0.1], [0.4, 0.9]]], np.float32)
+        >>> rule.segment(x)["labels"].tolist()
+        [[[0, 1], [2, 3]]]
+    """
+
+    def __init__(
+        self, low: float, high: float, size: int | None = None, fit_info: dict | None = None
+    ):
+        low, high = float(low), float(high)
+        if not (math.isfinite(low) and math.isfinite(high) and 0.0 <= low <= high <= 1.0):
+            raise ValueError(f"cut-offs must satisfy 0 <= low <= high <= 1, got {low}, {high}")
+        self.low, self.high = low, high
+        self.size = None if size is None else int(size)
+        self.fit_info = dict(fit_info or {})
+
+    def __repr__(self) -> str:
+        return f"ThresholdRule(low={self.low:g}, high={self.high:g}, size={self.size})"
+
+    def labels(self, x, lung=None) -> np.ndarray:
+        """Class ids [B, H, W] int64 of x [B, H, W(, 1)]; the lung field is `lung` > 0.5 (same
+        shape) when given, else x > 0 (preprocessing zeroes everything outside it)."""
+        x = _plane(x, "x").astype(np.float32)
+        field = x > 0 if lung is None else _plane(lung, "lung") > 0.5
+        if field.shape != x.shape:
+            raise ValueError(f"lung shape {field.shape} does not match x shape {x.shape}")
+        low, high = np.float32(self.low), np.float32(self.high)  # compare in x's precision
+        inside = np.where(x < low, HEALTHY, np.where(x < high, GGO, CON))
+        return np.where(field, inside, BACKGROUND).astype(np.int64)
+
+    def segment(self, x, lung=None, samples: int = 0, decision: str | None = None) -> dict:
+        """Segment x [B, H, W, 1] like `StitchNet.segment`: one-hot probabilities [B,H,W,4]
+        (background, healthy, GGO, CON), labels [B,H,W] and entropy [B,H,W] (0: the rule is
+        certain). `samples` and `decision` are accepted for the common API and ignored."""
+        labels = self.labels(x, lung)
+        probabilities = np.eye(NUM_CLASSES, dtype=np.float32)[labels]
+        return {
+            "probabilities": probabilities,
+            "labels": labels,
+            "entropy": np.zeros(labels.shape, np.float32),
+        }
+
+    def to_dict(self) -> dict:
+        """The JSON content: kind, low, high, size, classes, rule, fit."""
+        from stitchnet_tf import __version__
+
+        return {
+            "kind": KIND,
+            "low": self.low,
+            "high": self.high,
+            "size": self.size,
+            "classes": list(CLASS_NAMES),
+            "rule": RULE_TEXT,
+            "stitchnet_tf": __version__,
+            "fit": self.fit_info,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the rule as JSON (atomically); a folder gets `threshold_rule.json` inside."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / FILE_NAME
+        atomic_write_text(p, json.dumps(self.to_dict(), indent=1) + "\n")
+        return p
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ThresholdRule:
+        """Read a rule written by `save` (a file, or a folder holding `threshold_rule.json`)."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / FILE_NAME
+        try:
+            d = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise DataError(p, "threshold rule not found") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(p, f"cannot read threshold rule ({type(e).__name__})") from None
+        if not isinstance(d, dict) or d.get("kind") != KIND:
+            raise DataError(p, f'not a threshold-rule file (no "kind": "{KIND}")')
+        try:
+            size = d.get("size")
+            return cls(d["low"], d["high"], None if size is None else int(size), d.get("fit"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(p, f"bad threshold rule: {e}") from None
+
+    @classmethod
+    def fit(
+        cls,
+        dataset,
+        size: int,
+        segmenter=None,
+        *,
+        step: float = 0.01,
+        refine: int = 25,
+        absent: str = "exclude",
+        margin: float = DEFAULT_MARGIN,
+        log=None,
+    ) -> ThresholdRule:
+        """Choose (low, high) on labelled slices (a training `Dataset`) by grid search.
+
+        The slices are prepared as for evaluation (label-free lung field: supplied lung masks,
+        else `segmenter`). Every pair low <= high on the grid 0, step, ..., 1 is scored at
+        model size from per-image histograms (`grid_objective`: the mean per-image lesion
+        Dice, Table-1 definitions); the `refine` best pairs are then rescored exactly as
+        `evaluate` scores (`SliceScorer`, original geometry), and the best of those is kept.
+        """
+        from stitchnet_tf.evaluation import SliceScorer, lung_field_source
+
+        scorer = SliceScorer(dataset, size, segmenter, absent=absent, margin=margin)
+        grid = threshold_grid(step)
+        objective = grid_objective(scorer, grid)
+        flat = np.argsort(-np.nan_to_num(objective, nan=-1.0), axis=None, kind="stable")
+        candidates = [np.unravel_index(i, objective.shape) for i in flat[: max(1, refine)]]
+        best, best_score, best_summary = None, -math.inf, None
+        for lo, hi in candidates:
+            rule = cls(grid[lo], grid[hi], size)
+            summary = scorer.score(rule)
+            value = summary["mean_lesion_dice"]
+            value = -1.0 if value is None else value
+            if log:
+                log(f"low {rule.low:.2f} high {rule.high:.2f}: train mean lesion Dice {value:.4f}")
+            if value > best_score:
+                best, best_score, best_summary = (lo, hi), value, summary
+        lo, hi = best
+        info = {
+            "method": "grid search of low <= high, then exact rescoring of the best pairs",
+            "objective": f"mean per-image lesion Dice (Table 1 F1, absent={absent})",
+            "step": step,
+            "refined": len(candidates),
+            "train_slices": len(scorer),
+            "train_mean_lesion_dice": best_score,
+            "train_lesion_dice": best_summary["lesion_dice"],
+            "grid_objective": float(objective[lo, hi]),
+            "scheme": scorer.scheme,
+            "lung_field": lung_field_source(dataset),
+            "segmenter": type(scorer.segmenter).__name__,
+            "margin": margin,
+        }
+        return cls(grid[lo], grid[hi], scorer.size, info)
+
+
+def _dice(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, positives: int, absent: str):
+    """Per-image F1 over the grid, NaN where the image is left out (Table-1 policies)."""
+    if positives == 0:
+        if absent == "exclude":
+            return np.full(tp.shape, np.nan)
+        if absent == "one":
+            return (fp == 0).astype(np.float64)
+        return np.zeros(tp.shape)
+    return 2 * tp / np.maximum(2 * tp + fp + fn, 1)
+
+
+def grid_objective(scorer, grid: np.ndarray) -> np.ndarray:
+    """Mean per-image lesion Dice [G, G] of `ThresholdRule(grid[i], grid[j])` at model size on
+    a `SliceScorer`'s prepared slices (NaN where i > j or nothing is scored).
+
+    Per image and lesion class, a histogram of x over the grid's bins, inside the model-size
+    lung field, for the class's positive and negative truth pixels (Table-1 definitions:
+    ignored pixels drop out); positives outside the field are misses. GGO is predicted in the
+    bins [i, j), consolidation in [j, G), a lesion in [i, G).
+    """
+    from stitchnet_tf.metrics import LESION_CLASSES, SCHEMES
+
+    edges = np.asarray(grid, np.float32)  # binned in x's precision, as the rule compares
+    n = len(edges)
+    classes = [(name, b) for name, b in SCHEMES[scorer.scheme] if name in LESION_CLASSES]
+    lo = np.arange(n)[:, None]
+    hi = np.arange(n)[None, :]
+    per_class: dict[str, list[np.ndarray]] = {name: [] for name, _ in classes}
+    for chunk in scorer.batches():
+        for s in chunk:
+            p = s.prepared
+            field = np.asarray(p.lung, bool)
+            bins = np.clip(np.searchsorted(edges, p.x, side="right") - 1, 0, n - 1)
+            truth = p.allowed.astype(np.int64)
+            for name, cbits in classes:
+                positive = (truth & ~cbits) == 0
+                negative = (truth & cbits) == 0
+                pos = np.concatenate([[0], np.cumsum(np.bincount(bins[positive & field], None, n))])
+                neg = np.concatenate([[0], np.cumsum(np.bincount(bins[negative & field], None, n))])
+                start = lo if cbits & (1 << GGO) else hi
+                end = np.full_like(hi, n) if cbits & (1 << CON) else hi
+                start, end = np.broadcast_to(start, (n, n)), np.broadcast_to(end, (n, n))
+                tp = pos[end] - pos[start]
+                fp = neg[end] - neg[start]
+                total = int(np.count_nonzero(positive))
+                per_class[name].append(_dice(tp, fp, total - tp, total, scorer.absent))
+    with warnings.catch_warnings():  # "Mean of empty slice": all-NaN entries stay NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        means = [np.nanmean(np.stack(v), axis=0) for v in per_class.values() if v]
+        objective = np.nanmean(np.stack(means), axis=0)
+    objective[lo > hi] = np.nan
+    return objective
