@@ -4,8 +4,8 @@ Usage (from the repository root; about 2 minutes, tracing only, nothing is run):
     python benchmarks/flops.py [--size 352] [--batch 8]
 
 Counts floating-point operations of the traced training-mode forward pass with TensorFlow's
-profiler, for the U-Net and for StitchNet at the paper's widths (backbone, backbone + ladder, all)
-and at lighter settings (`light_c`, width 0.5). Writes benchmarks/results/flops.json and .md.
+profiler, for the U-Net and for StitchNet with its defaults (backbone, backbone + ladder, all)
+and at the paper's widths. Writes benchmarks/results/flops.json and .md.
 """
 
 from __future__ import annotations
@@ -45,10 +45,11 @@ def main() -> int:
     unet = build_model("unet", {}, None, None, 0)
     row("U-Net", "all", lambda x: unet(x, training=True), unet.count_params())
     for name, options in (
-        ("StitchNet (paper widths)", {}),
-        ("StitchNet light_c", {"light_c": True}),
-        ("StitchNet width 0.5", {"width": 0.5}),
-        ("StitchNet width 0.5, light_c", {"width": 0.5, "light_c": True}),
+        ("StitchNet (defaults: width 0.5, light_c, head skips 16)", {}),
+        (
+            "StitchNet (paper widths, no head skips)",
+            {"width": 1.0, "light_c": False, "head_skips": 0},
+        ),
     ):
         m = build_model("stitchnet", options, None, None, 0)
         if not options:

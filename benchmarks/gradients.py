@@ -61,7 +61,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--width", type=float, default=None, help="default: the model's")
     parser.add_argument("--backbone-alpha", type=float, default=None)
-    parser.add_argument("--learning-rate", type=float, default=3e-4)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--output", default="benchmarks/results")
     args = parser.parse_args()
 
@@ -145,8 +145,8 @@ def main() -> int:
         f"Command: `python benchmarks/gradients.py {' '.join(sys.argv[1:])}`. Machine: "
         f"{platform.platform()}, {os.cpu_count()} cores. Default model "
         f"(options {options or 'none'}), {args.size} px, batch {args.batch_size}, Adam "
-        f"{args.learning_rate}, global-norm clip {DEFAULT_GLOBAL_CLIPNORM}; {args.steps} steps "
-        f"in {seconds:.0f} s.",
+        f"{args.learning_rate} (cosine), global-norm clip {DEFAULT_GLOBAL_CLIPNORM}; "
+        f"{args.steps} steps in {seconds:.0f} s.",
         "",
         "| block | at initialisation | after training |",
         "| --- | --- | --- |",

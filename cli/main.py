@@ -788,7 +788,9 @@ def styles(model_path, size, input_, output, overwrite):
     from stitchnet_tf.figures import styles_figures
 
     result = styles_figures(model_path, input_, output, size=size, overwrite=overwrite)
-    click.echo(f"wrote {result['figures']} style figures -> {output}")
+    mae = result["lung_mae_mean"]
+    error = "" if mae is None else f"; stitched reconstruction MAE inside the lung {mae:.3f}"
+    click.echo(f"wrote {result['figures']} style figures -> {output}{error}")
 
 
 @cli.command()

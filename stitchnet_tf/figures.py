@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +73,7 @@ def styles_figures(
     from stitchnet_tf.data.lungmask import default_segmenter
 
     segmenter = default_segmenter()
-    written = 0
+    written, errors = 0, {}
     with atomic_dir(output, overwrite) as tmp:
         for path in _inputs(Path(input_path)):
             n = io.slice_count(path)
@@ -92,9 +93,18 @@ def styles_figures(
                     _colour(out["labels"].astype(np.int64)),
                 ]
                 name = io.stem_of(path) + ("" if k is None else f"_{k:04d}")
-                _save_grid([row], STYLE_TITLES, tmp / f"{name}_styles.png")
+                inside = p.lung.astype(bool)
+                if inside.any():  # how well the stitch rebuilds the CT, inside the lung field
+                    errors[name] = float(np.abs(out["stitched"][..., 0] - p.x)[inside].mean())
+                titles = list(STYLE_TITLES)
+                if name in errors:
+                    titles[5] = f"stitched (MAE {errors[name]:.3f})"
+                _save_grid([row], titles, tmp / f"{name}_styles.png")
                 written += 1
-    return {"figures": written}
+        mean = float(np.mean(list(errors.values()))) if errors else None
+        summary = {"figures": written, "lung_mae_mean": mean, "lung_mae": errors}
+        (tmp / "reconstruction.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
 
 
 def sample_figure(

@@ -54,7 +54,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     lr_schedule: str = "cosine"  # "cosine": linear warm-up, then cosine decay to 0; "constant"
     warmup_steps: int | None = None  # default: 5% of the budget
-    global_clipnorm: float | None = None  # None: the model's default (StitchNet: 5.0)
+    global_clipnorm: float | None = None  # None: the model's default (StitchNet: 20)
     clipnorm: float | None = None  # the paper's per-variable clipping: 1.0
     clipvalue: float | None = None  # and 0.5
     seed: int = 0
@@ -276,6 +276,8 @@ def plot_curves(log_csv: Path, output: Path) -> None:
         if "dice" not in k
         and not k.startswith("val_kl_")
         and not k.startswith("kl_")
+        and "grad_" not in k
+        and "clipped" not in k
         and k != "learning_rate"
     ]
     dices = [k for k in keys if "dice" in k]

@@ -13,4 +13,4 @@ NORMS = ("group", "batch")
 #: Channels of the deterministic backbone skip into the head (0 = none, the paper).
 DEFAULT_HEAD_SKIPS = 16
 #: Default global gradient-norm clip (benchmarks/results/gradients.md).
-DEFAULT_GLOBAL_CLIPNORM = 5.0
+DEFAULT_GLOBAL_CLIPNORM = 20.0

@@ -34,6 +34,10 @@ from stitchnet_tf.models.options import (
 STYLE_NAMES = ("background", "healthy", "ggo", "con")
 
 
+#: sigmoid⁻¹ of the fixed background style mean (about 0.001)
+BACKGROUND_MEAN_LOGIT = -7.0
+
+
 @keras.saving.register_keras_serializable(package="stitchnet_tf")
 class StitchHead(layers.Layer):
     """features [B, H/2, W/2, f_1] -> pi_logits, alpha, beta, each [B, H, W, 4] float32.
@@ -101,6 +105,11 @@ class StitchHead(layers.Layer):
         mean, concentration = self.style_mean(s), self.style_concentration(s)
         if self.style_pool > 1:
             mean, concentration = self.unpool(mean), self.unpool(concentration)
+        # the background style is fixed near 0: preprocessing zeroes x outside the lung field,
+        # and known-background pixels are left out of the reconstruction term
+        fixed = ops.convert_to_tensor([1.0, 0.0, 0.0, 0.0], "float32")
+        mean = mean * (1.0 - fixed) + BACKGROUND_MEAN_LOGIT * fixed
+        concentration = concentration * (1.0 - fixed) + 20.0 * fixed
         alpha, beta = lik.beta_from_mean_concentration(mean, concentration)
         return {"pi_logits": pi_logits, "alpha": alpha, "beta": beta}
 
@@ -409,7 +418,7 @@ class StitchNet(CompiledOnce, keras.Model):
             "kl_levels": kl_levels,
         }
 
-    def _update_metrics(self, terms, allowed, outputs, x):
+    def _update_metrics(self, terms, allowed, outputs, x, gradients: bool = True):
         for name in ("loss", "recon", "kl", "supervised"):
             self.trackers[name].update_state(terms[name])
         for i in range(self.ladder.levels):
@@ -417,7 +426,8 @@ class StitchNet(CompiledOnce, keras.Model):
         predicted = ops.argmax(self.class_probabilities(x, outputs), axis=-1)
         for dice in self.dice:
             dice.update_state(ops.cast(allowed, "float32"), predicted)
-        return self.step_logs({m.name: m.result() for m in self.metrics})
+        skip = set() if gradients else {m.name for m in self.gradient_monitor.metrics}
+        return self.step_logs({m.name: m.result() for m in self.metrics if m.name not in skip})
 
     def _variable_block(self, path: str) -> str:
         """The block a variable belongs to, for the per-block gradient norms: `level_i` for
@@ -457,7 +467,7 @@ class StitchNet(CompiledOnce, keras.Model):
         x, allowed = data["x"], data["allowed"]
         outputs = self(x, training=False)
         terms = self.compute_terms(x, allowed, outputs)
-        return self._update_metrics(terms, allowed, outputs, x)
+        return self._update_metrics(terms, allowed, outputs, x, gradients=False)
 
     # ------------------------------------------------------------------ inference
 
@@ -533,11 +543,15 @@ class StitchNet(CompiledOnce, keras.Model):
         stitched = ops.sum(styles * onehot, axis=-1, keepdims=True)
         return {"styles": styles, "labels": labels, "stitched": stitched}
 
-    def generate(self, n: int, size: int, sample_pixels: bool = False) -> dict:
+    def generate(
+        self, n: int, size: int, sample_pixels: bool = False, sample_labels: bool = False
+    ) -> dict:
         """Draw n new slices of size×size with their segmentations from the prior.
 
-        y ~ Categorical(π) per pixel and x = the style of y: its mean, or a Beta sample with
-        `sample_pixels`. Returns x [n,size,size,1], labels [n,size,size], styles [n,size,size,4].
+        z from the prior; y = argmax π per pixel (or y ~ Categorical(π) with `sample_labels`,
+        which is noisy: pixels are independent given z) and x = the style of y: its mean, or a
+        Beta sample with `sample_pixels`. Returns x [n,size,size,1], labels [n,size,size],
+        styles [n,size,size,4].
         """
         if size % 32:
             raise ValueError(f"size must be a multiple of 32, got {size}")
@@ -559,10 +573,13 @@ class StitchNet(CompiledOnce, keras.Model):
             outputs = self.head(features, ds[0], draft, training=False)
         else:
             outputs = self.head(features, training=False)
-        labels = tf.random.categorical(
-            tf.reshape(outputs["pi_logits"], (-1, NUM_CLASSES)), 1, dtype=tf.int32
-        )
-        labels = tf.reshape(labels, (n, size, size))
+        if sample_labels:
+            labels = tf.random.categorical(
+                tf.reshape(outputs["pi_logits"], (-1, NUM_CLASSES)), 1, dtype=tf.int32
+            )
+            labels = tf.reshape(labels, (n, size, size))
+        else:
+            labels = tf.argmax(outputs["pi_logits"], -1, output_type=tf.int32)
         onehot = tf.one_hot(labels, NUM_CLASSES)
         if sample_pixels:
             import tensorflow_probability as tfp
