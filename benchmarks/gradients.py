@@ -52,6 +52,35 @@ def summarise(norms: dict) -> dict:
     return {"largest_block": worst, "ratio_to_head": blocks[worst] / max(blocks["head"], 1e-30)}
 
 
+def report(result: dict, command: str) -> list[str]:
+    """gradients.md's lines from the result dict."""
+    at_init, after = result["at_init"], result["after_training"]
+    epochs, clipped, settings = result["epochs"], result["clipped_share"], result["settings"]
+    blocks = [k for k in at_init if k not in ("global", "largest_block", "ratio_to_head")]
+    return [
+        "# StitchNet gradient norms per block",
+        "",
+        f"Command: `python benchmarks/gradients.py {command}`. Machine: "
+        f"{result['machine']['platform']}, {result['machine']['cpus']} cores (shared). Default "
+        f"model (options {settings.get('options') or 'none'}), {settings['size']} px, batch "
+        f"{settings['batch_size']}, Adam {settings['learning_rate']} (cosine), global-norm clip "
+        f"{settings['global_clipnorm']}; {settings['steps']} steps in "
+        f"{result['train_seconds']:.0f} s.",
+        "",
+        "| block | at initialisation | after training |",
+        "| --- | --- | --- |",
+        *(f"| {b} | {at_init[b]:.3g} | {after.get(b, float('nan')):.3g} |" for b in blocks),
+        f"| global | {at_init['global']:.3g} | {after['global']:.3g} |",
+        "",
+        f"Largest block / head: {at_init['ratio_to_head']:.1f}× at initialisation "
+        f"({at_init['largest_block']}), {after['ratio_to_head']:.1f}× after training "
+        f"({after['largest_block']}); target ≤ 100×.",
+        f"Steps clipped at the default threshold: {100 * clipped:.1f}% (target ≤ 5%); per "
+        "epoch: " + ", ".join(f"{100 * e['clipped']:.0f}%" for e in epochs) + ".",
+        "",
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--labelled", default=None, help="labelled folder (default: synthetic)")
@@ -63,7 +92,13 @@ def main() -> int:
     parser.add_argument("--backbone-alpha", type=float, default=None)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--output", default="benchmarks/results")
+    parser.add_argument("--report-only", action="store_true", help="rebuild the md from the json")
     args = parser.parse_args()
+    if args.report_only:
+        out = Path(args.output)
+        result = json.loads((out / "gradients.json").read_text())
+        (out / "gradients.md").write_text("\n".join(report(result, result["command"])))
+        return 0
 
     import keras
 
@@ -128,7 +163,8 @@ def main() -> int:
     after = block_norms(trained, batch)
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-        "settings": vars(args) | {"global_clipnorm": DEFAULT_GLOBAL_CLIPNORM},
+        "settings": vars(args) | {"global_clipnorm": DEFAULT_GLOBAL_CLIPNORM, "options": options},
+        "command": " ".join(sys.argv[1:]),
         "train_seconds": seconds,
         "at_init": at_init | summarise(at_init),
         "after_training": after | summarise(after),
@@ -138,28 +174,7 @@ def main() -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gradients.json").write_text(json.dumps(result, indent=1) + "\n")
-    blocks = [k for k in at_init if k != "global"]
-    lines = [
-        "# StitchNet gradient norms per block",
-        "",
-        f"Command: `python benchmarks/gradients.py {' '.join(sys.argv[1:])}`. Machine: "
-        f"{platform.platform()}, {os.cpu_count()} cores. Default model "
-        f"(options {options or 'none'}), {args.size} px, batch {args.batch_size}, Adam "
-        f"{args.learning_rate} (cosine), global-norm clip {DEFAULT_GLOBAL_CLIPNORM}; "
-        f"{args.steps} steps in {seconds:.0f} s.",
-        "",
-        "| block | at initialisation | after training |",
-        "| --- | --- | --- |",
-        *(f"| {b} | {at_init[b]:.3g} | {after.get(b, float('nan')):.3g} |" for b in blocks),
-        f"| global | {at_init['global']:.3g} | {after['global']:.3g} |",
-        "",
-        f"Largest block / head: {at_init['ratio_to_head']:.1f}× at initialisation "
-        f"({at_init['largest_block']}), {after['ratio_to_head']:.1f}× after training "
-        f"({after['largest_block']}); target ≤ 100×.",
-        f"Steps clipped at the default threshold: {100 * clipped:.1f}% (target ≤ 5%); per "
-        "epoch: " + ", ".join(f"{100 * e['clipped']:.0f}%" for e in epochs) + ".",
-        "",
-    ]
+    lines = report(result, " ".join(sys.argv[1:]))
     (out / "gradients.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
