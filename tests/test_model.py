@@ -197,7 +197,7 @@ def test_inference_outputs(trained, batch):
     assert (masked[lung[..., 0] == 0] == 0).all() and (masked[lung[..., 0] == 1] > 0).all()
     prior = model.segment(x, decision="prior")["probabilities"]
     # graph (traced) vs eager arithmetic
-    np.testing.assert_allclose(prior, tf.nn.softmax(model(x)["pi_logits"]), atol=1e-5)
+    np.testing.assert_allclose(prior, tf.nn.softmax(model(x)["pi_logits"]), atol=1e-4)
     styles = model.styles(x)
     assert tuple(styles["styles"].shape) == (4, 64, 64, 4)
     assert tuple(styles["stitched"].shape) == (4, 64, 64, 1)
