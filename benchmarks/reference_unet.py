@@ -202,25 +202,13 @@ def evaluate(model, raws: dict, lungs: dict, size: int) -> dict:
 
 
 def machine() -> dict:
+    """The benchmarks' machine description (`pipeline_throughput.machine`), plus Keras'."""
     import keras
-    import tensorflow as tf
 
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-    }
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from pipeline_throughput import machine as describe
+
+    return describe() | {"platform": platform.platform(), "keras": keras.__version__}
 
 
 # ---------------------------------------------------------------- reports
