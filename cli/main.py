@@ -317,17 +317,42 @@ def split(
     type=click.Path(file_okay=False, path_type=Path),
     help="Run folder; rerun the same command on it to resume.",
 )
-@click.option("--size", default=352, show_default=True, help="Model size (multiple of 32).")
-@click.option("--epochs", default=80, show_default=True, type=click.IntRange(1))
-@click.option("--steps-per-epoch", default=100, show_default=True, type=click.IntRange(1))
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--preset",
+    type=click.Choice(["auto", "cpu", "paper"]),
+    default="auto",
+    show_default=True,
+    help="Size, widths and budget: cpu (128 px, backbone α 0.5, 12 x 100 steps of 8, about an "
+    "hour on 2 CPU cores), paper (352 px, the paper's widths, 80 x 100 steps); auto: paper "
+    "with a GPU, else cpu. Options given explicitly override it.",
+)
+@click.option("--size", default=None, type=int, help="Model size (multiple of 32).")
+@click.option("--epochs", default=None, type=click.IntRange(1))
+@click.option("--steps-per-epoch", default=None, type=click.IntRange(1))
+@click.option("--batch-size", default=None, type=click.IntRange(1))
 @click.option(
     "--labelled-per-batch",
     default=None,
     type=click.IntRange(1),
     help="Labelled slices in each batch (default: half when unlabelled data is given).",
 )
-@click.option("--learning-rate", default=1e-3, show_default=True, help="Adam (peak) learning rate.")
+@click.option("--learning-rate", default=1e-3, show_default=True, help="Peak learning rate.")
+@click.option(
+    "--optimizer",
+    "optimizer_name",
+    type=click.Choice(["adamw", "adam"]),
+    default="adamw",
+    show_default=True,
+    help="AdamW (decoupled weight decay, not on biases and norms) or Adam.",
+)
+@click.option("--weight-decay", default=1e-2, show_default=True, help="AdamW's weight decay.")
+@click.option(
+    "--ema",
+    default=None,
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="Keep an exponential moving average of the weights with this momentum (e.g. 0.99); "
+    "validation and best.keras use it.",
+)
 @click.option(
     "--lr-schedule",
     default="cosine",
@@ -383,18 +408,27 @@ def split(
     help="mixed_float16 on GPU, mixed_bfloat16 on CPU (heads stay float32).",
 )
 @click.option("--cache", is_flag=True, help="Cache preprocessed slices in memory.")
-@click.option("--no-augment", is_flag=True, help="Turn off the paper's augmentation.")
+@click.option(
+    "--augmentation",
+    type=click.Choice(["recipe", "paper", "none"]),
+    default="recipe",
+    show_default=True,
+    help="recipe: flips, 90° turns, scale 0.85-1.25, ±15°, zooms onto lesions, intensity; "
+    "paper: the paper's crops, flips and 90° turns.",
+)
+@click.option("--no-augment", is_flag=True, help="No augmentation (as --augmentation none).")
 @click.option(
     "--width",
     default=None,
     type=click.FloatRange(0, min_open=True),
-    help="Model width multiplier (default: StitchNet 0.5, U-Net and SegNet 1.0).",
+    help="Model width multiplier (default: the preset's, else StitchNet 0.5, U-Net and "
+    "SegNet 1.0).",
 )
 @click.option(
     "--backbone-alpha",
-    default=1.0,
-    show_default=True,
-    help="MobileNetV2 width multiplier (StitchNet, U-Net).",
+    default=None,
+    type=click.FloatRange(0, min_open=True),
+    help="MobileNetV2 width multiplier (StitchNet, U-Net; default: the preset's).",
 )
 @click.option(
     "--likelihood",
@@ -409,7 +443,7 @@ def split(
     default=SUPERVISED[0],
     show_default=True,
     type=click.Choice(SUPERVISED),
-    help="StitchNet supervised term: set cross-entropy + soft Dice, or the authors' focal loss.",
+    help="Supervised term of every model: set cross-entropy + soft Dice, or focal (the paper's).",
 )
 @click.option(
     "--supervised-weight",
@@ -479,12 +513,16 @@ def train(
     unlabelled,
     model_name,
     output,
+    preset,
     size,
     epochs,
     steps_per_epoch,
     batch_size,
     labelled_per_batch,
     learning_rate,
+    optimizer_name,
+    weight_decay,
+    ema,
     lr_schedule,
     global_clipnorm,
     clipnorm,
@@ -496,6 +534,7 @@ def train(
     label_fraction,
     mixed_precision,
     cache,
+    augmentation,
     no_augment,
     width,
     backbone_alpha,
@@ -530,12 +569,25 @@ def train(
     Example: stitchnet-tf train --labelled data/demo/labelled --unlabelled data/demo/unlabelled
     --size 128 --epochs 5 --output runs/demo
     """
-    from stitchnet_tf.training import TrainConfig, TrainingError
+    from stitchnet_tf.training import TrainConfig, TrainingError, preset_options, resolve_preset
     from stitchnet_tf.training import train as run_training
+
+    preset, why = resolve_preset(preset)
+    budget, preset_model = preset_options(preset, model_name)
+    size = budget["size"] if size is None else size
+    epochs = budget["epochs"] if epochs is None else epochs
+    steps_per_epoch = budget["steps_per_epoch"] if steps_per_epoch is None else steps_per_epoch
+    batch_size = budget["batch_size"] if batch_size is None else batch_size
+    given = {"width": width}
+    given["backbone_alpha" if model_name == "stitchnet" else "alpha"] = backbone_alpha
+    given = {k: v for k, v in given.items() if v is not None}
+    click.echo(
+        f"preset {preset} ({why}): {size} px, {epochs} x {steps_per_epoch} steps of "
+        f"{batch_size}" + "".join(f", {k} {v}" for k, v in (preset_model | given).items())
+    )
 
     if model_name == "stitchnet":
         options = dict(
-            backbone_alpha=backbone_alpha,
             likelihood=likelihood,
             kl=kl,
             supervised=supervised,
@@ -549,12 +601,9 @@ def train(
         )
         if head_skips is not None:
             options["head_skips"] = head_skips
-    elif model_name == "unet":
-        options = dict(alpha=backbone_alpha, focal_gamma=focal_gamma)
     else:
-        options = dict(focal_gamma=focal_gamma)
-    if width is not None:
-        options["width"] = width
+        options = dict(loss=supervised, focal_gamma=focal_gamma)
+    options |= preset_model | given
     config = TrainConfig(
         labelled=str(labelled),
         unlabelled=None if unlabelled is None else str(unlabelled),
@@ -566,6 +615,9 @@ def train(
         batch_size=batch_size,
         labelled_per_batch=labelled_per_batch,
         learning_rate=learning_rate,
+        optimizer=optimizer_name,
+        weight_decay=weight_decay,
+        ema=ema,
         lr_schedule=lr_schedule,
         global_clipnorm=global_clipnorm,
         clipnorm=clipnorm or None,
@@ -577,6 +629,7 @@ def train(
         label_fraction=label_fraction,
         mixed_precision=mixed_precision,
         augment=not no_augment,
+        augmentation=augmentation,
         cache=cache,
         mask_values=mask_values,
         patient_pattern=patient_pattern,
@@ -584,6 +637,7 @@ def train(
         masks_subdir=masks_subdir,
         lungs_subdir=lungs_subdir,
         model_options=options,
+        preset=preset,
         run_eagerly=eager,
         strategy=strategy,
         sync_batchnorm=not per_replica_batchnorm,
@@ -671,6 +725,9 @@ def _model_options(f):
     type=click.Choice(["posterior", "prior"]),
     help="StitchNet decision rule (default: the model's).",
 )
+@click.option(
+    "--tta", is_flag=True, help="Average the probabilities over the four flips of each slice."
+)
 @data_options
 def evaluate(
     model_path,
@@ -682,6 +739,7 @@ def evaluate(
     absent,
     samples,
     decision,
+    tta,
     mask_values,
     patient_pattern,
     masks_subdir,
@@ -706,6 +764,7 @@ def evaluate(
         absent=absent,
         samples=samples,
         decision=decision,
+        tta=tta,
         mask_values=mask_values,
         patient_pattern=patient_pattern,
         masks_subdir=masks_subdir,
@@ -736,6 +795,9 @@ def evaluate(
     help="StitchNet: average this many posterior samples (0 = posterior mean).",
 )
 @click.option("--decision", default=None, type=click.Choice(["posterior", "prior"]))
+@click.option(
+    "--tta", is_flag=True, help="Average the probabilities over the four flips of each slice."
+)
 @click.option("--window-level", default=-600.0, show_default=True)
 @click.option("--window-width", default=1500.0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
@@ -747,6 +809,7 @@ def predict(
     uncertainty,
     samples,
     decision,
+    tta,
     window_level,
     window_width,
     overwrite,
@@ -765,6 +828,7 @@ def predict(
         size=size,
         samples=samples,
         decision=decision,
+        tta=tta,
         uncertainty=uncertainty,
         window=Window(window_level, window_width),
         overwrite=overwrite,
@@ -894,8 +958,22 @@ def demo(output, size, epochs, steps_per_epoch, seed, overwrite):
 @click.option("--decision", default=None, type=click.Choice(["posterior", "prior"]))
 @click.option("--no-bytes", is_flag=True, help="SavedModel: no encoded-image signature.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing version or file.")
+@click.option(
+    "--tta", is_flag=True, help="Average the probabilities over the four flips of each slice."
+)
 def export(
-    model_path, size, fmt, quantize, output, version_, data, count, decision, no_bytes, overwrite
+    model_path,
+    size,
+    fmt,
+    quantize,
+    output,
+    version_,
+    data,
+    count,
+    decision,
+    no_bytes,
+    overwrite,
+    tta,
 ):
     """Export the segmentation path: SavedModel (TensorFlow Serving layout) or TFLite.
 
@@ -919,6 +997,7 @@ def export(
         decision=decision,
         bytes_signature=not no_bytes,
         overwrite=overwrite,
+        tta=tta,
     )
     click.echo(
         f"exported {fmt}{'' if fmt == 'savedmodel' else ' (' + quantize + ')'} at "

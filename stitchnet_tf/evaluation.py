@@ -119,10 +119,14 @@ class SliceScorer:
         samples: int = 0,
         decision: str | None = None,
         progress: Callable[[int], None] | None = None,
+        tta: bool = False,
     ) -> Table1:
-        """Segment every slice with `model` (its `segment(x, lung)`, inference mode) and score
-        the labels in the original geometry; returns the filled `Table1`."""
-        predictor = Predictor(model, self.size, self.segmenter, samples, decision, self.margin)
+        """Segment every slice with `model` (its `segment(x, lung)`, inference mode; `tta`:
+        averaged over flips) and score the labels in the original geometry; returns the
+        filled `Table1`."""
+        predictor = Predictor(
+            model, self.size, self.segmenter, samples, decision, self.margin, tta=tta
+        )
         table = Table1(scheme=self.scheme, absent=self.absent)
         for chunk in self.batches():
             predictions = predictor.predict_prepared([s.prepared for s in chunk])
@@ -132,10 +136,12 @@ class SliceScorer:
                 progress(len(chunk))
         return table
 
-    def score(self, model, *, samples: int = 0, decision: str | None = None) -> dict:
+    def score(
+        self, model, *, samples: int = 0, decision: str | None = None, tta: bool = False
+    ) -> dict:
         """`Table1.summary()` of `model` on the slices, plus `lesion_dice` (lesion class ->
         per-image mean F1) and `mean_lesion_dice` (their mean; None without lesions)."""
-        return summarize(self.table(model, samples=samples, decision=decision))
+        return summarize(self.table(model, samples=samples, decision=decision, tta=tta))
 
 
 def summarize(table: Table1) -> dict:
@@ -169,6 +175,7 @@ def evaluate(
     batch_size: int = 8,
     samples: int = 0,
     decision: str | None = None,
+    tta: bool = False,
     mask_values: str | None = None,
     patient_pattern: str | None = None,
     masks_subdir: str = "masks",
@@ -210,7 +217,9 @@ def evaluate(
         raise DataError(data, f"no slices to evaluate in the split's {part!r} part")
     scorer = SliceScorer(subset, size, segmenter, absent=absent, batch_size=batch_size, cache=False)
     start = time.time()
-    table = scorer.table(loaded.model, samples=samples, decision=decision, progress=progress)
+    table = scorer.table(
+        loaded.model, samples=samples, decision=decision, progress=progress, tta=tta
+    )
     seconds = time.time() - start
     name = type(loaded.model).__name__
     paths = table.write(output, stem="metrics", model_name=name)
@@ -225,6 +234,7 @@ def evaluate(
         "size": size,
         "scheme": scorer.scheme,
         "absent": absent,
+        "tta": tta,
         "geometry": "preprocessed slices" if dataset.prepared_size else "original slices",
         "lung_field": lung_field_source(subset),
         "seconds": seconds,

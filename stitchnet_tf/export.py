@@ -168,15 +168,25 @@ def float32_model(model):
     return copy
 
 
-def _serving_functions(model, size: int, decision: str | None, lung_net, margin: float) -> dict:
-    """The tf.functions of the exported signatures (see the module docstring)."""
+def _serving_functions(
+    model, size: int, decision: str | None, lung_net, margin: float, tta: bool = False
+) -> dict:
+    """The tf.functions of the exported signatures (see the module docstring); `tta`:
+    probabilities averaged over the four flips of the slice."""
     import tensorflow as tf
 
     image_spec = tf.TensorSpec([None, size, size, 1], tf.float32, name="image")
     lung_spec = tf.TensorSpec([None, size, size, 1], tf.float32, name="lung")
 
     def segment(image, lung):
-        return _outputs(model.segmentation_probabilities(image, lung, decision))
+        if not tta:
+            return _outputs(model.segmentation_probabilities(image, lung, decision))
+        total = 0.0
+        for axes in ([], [1], [2], [1, 2]):
+            flip = (lambda t, a=axes: tf.reverse(t, a)) if axes else (lambda t: t)
+            probs = model.segmentation_probabilities(flip(image), flip(lung), decision)
+            total = total + flip(tf.cast(probs, tf.float32))
+        return _outputs(total / 4.0)
 
     @tf.function(input_signature=[image_spec, lung_spec])
     def serving_lung(image, lung):
@@ -221,7 +231,9 @@ def _serving_functions(model, size: int, decision: str | None, lung_net, margin:
     return functions
 
 
-def _metadata(model, size: int, decision: str | None, source: str, signatures) -> dict:
+def _metadata(
+    model, size: int, decision: str | None, source: str, signatures, tta: bool = False
+) -> dict:
     return {
         "format": "stitchnet-tf segmentation path",
         "model": type(model).__name__,
@@ -229,6 +241,7 @@ def _metadata(model, size: int, decision: str | None, source: str, signatures) -
         "classes": list(CLASS_NAMES),
         "decision": decision or getattr(model, "decision", None),
         "source": source,
+        "tta": tta,
         "signatures": sorted(signatures),
     }
 
@@ -240,12 +253,14 @@ def next_version(root: str | os.PathLike) -> int:
     return max(versions, default=0) + 1
 
 
-def _write_savedmodel(model, target: Path, size, decision, lung_net, margin, source) -> list:
+def _write_savedmodel(
+    model, target: Path, size, decision, lung_net, margin, source, tta: bool = False
+) -> list:
     """Write the SavedModel to `target` (not atomic; see `export_savedmodel`)."""
     import keras
 
     model = float32_model(model)
-    functions = _serving_functions(model, size, decision, lung_net, margin)
+    functions = _serving_functions(model, size, decision, lung_net, margin, tta)
     archive = keras.export.ExportArchive()
     archive.track(model)
     if lung_net is not None:
@@ -256,7 +271,7 @@ def _write_savedmodel(model, target: Path, size, decision, lung_net, margin, sou
     meta = target / METADATA
     meta.parent.mkdir(parents=True, exist_ok=True)
     meta.write_text(
-        json.dumps(_metadata(model, size, decision, source, functions), indent=1) + "\n"
+        json.dumps(_metadata(model, size, decision, source, functions, tta), indent=1) + "\n"
     )
     return sorted(functions)
 
@@ -272,6 +287,7 @@ def export_savedmodel(
     margin: float | None = None,
     source: str = "",
     overwrite: bool = False,
+    tta: bool = False,
     _fail_after_write: bool = False,
 ) -> Path:
     """Export `model` as `<root>/<version>/` (TensorFlow Serving's layout; `root` is the model's
@@ -296,7 +312,7 @@ def export_savedmodel(
     margin = DEFAULT_MARGIN if margin is None else margin
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=root))
     try:
-        _write_savedmodel(model, tmp, size, decision, lung_net, margin, source)
+        _write_savedmodel(model, tmp, size, decision, lung_net, margin, source, tta)
         if _fail_after_write:  # tests: a failure after writing, before the rename
             raise RuntimeError("simulated failure during export")
         if final.exists():
@@ -340,6 +356,7 @@ def export_tflite(
     decision: str | None = None,
     overwrite: bool = False,
     saved_model: str | os.PathLike | None = None,
+    tta: bool = False,
 ) -> Path:
     """Convert the segmentation path to a `.tflite` file with `quantize` (see module doc).
 
@@ -363,7 +380,7 @@ def export_tflite(
     with tempfile.TemporaryDirectory(prefix=".tflite-", dir=path.parent) as work:
         if saved_model is None:
             saved = Path(work) / "savedmodel"
-            _write_savedmodel(model, saved, size, decision, None, 0.05, "")
+            _write_savedmodel(model, saved, size, decision, None, 0.05, "", tta)
         else:
             saved = Path(saved_model)
         if quantize == "int8":
@@ -577,6 +594,7 @@ def export(
     decision: str | None = None,
     bytes_signature: bool = True,
     overwrite: bool = False,
+    tta: bool = False,
 ) -> dict:
     """Export a run folder or `.keras` file (the `export` command); returns what was written.
 
@@ -607,6 +625,7 @@ def export(
             lung_model=None if bytes_signature else False,
             source=source,
             overwrite=overwrite,
+            tta=tta,
         )
         nbytes = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         return {"path": str(path), "bytes": nbytes, "size": size}
@@ -632,5 +651,6 @@ def export(
         representative=representative,
         decision=decision,
         overwrite=overwrite,
+        tta=tta,
     )
     return {"path": str(path), "bytes": path.stat().st_size, "size": size}

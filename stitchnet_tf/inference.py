@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,6 +130,25 @@ def prepare_inputs(
     return [prepare(r, size, segmenter, margin, already_cropped, use_labels=False) for r in raws]
 
 
+FLIPS = ((), (1,), (2,), (1, 2))  # image axes of a [B, S, S, C] batch
+
+
+def flip_average(segment: Callable, x: np.ndarray, lung: np.ndarray) -> dict:
+    """Test-time augmentation: `segment(x, lung)["probabilities"]` [B, S, S, 4] averaged over
+    the four flips of the batch (each flipped back); returns probabilities, labels, entropy."""
+    total = 0.0
+    for axes in FLIPS:
+        out = segment(np.flip(x, axes).copy(), np.flip(lung, axes).copy())
+        total = total + np.flip(np.asarray(out["probabilities"], np.float32), axes)
+    probabilities = total / len(FLIPS)
+    entropy = -np.sum(probabilities * np.log(np.maximum(probabilities, 1e-4)), -1)
+    return {
+        "probabilities": probabilities,
+        "labels": np.argmax(probabilities, -1).astype(np.int32),
+        "entropy": entropy.astype(np.float32),
+    }
+
+
 @dataclass
 class Prediction:
     """One slice's result: labels [H, W] uint8 (0..3) in the original geometry, the model-size
@@ -164,6 +184,8 @@ class Predictor:
         samples: posterior samples to average (StitchNet; 0 = posterior mean).
         decision: StitchNet decision rule (None = the model's own).
         margin: crop margin around the lung field.
+        tta: average the probabilities over the four flips of each slice (test-time
+            augmentation; the models trained with flips).
     """
 
     def __init__(
@@ -174,8 +196,9 @@ class Predictor:
         samples: int = 0,
         decision: str | None = None,
         margin: float = DEFAULT_MARGIN,
+        tta: bool = False,
     ):
-        self.model, self.size = model, check_model_size(size)
+        self.model, self.size, self.tta = model, check_model_size(size), tta
         fixed = getattr(model, "exported_size", None)
         if fixed is not None and fixed != self.size:
             raise DataError(None, f"the exported model takes {fixed} px slices, not {size}")
@@ -191,13 +214,15 @@ class Predictor:
         )
 
     def _segment(self, x: np.ndarray, lung: np.ndarray) -> dict:
-        kwargs = {"lung": lung}
+        kwargs = {}
         if self.samples:
             kwargs["samples"] = self.samples
         if self.decision:
             kwargs["decision"] = self.decision
-        out = self.model.segment(x, **kwargs)
-        return {k: np.asarray(v) for k, v in out.items()}
+        if not self.tta:
+            out = self.model.segment(x, lung=lung, **kwargs)
+            return {k: np.asarray(v) for k, v in out.items()}
+        return flip_average(lambda a, b: self.model.segment(a, lung=b, **kwargs), x, lung)
 
     def prepare(self, raws: list[RawSlice], already_cropped: bool = False) -> list[Prepared]:
         """Label-free preprocessing of slices as read (see `prepare_inputs`)."""

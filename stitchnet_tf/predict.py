@@ -97,6 +97,7 @@ def predict_path(
     size: int | None = None,
     samples: int = 0,
     decision: str | None = None,
+    tta: bool = False,
     uncertainty: bool = False,
     window: io.Window = io.Window(),
     batch_size: int = 8,
@@ -112,7 +113,7 @@ def predict_path(
     if size is None:
         raise DataError(model_path, "model size unknown (no config.json beside it): pass --size")
     inputs = _inputs(Path(input_path))
-    predictor = Predictor(loaded.model, size, samples=samples, decision=decision)
+    predictor = Predictor(loaded.model, size, samples=samples, decision=decision, tta=tta)
     rows: list[dict] = []
     n_slices = n_volumes = 0
     with atomic_dir(output, overwrite) as tmp:

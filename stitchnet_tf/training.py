@@ -38,6 +38,10 @@ class TrainingError(Exception):
     """Training stopped for a reason the user must act on (one line)."""
 
 
+#: What runs written before these TrainConfig fields existed were trained with.
+LEGACY_DEFAULTS = {"optimizer": "adam", "augmentation": "paper"}
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run depends on (saved as the run's `config.json`)."""
@@ -52,6 +56,9 @@ class TrainConfig:
     batch_size: int = 8
     labelled_per_batch: int | None = None
     learning_rate: float = 1e-3
+    optimizer: str = "adamw"  # adamw | adam
+    weight_decay: float = 1e-2  # AdamW's decoupled decay (not on biases, norms and gains)
+    ema: float | None = None  # momentum of an exponential moving average of the weights
     lr_schedule: str = "cosine"  # "cosine": linear warm-up, then cosine decay to 0; "constant"
     warmup_steps: int | None = None  # default: 5% of the budget
     global_clipnorm: float | None = None  # None: the model's default (StitchNet: 20)
@@ -64,6 +71,7 @@ class TrainConfig:
     label_fraction: float | None = None
     mixed_precision: bool = False
     augment: bool = True
+    augmentation: str = "recipe"  # recipe | paper | none (see data.pipeline)
     cache: bool = False
     run_eagerly: bool = False  # no graph tracing: for debugging and tiny runs
     strategy: str = "auto"  # tf.distribute strategy (see stitchnet_tf.distribute)
@@ -77,13 +85,17 @@ class TrainConfig:
     lungs_subdir: str = "lungs"
     # model options (see StitchNet / UNet / SegNet)
     model_options: dict = field(default_factory=dict)
+    preset: str | None = None  # the preset that filled size, widths and budget (see PRESETS)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> TrainConfig:
-        d = json.loads(text)
+        """A config from its JSON; fields it lacks (written by an older version) take the
+        values that version used, so that resuming such a run with today's defaults is
+        refused rather than silently trained on with another recipe."""
+        d = LEGACY_DEFAULTS | json.loads(text)
         d["fractions"] = tuple(d.get("fractions", (0.6, 0.2, 0.2)))
         return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
 
@@ -102,8 +114,47 @@ def build_model(
         from stitchnet_tf.models import baselines
 
         cls = baselines.UNet if name == "unet" else baselines.SegNet
+        if global_clipnorm is not None:
+            options = options | {"global_clipnorm": global_clipnorm or None}
         return cls(clipnorm=clipnorm, clipvalue=clipvalue, seed=seed, **options)
     raise DataError(None, f"unknown model {name!r}: use one of {', '.join(MODELS)}")
+
+
+#: Size, widths and budget. `paper`: the paper's 352 px, widths and 80 x 100 steps (more than
+#: a day on a 2-core CPU). `cpu`: what reached the best accuracy within about an hour on a
+#: 2-core CPU (docs/MEDSEG.md: StitchNet 1200 steps at 128 px in 48 min). Model widths not
+#: named keep the model's default (StitchNet width 0.5; U-Net and SegNet 1.0).
+PRESETS = {
+    "cpu": dict(size=128, epochs=12, steps_per_epoch=100, batch_size=8, backbone_alpha=0.5),
+    "paper": dict(
+        size=352, epochs=80, steps_per_epoch=100, batch_size=8, width=1.0, backbone_alpha=1.0
+    ),
+}
+
+
+def resolve_preset(name: str | None = None) -> tuple[str, str]:
+    """(preset, why): `name` if given, else `paper` with a GPU and `cpu` without."""
+    if name not in (None, "auto"):
+        if name not in PRESETS:
+            raise DataError(None, f"unknown preset {name!r}: use one of {', '.join(PRESETS)}")
+        return name, "asked for"
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        return "paper", "a GPU was found"
+    return "cpu", "no GPU was found"
+
+
+def preset_options(name: str, model: str) -> tuple[dict, dict]:
+    """A preset as (TrainConfig fields, model options) for `model`."""
+    values = dict(PRESETS[name])
+    options = {}
+    if "width" in values:
+        options["width"] = values.pop("width")
+    alpha = values.pop("backbone_alpha", None)
+    if alpha is not None and model in ("stitchnet", "unet"):
+        options["backbone_alpha" if model == "stitchnet" else "alpha"] = alpha
+    return values, options
 
 
 LR_SCHEDULES = ("cosine", "constant")
@@ -127,6 +178,50 @@ def learning_rate_schedule(config: TrainConfig):
         warmup_target=config.learning_rate if warmup else None,
         warmup_steps=warmup,
     )
+
+
+OPTIMIZERS = ("adamw", "adam")
+
+
+def make_optimizer(config: TrainConfig):
+    """The run's optimizer: AdamW (default) or Adam on `learning_rate_schedule(config)`, with
+    an EMA of the weights when `config.ema` is set (used for validation and the checkpoints)."""
+    import keras
+
+    if config.optimizer not in OPTIMIZERS:
+        raise DataError(None, f"unknown optimizer {config.optimizer!r}: use adamw or adam")
+    if config.ema is not None and not 0 < config.ema < 1:
+        raise DataError(None, f"--ema must be in (0, 1), got {config.ema}")
+    ema = dict(use_ema=config.ema is not None, ema_momentum=config.ema or 0.99)
+    if config.optimizer == "adam":
+        return keras.optimizers.Adam(learning_rate_schedule(config), **ema)
+    optimizer = keras.optimizers.AdamW(
+        learning_rate_schedule(config), weight_decay=config.weight_decay, **ema
+    )
+    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "gain"])
+    return optimizer
+
+
+class _EMASwap:
+    """Puts the optimizer's EMA weights into the model (and back), if it keeps them."""
+
+    def __init__(self, model):
+        import keras
+
+        optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)
+        self.on = bool(getattr(optimizer, "use_ema", False))
+        if self.on:
+            self.swapper = keras.callbacks.SwapEMAWeights()
+            self.swapper.set_model(model)
+
+    def __enter__(self):
+        if self.on:
+            self.swapper._swap_variables()
+        return self
+
+    def __exit__(self, *exc):
+        if self.on:
+            self.swapper._swap_variables()
 
 
 def _versions() -> dict:
@@ -184,9 +279,8 @@ def _make_callbacks(
         the mean lesion Dice per image from the scorer) into the logs, save last/best `.keras`
         and state.json; NaN-safe."""
 
-        def on_epoch_end(self, epoch, logs=None):
-            logs = logs if logs is not None else {}
-            finite = np.isfinite(logs.get("loss", float("nan")))
+        def _validate(self, logs: dict, finite: bool) -> float:
+            """Validation logs and the epoch's score (what picks the best epoch)."""
             if finite:
                 if recalibration_steps:
                     recalibrate_batchnorm(self.model, batches, recalibration_steps)
@@ -203,18 +297,30 @@ def _make_callbacks(
             else:
                 score = logs.get("val_dice_lesion", 0.0)
             logs.setdefault("val_mean_lesion_dice", float(score))
+            return score
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs if logs is not None else {}
             loss = logs.get("loss", float("nan"))
-            if not np.isfinite(loss):
+            finite = bool(np.isfinite(loss))
+            if not finite:
+                self._validate(logs, finite)
                 self.model.stop_training = True
                 state["nan_epoch"] = epoch + 1
                 return
+            # validation and best.keras see the EMA weights (if kept); last.keras the raw ones
+            with _EMASwap(self.model) as ema:
+                score = self._validate(logs, finite)
+                best = state.get("best_score")
+                if best is None or score > best:
+                    state["best_score"], state["best_epoch"] = float(score), epoch + 1
+                    _atomic_save(self.model, run / "best.keras")
+                    if chief:
+                        kind = " (EMA weights)" if ema.on else ""
+                        note = f"epoch {epoch + 1}: best so far, val mean lesion Dice {score:.4f}"
+                        log(note + kind)
             _atomic_save(self.model, run / "last.keras")
             state["epochs_done"] = epoch + 1
-            if state.get("best_score") is None or score > state["best_score"]:
-                state["best_score"], state["best_epoch"] = float(score), epoch + 1
-                _atomic_save(self.model, run / "best.keras")
-                if chief:
-                    log(f"epoch {epoch + 1}: best so far, val mean lesion Dice {score:.4f}")
             atomic_write_text(run / "state.json", json.dumps(state, indent=1) + "\n")
 
         def on_train_batch_end(self, batch, logs=None):
@@ -429,7 +535,7 @@ def train(
         withheld_ids=split.unlabelled,
         labelled_per_batch=labelled_per_batch,
         seed=config.seed + state["epochs_done"],
-        augmentation=config.augment,
+        augmentation=config.augmentation if config.augment else False,
         cache=config.cache,
     )
     val = labelled.subset(split.val)
@@ -459,7 +565,7 @@ def train(
                     config.global_clipnorm,
                 )
                 model.compile(
-                    optimizer=keras.optimizers.Adam(learning_rate_schedule(config)),
+                    optimizer=make_optimizer(config),
                     run_eagerly=config.run_eagerly,
                 )
             if replicas > 1:

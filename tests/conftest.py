@@ -42,3 +42,20 @@ def _write_ct_dicom(path, stored, *, z=0.0, series="1.2.3.4", number=1, slope=1.
 def write_ct_dicom():
     """`write_ct_dicom(path, stored_int16, z=, series=, number=, slope=, intercept=)`."""
     return _write_ct_dicom
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--slow",
+        action="store_true",
+        help="also run the slow tier (real-data learning guards; minutes each)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow tier: run with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

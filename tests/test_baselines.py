@@ -151,6 +151,35 @@ def test_set_loss_equals_numpy(loss, gamma):
         SegNet(width=0.125, loss="dice")
 
 
+def _reference_ce_dice(logits, sets4, smooth=1.0):
+    """Set CE over labelled pixels + 1 − mean batch soft Dice of GGO and CON (set-aware)."""
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    sets3 = np.stack([np.maximum(sets4[..., 0], sets4[..., 1]), sets4[..., 2], sets4[..., 3]], -1)
+    labelled = sets3.sum(-1) < 3
+    ce = -np.log((p * sets3).sum(-1))[labelled].sum() / max(labelled.sum(), 1)
+    dices = []
+    for k in (1, 2):
+        truth = (sets3[..., k] == 1) & (sets3.sum(-1) == 1)
+        scored = truth | (sets3[..., k] == 0)
+        pk = p[..., k] * scored
+        dices.append((2 * (pk * truth).sum() + smooth) / (pk.sum() + truth.sum() + smooth))
+    return ce + (labelled.any()) * (1 - np.mean(dices))
+
+
+def test_ce_dice_loss_equals_numpy():
+    model = SegNet(width=0.125)
+    assert model.loss_type == "ce_dice"  # the recipe's default
+    rng = np.random.default_rng(2)
+    sets = [bits(k) for k in range(4)] + [LESION, NO_LESION, LUNG, ALL]
+    allowed = allowed_to_onehot(np.array(sets * 3, np.uint8).reshape(2, 3, 4))
+    logits = rng.normal(scale=2.0, size=(2, 3, 4, 3)).astype("float32")
+    got = float(model.compute_set_loss(allowed, logits))
+    np.testing.assert_allclose(got, _reference_ce_dice(logits, allowed), rtol=1e-5)
+    unlabelled = allowed_to_onehot(np.full((2, 3, 4), LUNG, np.uint8))
+    assert float(model.compute_set_loss(unlabelled, logits)) == 0.0
+
+
 # --------------------------------------------------------------------------- training
 
 

@@ -5,6 +5,7 @@ Training runs use `--eager` (the same train_step, no minute-long graph trace) an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -64,6 +65,10 @@ def stitchnet_run(data, tmp_path_factory) -> Path:
         *TINY,
     )
     assert "trained 2 epochs" in r.output
+    # no GPU here: the cpu preset fills what the command left out, and says so
+    assert "preset cpu (no GPU was found): 32 px, 2 x 2 steps of 4" in r.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["preset"] == "cpu" and config["model_options"]["backbone_alpha"] == 0.35
     return out
 
 
@@ -170,10 +175,24 @@ def test_unet_baseline_trains_and_evaluates(data, tmp_path):
         "--epochs",
         1,
         "--steps-per-epoch",
-        2,
+        3,
+        "--ema",
+        0.5,
         *TINY,
     )
     assert "supervised: the unlabelled data is not used" in r.output
+    assert "(EMA weights)" in r.output
+    # best.keras holds the weights' moving average, last.keras the raw weights and the average
+    import keras
+
+    best = keras.saving.load_model(out / "best.keras", safe_mode=True)
+    last = keras.saving.load_model(out / "last.keras", safe_mode=True)
+    assert type(last.optimizer).__name__ == "AdamW" and last.optimizer.use_ema
+    averaged = last.optimizer._model_variables_moving_average
+    for b, avg in zip(best.trainable_variables, averaged, strict=True):
+        np.testing.assert_allclose(b.numpy(), avg.numpy(), rtol=1e-6, atol=1e-7)
+    pairs = zip(best.trainable_variables, last.trainable_variables, strict=True)
+    assert any(not np.allclose(b.numpy(), raw.numpy()) for b, raw in pairs)
     run("evaluate", "-m", out, "-d", data / "labelled", "-o", tmp_path / "eval")
     assert "UNet" in (tmp_path / "eval" / "metrics.md").read_text()
     # styles need a generative model
@@ -274,3 +293,20 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(data, tmp_
     state = json.loads((out / "state.json").read_text())
     assert state["epochs_done"] == 1 and state["nan_epoch"] == 2
     assert (out / "last.keras").is_file()
+
+
+def test_a_run_written_before_the_recipe_is_not_resumed_with_it(tmp_path):
+    from stitchnet_tf.errors import DataError
+    from stitchnet_tf.training import TrainConfig, prepare_run
+
+    config = TrainConfig(labelled="lab", output=str(tmp_path / "old"))
+    run, _ = prepare_run(config)
+    old = json.loads((run / "config.json").read_text())
+    for key in ("optimizer", "weight_decay", "ema", "augmentation", "preset"):
+        del old[key]
+    (run / "config.json").write_text(json.dumps(old))
+    saved = TrainConfig.from_json((run / "config.json").read_text())
+    assert (saved.optimizer, saved.augmentation) == ("adam", "paper")
+    with pytest.raises(DataError, match="another configuration"):
+        prepare_run(config)
+    prepare_run(dataclasses.replace(config, optimizer="adam", augmentation="paper"))

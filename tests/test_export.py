@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import subprocess
 from pathlib import Path
 
@@ -278,3 +279,16 @@ def test_cli_mixed_precision_train_export_predict_evaluate(data, tmp_path):
         "predict", "-m", tmp_path / "junk.tflite", "-i", images, "-o", tmp_path / "p3", expect=2
     )
     assert "cannot load TFLite model" in error_line(r)
+
+
+def test_tta_export_averages_flips_like_the_predictor(unet, slices, tmp_path):
+    from stitchnet_tf.inference import flip_average
+
+    x, lung = slices
+    model, _ = unet
+    version = export.export_savedmodel(model, tmp_path / "tta", SIZE, lung_model=False, tta=True)
+    meta = json.loads((version / export.METADATA).read_text())
+    assert meta["tta"] is True
+    out = export.load_exported(version).segment(x, lung)
+    reference = flip_average(export.float32_model(model).segment, x, lung)
+    assert np.abs(out["probabilities"] - reference["probabilities"]).max() < 1e-5

@@ -6,10 +6,11 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from stitchnet_tf.data.classes import BACKGROUND, CON, GGO, HEALTHY, MaskValueMap, bits
+from stitchnet_tf.data.classes import ALL, BACKGROUND, CON, GGO, HEALTHY, MaskValueMap, bits
 from stitchnet_tf.data.preprocess import Geometry, RawSlice, prepare
 from stitchnet_tf.inference import (
     Predictor,
+    flip_average,
     labels_to_original,
     probabilities_to_original,
 )
@@ -101,3 +102,32 @@ def test_outside_the_crop_box_is_background_and_the_field_restricts_the_labels()
     # inside the field a lung class is chosen even where background is the most probable
     probs[..., GGO], probs[..., BACKGROUND], probs[..., HEALTHY] = 0.2, 0.5, 0.3
     assert (labels_to_original(probs, geometry, field)[field] == HEALTHY).all()
+
+
+class LeftBiased:
+    """A model that is not flip-equivariant: GGO probability grows from left to right."""
+
+    def segment(self, x, lung=None, samples=0, decision=None) -> dict:
+        b, h, w, _ = np.shape(x)
+        ramp = np.broadcast_to(np.linspace(0.0, 1.0, w, dtype=np.float32), (b, h, w))
+        probs = np.stack([np.zeros_like(ramp), 1 - ramp, ramp, np.zeros_like(ramp)], -1)
+        return {"probabilities": probs, "labels": probs.argmax(-1), "entropy": 0 * ramp}
+
+
+def test_tta_averages_the_four_flips():
+    x = np.random.default_rng(0).uniform(size=(2, 8, 8, 1)).astype(np.float32)
+    out = flip_average(LeftBiased().segment, x, np.ones_like(x))
+    # the ramp and its mirror average to 0.5 everywhere; vertical flips change nothing
+    np.testing.assert_allclose(out["probabilities"][..., 1:3], 0.5, atol=1e-6)
+    np.testing.assert_allclose(out["entropy"], np.log(2), atol=1e-4)
+    # a flip-equivariant model (AllGGO) is unchanged by TTA
+    lung = (x > 0.3).astype(np.float32)
+    same = flip_average(AllGGO().segment, x, lung)
+    np.testing.assert_array_equal(same["labels"], AllGGO().segment(x, lung)["labels"])
+    image = np.pad(x[0, ..., 0], 28, constant_values=0.5)  # 64 x 64, lung field LUNG
+    raw = prepare(RawSlice(image, np.full((N, N), ALL, np.uint8), LUNG), N, None)
+    plain = Predictor(LeftBiased(), N).predict_prepared([raw])[0]
+    tta = Predictor(LeftBiased(), N, tta=True).predict_prepared([raw])[0]
+    assert not np.allclose(plain.probabilities, tta.probabilities)
+    inside = raw.lung > 0.5
+    np.testing.assert_allclose(tta.probabilities[..., 2][inside], 0.5, atol=1e-6)

@@ -11,9 +11,12 @@ import tensorflow as tf
 from stitchnet_tf.data.datasets import discover
 from stitchnet_tf.data.io import write_png
 from stitchnet_tf.data.pipeline import (
+    RECIPE_AUGMENTATION,
     PairedAugmentation,
     SliceLoader,
     augment,
+    augment_intensity,
+    augmentation_options,
     mixed_batches,
     slice_dataset,
     training_batches,
@@ -134,6 +137,59 @@ def test_augmentation_is_seeded_and_varies():
     np.testing.assert_array_equal(a, augment(ex, tf.constant([1, 2]))["x"].numpy())
     outs = {augment(ex, tf.constant([s, 2]))["x"].numpy().tobytes() for s in range(12)}
     assert len(outs) > 4
+
+
+def _lesion_example():
+    ex = _example()
+    allowed = ex["allowed"].numpy().copy()
+    allowed[24:30, 20:26] = [0, 0, 0, 1]  # a small consolidation inside the lung
+    return ex | {"allowed": tf.constant(allowed)}
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_recipe_augmentation_keeps_geometry_and_sets(seed):
+    ex = _lesion_example()
+    out = augment(ex, tf.constant([seed, 5]), **(RECIPE_AUGMENTATION | {"intensity": False}))
+    allowed, lung = out["allowed"].numpy(), out["lung"].numpy()[..., 0] > 0.5
+    np.testing.assert_array_equal(allowed.sum(-1), 1)  # border pixels became background
+    np.testing.assert_array_equal(allowed[..., 0] < 0.5, lung)  # masks moved together
+    kernel = np.ones((3, 3), np.uint8)
+    edge = cv2.dilate(lung.astype(np.uint8), kernel) != cv2.erode(lung.astype(np.uint8), kernel)
+    assert not (lung != (out["x"].numpy()[..., 0] > 0.15))[~edge].any()
+
+
+def test_lesion_focus_zooms_onto_lesions():
+    ex = _lesion_example()
+    lesion = float(ex["allowed"].numpy()[..., 3].sum())
+    options = dict(crop_probability=0.0, flips=False, rotations=False)
+    focused = [
+        augment(ex, tf.constant([s, 1]), lesion_focus=1.0, **options)["allowed"].numpy()
+        for s in range(10)
+    ]
+    assert all(f[..., 3].sum() >= lesion for f in focused)  # zoomed in, the lesion kept
+    assert np.mean([f[..., 3].sum() for f in focused]) > 1.1 * lesion
+    # a slice with no lesion pixel is left alone
+    plain = augment(_example(), tf.constant([0, 1]), lesion_focus=1.0, **options)
+    np.testing.assert_array_equal(plain["x"].numpy(), _example()["x"].numpy())
+
+
+def test_intensity_augmentation_stays_in_the_lung_field():
+    ex = _example()
+    changed = 0
+    for s in range(20):
+        x = augment_intensity(ex["x"], ex["lung"], tf.constant([s, 9])).numpy()
+        assert x.min() >= 0 and x.max() <= 1
+        assert not x[ex["lung"].numpy() < 0.5].any()
+        changed += not np.allclose(x, ex["x"].numpy())
+    assert 5 <= changed <= 19  # each transform has its own probability
+
+
+def test_augmentation_names():
+    assert augmentation_options("none") is None and augmentation_options(False) is None
+    assert augmentation_options(True) == RECIPE_AUGMENTATION
+    assert augmentation_options("paper")["crop_probability"] == 0.5
+    with pytest.raises(DataError, match="unknown augmentation"):
+        augmentation_options("heavy")
 
 
 def test_paired_augmentation_layer_batch_and_config():

@@ -6,7 +6,7 @@ import pytest
 
 from stitchnet_tf.data.classes import MaskValueMap
 from stitchnet_tf.data.datasets import Dataset, Sample
-from stitchnet_tf.data.splits import Split, split_dataset, withhold_labels
+from stitchnet_tf.data.splits import Split, kfold_splits, split_dataset, withhold_labels
 from stitchnet_tf.errors import DataError
 
 
@@ -88,3 +88,22 @@ def test_withhold_labels_subsets_train_only_and_is_seeded():
     assert withhold_labels(s, ds, max_labelled=10_000).unlabelled == []
     with pytest.raises(DataError, match="not both"):
         withhold_labels(s, ds, max_labelled=1, label_fraction=0.5)
+
+
+@pytest.mark.parametrize("patients", [True, False])
+def test_kfold_tests_every_slice_once_without_leakage(patients):
+    ds = _dataset(n_patients=12, patients=patients)
+    splits = kfold_splits(ds, k=5, seed=3)
+    everything = sorted(s.id for s in ds.samples)
+    assert sorted(i for s in splits for i in s.test) == everything  # each slice tested once
+    for i, s in enumerate(splits):
+        assert sorted(s.train + s.val + s.test) == everything
+        assert s.val == splits[(i + 1) % 5].test  # val is the next fold
+        if patients:
+            parts = [_patients_of(ds, s.part(p)) for p in ("train", "val", "test")]
+            assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    sizes = [len(s.test) for s in splits]
+    assert max(sizes) - min(sizes) <= 9  # dealt to the smallest fold: about equal
+    assert kfold_splits(ds, k=5, seed=3) == splits  # seeded
+    with pytest.raises(DataError):
+        kfold_splits(_dataset(n_patients=4), k=5)

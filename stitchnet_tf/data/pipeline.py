@@ -1,4 +1,4 @@
-"""tf.data input pipelines: lazy, parallel, streaming, with the paper's augmentation.
+"""tf.data input pipelines: lazy, parallel, streaming, with augmentation (the paper's or ours).
 
 An example is a dict of
 - `x`: [S, S, 1] float32 in [0, 1], the preprocessed slice (zero outside the lung field);
@@ -80,6 +80,112 @@ def _stateless_bool(seed, p: float):
     return tf.random.stateless_uniform([], seed) < p
 
 
+def _uniform(seed, low: float, high: float):
+    return tf.random.stateless_uniform([], seed, low, high)
+
+
+PAPER_AUGMENTATION = dict(
+    crop_fraction=0.8,
+    crop_probability=0.5,
+    flips=True,
+    rotations=True,
+    affine_probability=0.0,
+    lesion_focus=0.0,
+    intensity=False,
+)
+"""The paper's augmentation: random crops of 80% resized back, flips, 90° rotations."""
+
+RECIPE_AUGMENTATION = dict(
+    crop_probability=0.0,
+    flips=True,
+    rotations=True,
+    affine_probability=0.5,
+    scale=(0.85, 1.25),
+    degrees=15.0,
+    lesion_focus=0.33,
+    intensity=True,
+)
+"""The default recipe (docs/DESIGN.md §7): the paper's flips and 90° rotations, plus a random
+scale in 0.85–1.25 and rotation within ±15° on half the slices, a third of labelled slices
+zoomed onto a lesion pixel, and nnU-Net's intensity transforms inside the lung field."""
+
+AUGMENTATIONS = {"recipe": RECIPE_AUGMENTATION, "paper": PAPER_AUGMENTATION}
+
+
+def _affine(images, centre, scale, angle, interpolation: str):
+    """Resample [S, S, C] `images` so that output pixel o reads input c + R(angle)/scale·(o − m)
+    (m the image centre, c = `centre`): a zoom by `scale` and a rotation about `centre`."""
+    size = tf.cast(tf.shape(images)[0], tf.float32)
+    m = (size - 1.0) / 2.0
+    cos, sin = tf.cos(angle) / scale, tf.sin(angle) / scale
+    transform = tf.stack(
+        [
+            cos,
+            -sin,
+            centre[1] - cos * m + sin * m,
+            sin,
+            cos,
+            centre[0] - sin * m - cos * m,
+            0.0,
+            0.0,
+        ]
+    )
+    return keras.ops.image.affine_transform(
+        images, transform, interpolation=interpolation, fill_mode="constant"
+    )
+
+
+def _lesion_centre(allowed, seed):
+    """(row, col) of a random lesion pixel (background and healthy both excluded), or the
+    image centre when there is none, as float32 [2]."""
+    size = tf.shape(allowed)[0]
+    lesion = tf.reshape((allowed[..., 0] + allowed[..., 1]) == 0, [-1])
+    logits = tf.where(lesion, 0.0, -1e9)[None]
+    i = tf.random.stateless_categorical(logits, 1, seed)[0, 0]
+    found = tf.reduce_any(lesion)
+    m = tf.cast(size - 1, tf.float32) / 2.0
+    rc = tf.cast(tf.stack([i // tf.cast(size, tf.int64), i % tf.cast(size, tf.int64)]), tf.float32)
+    return tf.where(found, rc, tf.stack([m, m])), found
+
+
+def _gaussian_blur(x, sigma):
+    """[S, S, 1] image blurred by a 5x5 Gaussian of width `sigma` (pixels)."""
+    r = tf.range(-2.0, 3.0)
+    k = tf.exp(-(r**2) / (2.0 * sigma**2))
+    k = k / tf.reduce_sum(k)
+    kernel = (k[:, None] * k[None, :])[:, :, None, None]
+    return tf.nn.conv2d(x[None], kernel, 1, "SAME")[0]
+
+
+def augment_intensity(x, lung, seed):
+    """nnU-Net's intensity transforms on `x` [S, S, 1] inside the lung field `lung`:
+    brightness ×0.75–1.25 (p 0.15), contrast ×0.75–1.25 about the lung mean (p 0.15),
+    gamma 0.7–1.5 (p 0.3), Gaussian noise σ ≤ 0.03 (p 0.1), Gaussian blur σ 0.5–1 (p 0.2);
+    clipped to [0, 1] and zero outside the lung field."""
+    s = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 10)
+
+    def maybe(i, p, fn, v):
+        return tf.cond(_stateless_bool(s[i], p), lambda: fn(v), lambda: v)
+
+    area = tf.maximum(tf.reduce_sum(lung), 1.0)
+    x = maybe(0, 0.15, lambda v: v * _uniform(s[1], 0.75, 1.25), x)
+
+    def contrast(v):
+        mean = tf.reduce_sum(v * lung) / area
+        return (v - mean) * _uniform(s[3], 0.75, 1.25) + mean
+
+    x = maybe(2, 0.15, contrast, x)
+    x = maybe(4, 0.3, lambda v: tf.clip_by_value(v, 0.0, 1.0) ** _uniform(s[5], 0.7, 1.5), x)
+    x = maybe(
+        6,
+        0.1,
+        lambda v: v + tf.random.stateless_normal(tf.shape(v), s[7]) * _uniform(s[7], 0.0, 0.03),
+        x,
+    )
+    x = maybe(8, 0.2, lambda v: _gaussian_blur(v, _uniform(s[9], 0.5, 1.0)), x)
+    return tf.clip_by_value(x, 0.0, 1.0) * tf.cast(lung > 0, x.dtype)
+
+
 def augment(
     example: dict,
     seed,
@@ -87,16 +193,26 @@ def augment(
     crop_probability: float = 0.5,
     flips: bool = True,
     rotations: bool = True,
+    affine_probability: float = 0.0,
+    scale: tuple[float, float] = (0.85, 1.25),
+    degrees: float = 15.0,
+    lesion_focus: float = 0.0,
+    intensity: bool = False,
 ) -> dict:
-    """The paper's augmentation, identical on image, allowed sets and lung mask.
+    """Augmentation, identical in geometry on image, allowed sets and lung mask.
 
-    With probability `crop_probability` a random square crop of `crop_fraction` of the side,
-    resized back (image bilinear, masks nearest); random vertical and horizontal flips; a
-    random multiple of 90° rotation. `seed` is a stateless [2] int seed.
+    The defaults are the paper's: with probability `crop_probability` a random square crop of
+    `crop_fraction` of the side, resized back (image bilinear, masks nearest); random vertical
+    and horizontal flips; a random multiple of 90° rotation. Beyond the paper (see
+    `RECIPE_AUGMENTATION`): with probability `affine_probability` a zoom by a factor in `scale`
+    (below 1 shrinks, the border filled with background) and a rotation within ±`degrees`;
+    with probability `lesion_focus`, on slices with a lesion pixel, a zoom of 1–1.25 whose
+    window holds a random lesion pixel (foreground oversampling); `intensity`:
+    `augment_intensity`. `seed` is a stateless [2] int seed.
     """
     x, allowed, lung = example["x"], example["allowed"], example["lung"]
     size = tf.shape(x)[0]
-    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 6)
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 13)
     masks = tf.concat([allowed, lung], axis=-1)
     if crop_probability > 0:
         side = tf.cast(tf.round(tf.cast(size, tf.float32) * crop_fraction), tf.int32)
@@ -110,6 +226,32 @@ def augment(
             return tf.cast(xs, x.dtype), tf.cast(ms, masks.dtype)
 
         x, masks = tf.cond(_stateless_bool(seeds[2], crop_probability), crop, lambda: (x, masks))
+    if affine_probability > 0 or lesion_focus > 0:
+        m = tf.cast(size - 1, tf.float32) / 2.0
+        centre, zoom, angle = tf.stack([m, m]), tf.constant(1.0), tf.constant(0.0)
+        if affine_probability > 0:
+            use = _stateless_bool(seeds[6], affine_probability)
+            zoom = tf.where(use, tf.exp(_uniform(seeds[7], *map(float, np.log(scale)))), 1.0)
+            rad = degrees * np.pi / 180.0
+            angle = tf.where(use, _uniform(seeds[8], -rad, rad), 0.0)
+        if lesion_focus > 0:
+            target, found = _lesion_centre(masks[..., :NUM_CLASSES], seeds[9])
+            focus = tf.logical_and(found, _stateless_bool(seeds[10], lesion_focus))
+            zoom = tf.where(focus, tf.maximum(zoom, _uniform(seeds[11], 1.0, 1.25)), zoom)
+            # the window (side S/zoom) moves as far towards the lesion pixel as the image allows
+            half = (tf.cast(size, tf.float32) / zoom) / 2.0
+            held = tf.clip_by_value(target, half - 0.5, tf.cast(size, tf.float32) - half - 0.5)
+            centre = tf.where(focus, held, centre)
+        x = tf.cast(_affine(x, centre, zoom, angle, "bilinear"), x.dtype)
+        masks = tf.cast(_affine(masks, centre, zoom, angle, "nearest"), masks.dtype)
+        # pixels brought in from outside the slice are known background
+        empty = tf.reduce_sum(masks[..., :NUM_CLASSES], -1, keepdims=True) == 0
+        first = tf.one_hot(0, NUM_CLASSES, dtype=masks.dtype)
+        masks = tf.concat(
+            [tf.where(empty, first, masks[..., :NUM_CLASSES]), masks[..., NUM_CLASSES:]], -1
+        )
+    if intensity:
+        x = augment_intensity(x, masks[..., NUM_CLASSES:], seeds[12])
     both = tf.concat([x, masks], axis=-1)
     if flips:
         both = tf.cond(_stateless_bool(seeds[3], 0.5), lambda: tf.reverse(both, [0]), lambda: both)
@@ -122,6 +264,23 @@ def augment(
         "allowed": both[..., 1 : 1 + NUM_CLASSES],
         "lung": both[..., 1 + NUM_CLASSES :],
     }
+
+
+def augmentation_options(augmentation: str | dict | bool) -> dict | None:
+    """`augment` options for a named augmentation (`recipe`, `paper`, `none`), a dict of
+    options, True (the recipe) or False (none)."""
+    if augmentation is True:
+        return dict(RECIPE_AUGMENTATION)
+    if augmentation is False or augmentation == "none":
+        return None
+    if isinstance(augmentation, dict):
+        return augmentation
+    if augmentation not in AUGMENTATIONS:
+        raise DataError(
+            None,
+            f"unknown augmentation {augmentation!r}: use one of {', '.join(AUGMENTATIONS)}, none",
+        )
+    return dict(AUGMENTATIONS[augmentation])
 
 
 @keras.saving.register_keras_serializable(package="stitchnet_tf")
@@ -182,7 +341,7 @@ def slice_dataset(
     shuffle: bool = False,
     seed: int = 0,
     repeat: bool = False,
-    augmentation: dict | bool = False,
+    augmentation: str | dict | bool = False,
     cache: str | bool = False,
     skip_bad: bool = False,
     num_parallel_calls: int = AUTOTUNE,
@@ -193,7 +352,8 @@ def slice_dataset(
         shuffle: reshuffle each epoch (the order of indices; with `cache`, a buffer of examples).
         seed: seeds the shuffle and the augmentation.
         repeat: repeat forever (for step-based training).
-        augmentation: True for the paper's augmentation, or a dict of `augment` options.
+        augmentation: a name (`recipe`, `paper`, `none`), True (the recipe), False, or a dict
+            of `augment` options.
         cache: True to cache preprocessed slices in memory, or a file path prefix.
         skip_bad: drop slices that fail to read (each logged) instead of stopping.
     """
@@ -221,8 +381,8 @@ def slice_dataset(
             ds = ds.shuffle(min(n, 512), seed=seed, reshuffle_each_iteration=True)
     if repeat:
         ds = ds.repeat()
-    if augmentation:
-        options = augmentation if isinstance(augmentation, dict) else {}
+    options = augmentation_options(augmentation)
+    if options is not None:
         seeds = tf.data.Dataset.random(seed=seed).batch(2, drop_remainder=True)
         ds = tf.data.Dataset.zip(ds, seeds).map(
             lambda ex, s: augment(ex, s, **options), num_parallel_calls=num_parallel_calls
@@ -272,7 +432,7 @@ def training_batches(
     withheld_ids: Sequence[str] = (),
     labelled_per_batch: int | None = None,
     seed: int = 0,
-    augmentation: dict | bool = True,
+    augmentation: str | dict | bool = True,
     cache: str | bool = False,
     skip_bad: bool = False,
     segmenter=None,

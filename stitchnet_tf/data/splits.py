@@ -204,3 +204,58 @@ def withhold_labels(
         unlabelled=withheld,
         patients=split.patients,
     )
+
+
+def kfold_splits(dataset: Dataset, k: int = 5, seed: int = 0) -> list[Split]:
+    """k cross-validation splits by patient (by slice without patient ids).
+
+    The patients (or slices) are shuffled with `seed` and dealt, largest first, to the fold
+    holding the fewest slices, so the folds are about equal in slices. Split i tests on fold i,
+    validates on fold i + 1 (mod k) and trains on the other k − 2 folds: every slice is tested
+    exactly once over the k splits.
+    """
+    if k < 3:
+        raise DataError(None, f"k-fold cross-validation needs k >= 3 (test, val, train), got {k}")
+    samples: list[Sample] = dataset.samples
+    by = "patient" if dataset.has_patients else "slice"
+    groups: dict[str, list[str]] = {}
+    for s in samples:
+        groups.setdefault(s.patient if by == "patient" else s.id, []).append(s.id)
+    if len(groups) < k:
+        raise DataError(dataset.root, f"{len(groups)} {by}(s) cannot make {k} folds")
+    names = sorted(groups)
+    order = np.random.default_rng(seed).permutation(len(names))
+    ranked = sorted((names[i] for i in order), key=lambda g: -len(groups[g]))  # stable
+    folds: list[list[str]] = [[] for _ in range(k)]
+    sizes = [0] * k
+    for g in ranked:
+        i = int(np.argmin(sizes))
+        folds[i].append(g)
+        sizes[i] += len(groups[g])
+
+    def ids(fold_indices) -> list[str]:
+        return sorted(i for f in fold_indices for g in folds[f] for i in groups[g])
+
+    out = []
+    for i in range(k):
+        val = (i + 1) % k
+        train = [f for f in range(k) if f not in (i, val)]
+        patients = {}
+        if by == "patient":
+            patients = {
+                "train": sorted(g for f in train for g in folds[f]),
+                "val": sorted(folds[val]),
+                "test": sorted(folds[i]),
+            }
+        out.append(
+            Split(
+                train=ids(train),
+                val=ids([val]),
+                test=ids([i]),
+                by=by,
+                seed=seed,
+                fractions=((k - 2) / k, 1 / k, 1 / k),
+                patients=patients,
+            )
+        )
+    return out

@@ -3,8 +3,10 @@
 Both are 3-class segmenters (0 no lesion, 1 GGO, 2 consolidation) trained on the same batches
 as StitchNet ({"x", "allowed"}, see `stitchnet_tf.data.pipeline`). A pixel's allowed set S over
 the four classes becomes the 3-class set S' = {no lesion if background or healthy is allowed,
-GGO if allowed, CON if allowed}, and the loss is the set focal loss −(1 − p_S')^γ log p_S'
-averaged over pixels. Unlabelled pixels (S' holds all three classes) contribute exactly 0, so
+GGO if allowed, CON if allowed}. The loss is set cross-entropy −log p_S' over the labelled
+pixels plus batch soft Dice over GGO and consolidation (the term StitchNet's supervised part
+uses, `ce_dice`, the default), or the paper's set focal loss −(1 − p_S')^γ log p_S' averaged
+over pixels (`focal`). Unlabelled pixels (S' holds all three classes) contribute exactly 0, so
 the baselines learn from labelled data only, by construction. `segment` returns the same
 4-class probabilities as `StitchNet.segment`, the no-lesion mass going to background outside
 the lung field and to healthy lung inside it.
@@ -23,10 +25,11 @@ from stitchnet_tf import likelihood as lik
 from stitchnet_tf.data.classes import BACKGROUND, CON, GGO, HEALTHY
 from stitchnet_tf.models.backbone import scaled_filters, set_bn_momentum
 from stitchnet_tf.models.optim import CompiledOnce, clip_gradients, replica_loss
+from stitchnet_tf.models.options import DEFAULT_GLOBAL_CLIPNORM
 from stitchnet_tf.models.stitchnet import SetDice
 
 NUM_LESION_CLASSES = 3  # 0 no lesion, 1 GGO, 2 consolidation
-LOSSES = ("focal", "ce")
+LOSSES = ("ce_dice", "focal", "ce")
 #: MobileNetV2 activations at strides 2, 4, 8, 16 (the U-Net skips) and the stride-32 bottleneck.
 UNET_SKIPS = (
     "block_1_expand_relu",
@@ -161,10 +164,13 @@ class SetSupervisedMixin(CompiledOnce):
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
 
-    def _init_training(self, loss, focal_gamma, clipnorm, clipvalue, seed) -> None:
+    def _init_training(
+        self, loss, focal_gamma, clipnorm, clipvalue, seed, global_clipnorm=None
+    ) -> None:
         # `self.loss` belongs to Keras (compile sets it), hence `loss_type`.
         self.loss_type, self.focal_gamma = loss, focal_gamma
         self.clipnorm, self.clipvalue, self.seed = clipnorm, clipvalue, seed
+        self.global_clipnorm = global_clipnorm
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.dice = [SetDice(GGO), SetDice(CON), SetDice((GGO, CON), name="dice_lesion")]
 
@@ -174,6 +180,7 @@ class SetSupervisedMixin(CompiledOnce):
             "focal_gamma": self.focal_gamma,
             "clipnorm": self.clipnorm,
             "clipvalue": self.clipvalue,
+            "global_clipnorm": self.global_clipnorm,
             "seed": self.seed,
         }
 
@@ -187,11 +194,24 @@ class SetSupervisedMixin(CompiledOnce):
         return float(self.focal_gamma) if self.loss_type == "focal" else 0.0
 
     def compute_set_loss(self, allowed, logits):
-        """Mean over pixels of −(1 − p_S')^γ log p_S'; allowed [B,H,W,4], logits [B,H,W,3]."""
-        return ops.mean(lik.focal_set_loss(logits, lesion_sets(allowed), self.gamma))
+        """The training loss (scalar): allowed [B,H,W,4], logits [B,H,W,3].
+
+        `ce_dice`: set cross-entropy averaged over labelled pixels + batch soft Dice over GGO
+        and consolidation; `focal`/`ce`: mean over pixels of −(1 − p_S')^γ log p_S'.
+        """
+        sets = lesion_sets(allowed)
+        if self.loss_type != "ce_dice":
+            return ops.mean(lik.focal_set_loss(logits, sets, self.gamma))
+        labelled = ops.cast(ops.sum(sets, -1) < NUM_LESION_CLASSES - 0.5, "float32")
+        n = ops.sum(labelled)
+        ce = ops.sum(lik.set_cross_entropy(logits, sets)) / ops.maximum(n, 1.0)
+        dice = lik.soft_set_dice_loss(logits, sets, (1, 2))
+        return ce + ops.cast(n > 0, "float32") * dice
 
     def _clip(self, grads):
-        return clip_gradients(grads, self.optimizer, self.clipnorm, self.clipvalue)
+        return clip_gradients(
+            grads, self.optimizer, self.clipnorm, self.clipvalue, self.global_clipnorm
+        )
 
     def _update_metrics(self, loss, allowed, logits):
         self.loss_tracker.update_state(loss)
@@ -261,9 +281,11 @@ class UNet(SetSupervisedMixin, keras.Model):
     Args:
         width: width multiplier of the decoder.
         alpha: MobileNetV2's width multiplier (the encoder is built from scratch, one channel).
-        loss: "focal" (the set focal loss with γ = `focal_gamma`, the paper's) or "ce" (γ = 0).
+        loss: "ce_dice" (set cross-entropy + soft Dice, the default), "focal" (the set focal
+            loss with γ = `focal_gamma`, the paper's) or "ce" (γ = 0).
         focal_gamma: γ of the focal loss.
         clipnorm, clipvalue: per-variable gradient clipping in `train_step`; None to disable.
+        global_clipnorm: global-norm gradient clipping (None to disable).
         seed: seeds the weight initialisation (None: Keras' usual random initialisation).
 
     Example:
@@ -277,11 +299,12 @@ class UNet(SetSupervisedMixin, keras.Model):
         self,
         width: float = 1.0,
         alpha: float = 1.0,
-        loss: str = "focal",
+        loss: str = "ce_dice",
         focal_gamma: float = 2.0,
         clipnorm: float | None = None,
         clipvalue: float | None = None,
         seed: int | None = None,
+        global_clipnorm: float | None = DEFAULT_GLOBAL_CLIPNORM,
         **kwargs,
     ):
         self._check_options(loss)
@@ -325,7 +348,7 @@ class UNet(SetSupervisedMixin, keras.Model):
             super().__init__(inputs=x, outputs=logits, **kwargs)
         # === Config ===
         self.width, self.alpha = width, alpha
-        self._init_training(loss, focal_gamma, clipnorm, clipvalue, seed)
+        self._init_training(loss, focal_gamma, clipnorm, clipvalue, seed, global_clipnorm)
 
     def get_config(self):
         return {
@@ -349,9 +372,11 @@ class SegNet(SetSupervisedMixin, keras.Model):
 
     Args:
         width: width multiplier of all convs.
-        loss: "focal" (the set focal loss with γ = `focal_gamma`, the paper's) or "ce" (γ = 0).
+        loss: "ce_dice" (set cross-entropy + soft Dice, the default), "focal" (the set focal
+            loss with γ = `focal_gamma`, the paper's) or "ce" (γ = 0).
         focal_gamma: γ of the focal loss.
         clipnorm, clipvalue: per-variable gradient clipping in `train_step`; None to disable.
+        global_clipnorm: global-norm gradient clipping (None to disable).
         seed: seeds the weight initialisation (None: Keras' usual random initialisation).
 
     Example:
@@ -364,11 +389,12 @@ class SegNet(SetSupervisedMixin, keras.Model):
     def __init__(
         self,
         width: float = 1.0,
-        loss: str = "focal",
+        loss: str = "ce_dice",
         focal_gamma: float = 2.0,
         clipnorm: float | None = None,
         clipvalue: float | None = None,
         seed: int | None = None,
+        global_clipnorm: float | None = DEFAULT_GLOBAL_CLIPNORM,
         **kwargs,
     ):
         self._check_options(loss)
@@ -415,7 +441,7 @@ class SegNet(SetSupervisedMixin, keras.Model):
             super().__init__(inputs=x, outputs=h, **kwargs)
         # === Config ===
         self.width = width
-        self._init_training(loss, focal_gamma, clipnorm, clipvalue, seed)
+        self._init_training(loss, focal_gamma, clipnorm, clipvalue, seed, global_clipnorm)
 
     def get_config(self):
         return {
