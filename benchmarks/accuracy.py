@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
 CONTENDERS = ("threshold", "reference", "unet", "segnet", "stitchnet")
+PROJECT_MODELS = ("unet", "segnet", "stitchnet")
 BUDGETS = {"short": (3, 100), "full": (12, 100)}  # epochs x steps, batch 8
 BATCH = 8
 DATASETS = {
@@ -67,18 +68,10 @@ def fold_file(dataset: str, fold: int) -> Path:
     return ROOT / "benchmarks" / "splits" / f"{dataset}_cv5_fold{fold}.json"
 
 
-def pooled_dice(table) -> dict:
-    """Dice over the summed TP/FP/FN of every image, per class."""
-    totals: dict[str, list[int]] = {}
-    for row in table.per_image_rows():
-        t = totals.setdefault(row["class"], [0, 0, 0])
-        for j, key in enumerate(("tp", "fp", "fn")):
-            t[j] += row[key]
-    return {c: 2 * tp / max(2 * tp + fp + fn, 1) for c, (tp, fp, fn) in totals.items()}
-
-
 def scores(table, classes) -> dict:
     """Per-image mean Dice and pooled Dice per lesion class from a filled `Table1`."""
+    from reference_unet import pooled_dice
+
     summary, pooled = table.summary(), pooled_dice(table)
     out = {}
     for c in classes:
@@ -175,6 +168,8 @@ def run_one(args, contender: str, fold: int, seed: int) -> dict:
         model, info = train_project_model(args, contender, fold, seed, labelled, args.size)
     if contender != "reference":
         measured = scores(test.table(model), spec["classes"])
+    if contender in PROJECT_MODELS:  # and with flip test-time augmentation (`--tta`)
+        info["tta"] = scores(test.table(model, tta=True), spec["classes"])
     return {
         "dataset": args.dataset,
         "budget": args.budget,
@@ -188,6 +183,35 @@ def run_one(args, contender: str, fold: int, seed: int) -> dict:
         "seconds": time.time() - start,
         **info,
     }
+
+
+def add_tta(args) -> None:
+    """Score the TTA variant of finished project-model runs that lack it (from their run
+    folders' best.keras)."""
+    from stitchnet_tf.data.datasets import discover
+    from stitchnet_tf.data.lungmask import default_segmenter
+    from stitchnet_tf.data.splits import Split
+    from stitchnet_tf.evaluation import SliceScorer
+    from stitchnet_tf.fileio import atomic_write_text
+    from stitchnet_tf.inference import load_model
+
+    spec = DATASETS[args.dataset]
+    dataset = discover(args.data / spec["folder"], require_labels=True, **spec["read"])
+    segmenter = default_segmenter()
+    for path in sorted((args.results / "cv" / args.dataset / args.budget).glob("*.json")):
+        result = json.loads(path.read_text())
+        if result["contender"] not in PROJECT_MODELS or "tta" in result:
+            continue
+        run = args.runs / args.dataset / args.budget / path.stem
+        if not (run / "best.keras").is_file():
+            print(f"{path.name}: no run folder at {run}; skipped")
+            continue
+        split = Split.load(fold_file(args.dataset, result["fold"]))
+        scorer = SliceScorer(dataset.subset(split.test), result["size"], segmenter)
+        table = scorer.table(load_model(run).model, tta=True)
+        result["tta"] = scores(table, spec["classes"])
+        atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+        print(f"{path.name}: with TTA {result['tta']['mean_lesion_dice']:.4f}", flush=True)
 
 
 def result_path(args, contender: str, fold: int, seed: int) -> Path:
@@ -236,8 +260,14 @@ def report(results: Path) -> None:
                 + " | mean lesion Dice | Δ rule (paired) | train min |",
                 "|---" * (6 + 2 * len(classes)) + "|",
             ]
+            variants = []
             for contender in CONTENDERS:
                 runs = [r for r in group if r["contender"] == contender]
+                variants.append((contender, runs))
+                tta = [r | r["tta"] for r in runs if "tta" in r]
+                if tta:
+                    variants.append((f"{contender} + TTA", tta))
+            for contender, runs in variants:
                 if not runs:
                     continue
                 entry = {"runs": len(runs), "folds": sorted({r["fold"] for r in runs})}
@@ -286,8 +316,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--verbose", type=int, default=2)
     parser.add_argument("--report", action="store_true", help="only rebuild the report")
+    parser.add_argument(
+        "--add-tta", action="store_true", help="score finished runs with flip TTA, then report"
+    )
     args = parser.parse_args(argv)
-    if args.report:
+    if args.add_tta:
+        add_tta(args)
+    if args.report or args.add_tta:
         report(args.results)
         return 0
     if not (args.data / DATASETS[args.dataset]["folder"]).is_dir():

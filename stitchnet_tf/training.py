@@ -208,7 +208,8 @@ class _EMASwap:
     def __init__(self, model):
         import keras
 
-        optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)
+        optimizer = getattr(model, "optimizer", None)
+        optimizer = getattr(optimizer, "inner_optimizer", optimizer)
         self.on = bool(getattr(optimizer, "use_ema", False))
         if self.on:
             self.swapper = keras.callbacks.SwapEMAWeights()

@@ -310,3 +310,21 @@ def test_a_run_written_before_the_recipe_is_not_resumed_with_it(tmp_path):
     with pytest.raises(DataError, match="another configuration"):
         prepare_run(config)
     prepare_run(dataclasses.replace(config, optimizer="adam", augmentation="paper"))
+
+
+def test_presets():
+    from stitchnet_tf.errors import DataError
+    from stitchnet_tf.training import PRESETS, preset_options, resolve_preset
+
+    assert resolve_preset() == ("cpu", "no GPU was found")  # this test machine has no GPU
+    assert resolve_preset("paper") == ("paper", "asked for")
+    with pytest.raises(DataError, match="unknown preset"):
+        resolve_preset("laptop")
+    budget, options = preset_options("cpu", "unet")
+    assert budget == {"size": 128, "epochs": 12, "steps_per_epoch": 100, "batch_size": 8}
+    assert options == {"alpha": 0.5}
+    assert preset_options("cpu", "stitchnet")[1] == {"backbone_alpha": 0.5}
+    assert preset_options("paper", "segnet") == (
+        {k: v for k, v in PRESETS["paper"].items() if k not in ("width", "backbone_alpha")},
+        {"width": 1.0},
+    )
