@@ -470,10 +470,11 @@ def split(
 @click.option("--free-bits", default=0.0, show_default=True, help="Per-level free bits (nats).")
 @click.option(
     "--decision",
-    default="prior",
+    default="auto",
     show_default=True,
-    type=click.Choice(["posterior", "prior"]),
-    help="StitchNet decision rule (prior: softmax of pi; posterior: pi_k Beta_k(x)).",
+    type=click.Choice(["auto", "posterior", "prior"]),
+    help="StitchNet decision rule (prior: softmax of pi; posterior: pi_k Beta_k(x)); auto: the "
+    "better of the two on the val slices, chosen with the best epoch.",
 )
 @click.option(
     "--style-pool",
@@ -595,7 +596,7 @@ def train(
             focal_gamma=focal_gamma,
             kl_warmup_steps=kl_warmup_steps,
             free_bits=free_bits,
-            decision=decision,
+            decision="prior" if decision == "auto" else decision,
             style_pool=style_pool,
             norm=norm,
         )
@@ -638,6 +639,7 @@ def train(
         lungs_subdir=lungs_subdir,
         model_options=options,
         preset=preset,
+        choose_decision=decision == "auto",
         run_eagerly=eager,
         strategy=strategy,
         sync_batchnorm=not per_replica_batchnorm,

@@ -39,7 +39,7 @@ class TrainingError(Exception):
 
 
 #: What runs written before these TrainConfig fields existed were trained with.
-LEGACY_DEFAULTS = {"optimizer": "adam", "augmentation": "paper"}
+LEGACY_DEFAULTS = {"optimizer": "adam", "augmentation": "paper", "choose_decision": False}
 
 
 @dataclass
@@ -86,6 +86,8 @@ class TrainConfig:
     # model options (see StitchNet / UNet / SegNet)
     model_options: dict = field(default_factory=dict)
     preset: str | None = None  # the preset that filled size, widths and budget (see PRESETS)
+    # StitchNet: choose the decision rule (prior / posterior) on the val slices with the epoch
+    choose_decision: bool = True
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
@@ -254,6 +256,7 @@ def _make_callbacks(
     chief: bool = True,
     val_set: Dataset | None = None,
     size: int | None = None,
+    choose_decision: bool = False,
 ):
     """The run's callbacks. With `val_set` (the val slices) and `size`, the best epoch is the
     one with the highest per-image, lung-masked mean lesion Dice of `evaluation.SliceScorer`
@@ -270,8 +273,28 @@ def _make_callbacks(
         scorer = SliceScorer(val_set, size)  # reads and prepares the val slices once
 
     def per_image_scores(model) -> dict[str, float]:
-        scores = scorer.score(model)
-        out = {f"val_dice_{c}_image": v for c, v in scores["lesion_dice"].items()}
+        """Val scores; with `choose_decision` (StitchNet) each decision rule is scored, the
+        best is kept as the model's `decision` (saved with it) and logged as `val_decision`
+        (0 prior, 1 posterior)."""
+        rules = [None]
+        if choose_decision and getattr(model, "decision", None) is not None:
+            from stitchnet_tf.models.options import DECISIONS
+
+            rules = list(DECISIONS)
+        out, best = {}, None
+        for rule in rules:
+            scores = scorer.score(model, decision=rule)
+            value = scores["mean_lesion_dice"]
+            value = -1.0 if value is None else value
+            if rule is not None:
+                out[f"val_mean_lesion_dice_{rule}"] = scores["mean_lesion_dice"]
+            if best is None or value > best[0]:
+                best = (value, rule, scores)
+        _, rule, scores = best
+        if rule is not None:
+            model.decision = rule
+            out["val_decision"] = float(rules.index(rule))
+        out |= {f"val_dice_{c}_image": v for c, v in scores["lesion_dice"].items()}
         out["val_mean_lesion_dice"] = scores["mean_lesion_dice"]
         return {k: float("nan") if v is None else float(v) for k, v in out.items()}
 
@@ -594,6 +617,7 @@ def train(
                 chief,
                 val_set=val,
                 size=config.size,
+                choose_decision=config.choose_decision and config.model == "stitchnet",
             ),
             verbose=verbose,
         )

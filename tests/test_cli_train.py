@@ -91,6 +91,18 @@ def test_train_writes_a_complete_run_folder(stitchnet_run):
     assert state["epochs_done"] == 2 and state["best_epoch"] in (1, 2)
     log = (stitchnet_run / "log.csv").read_text().splitlines()
     assert len(log) == 3 and "val_mean_lesion_dice" in log[0] and "val_dice_ggo" in log[0]
+    # the decision rule was chosen on val with the best epoch, and saved with it
+    import csv
+
+    import keras
+
+    rows = list(csv.DictReader((stitchnet_run / "log.csv").open()))
+    best = rows[state["best_epoch"] - 1]
+    scores = {r: float(best[f"val_mean_lesion_dice_{r}"]) for r in ("prior", "posterior")}
+    chosen = ("prior", "posterior")[int(float(best["val_decision"]))]
+    assert scores[chosen] == max(scores.values())
+    model = keras.saving.load_model(stitchnet_run / "best.keras", safe_mode=True)
+    assert model.decision == chosen and config["choose_decision"] is True
     split = json.loads((stitchnet_run / "split.json").read_text())
     assert split["by"] == "patient" and split["val"]
     # a finished run is not silently overwritten
