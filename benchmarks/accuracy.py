@@ -101,6 +101,7 @@ def train_project_model(args, contender: str, fold: int, seed: int, labelled: Pa
         split=str(fold_file(args.dataset, fold)),
         model_options=options,
         preset="cpu",
+        choose_decision=False,  # StitchNet's `prior` rule in every fold (runs made before auto)
         **DATASETS[args.dataset]["read"],
     )
     run = Path(config.output)
@@ -233,7 +234,9 @@ def report(results: Path) -> None:
 
     from stitchnet_tf.fileio import atomic_write_text
 
-    rows = [json.loads(p.read_text()) for p in sorted((results / "cv").glob("*/*/*.json"))]
+    found = [json.loads(p.read_text()) for p in sorted((results / "cv").glob("*/*/*.json"))]
+    rows = [r for r in found if "failed" not in r]
+    failures = [r for r in found if "failed" in r]
     table: dict = {}
     lines = [
         "# Cross-validated accuracy (benchmarks/accuracy.py)",
@@ -295,11 +298,16 @@ def report(results: Path) -> None:
                 )
                 table.setdefault(dataset, {}).setdefault(budget, {})[contender] = entry
             lines.append("")
-    lines.append(f"Machine: {json.dumps(machine())}")
+    for r in failures:
+        lines.append(
+            f"- **failed run**: {r['dataset']} {r['budget']} {r['contender']} fold {r['fold']} "
+            f"seed {r['seed']}: {r['failed']}"
+        )
+    lines += ["", f"Machine: {json.dumps(machine())}"]
     atomic_write_text(results / "accuracy_cv.md", "\n".join(lines) + "\n")
     atomic_write_text(
         results / "accuracy_cv.json",
-        json.dumps({"table": table, "runs": rows}, indent=1) + "\n",
+        json.dumps({"table": table, "runs": rows, "failed": failures}, indent=1) + "\n",
     )
 
 
@@ -331,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline_throughput import machine
 
     from stitchnet_tf.fileio import atomic_write_text
+    from stitchnet_tf.training import TrainingError
 
     contenders = [c for c in args.contenders if not (c == "reference" and args.dataset != "medseg")]
     for seed in args.seeds:
@@ -342,16 +351,28 @@ def main(argv: list[str] | None = None) -> int:
                 if path.is_file():
                     continue
                 print(f"== {args.dataset} {args.budget} {contender} fold {fold} seed {seed}")
-                result = run_one(args, contender, fold, seed)
+                try:
+                    result = run_one(args, contender, fold, seed)
+                except TrainingError as e:  # e.g. a NaN loss: a result too, reported as such
+                    print(f"   failed: {e}", flush=True)
+                    result = {
+                        "dataset": args.dataset,
+                        "budget": args.budget,
+                        "contender": contender,
+                        "fold": fold,
+                        "seed": seed,
+                        "failed": str(e),
+                    }
                 result["machine"] = machine()
                 result["date"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
                 path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(path, json.dumps(result, indent=1) + "\n")
-                print(
-                    f"   mean lesion Dice {result['mean_lesion_dice']:.4f} "
-                    f"({result['seconds'] / 60:.1f} min)",
-                    flush=True,
-                )
+                if "failed" not in result:
+                    print(
+                        f"   mean lesion Dice {result['mean_lesion_dice']:.4f} "
+                        f"({result['seconds'] / 60:.1f} min)",
+                        flush=True,
+                    )
                 report(args.results)
     report(args.results)
     return 0

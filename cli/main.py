@@ -345,7 +345,13 @@ def split(
     show_default=True,
     help="AdamW (decoupled weight decay, not on biases and norms) or Adam.",
 )
-@click.option("--weight-decay", default=1e-2, show_default=True, help="AdamW's weight decay.")
+@click.option(
+    "--weight-decay",
+    default=1e-2,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="AdamW's weight decay.",
+)
 @click.option(
     "--ema",
     default=None,

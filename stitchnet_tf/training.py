@@ -192,6 +192,8 @@ def make_optimizer(config: TrainConfig):
 
     if config.optimizer not in OPTIMIZERS:
         raise DataError(None, f"unknown optimizer {config.optimizer!r}: use adamw or adam")
+    if config.weight_decay < 0:
+        raise DataError(None, f"--weight-decay must be >= 0, got {config.weight_decay}")
     if config.ema is not None and not 0 < config.ema < 1:
         raise DataError(None, f"--ema must be in (0, 1), got {config.ema}")
     ema = dict(use_ema=config.ema is not None, ema_momentum=config.ema or 0.99)
