@@ -201,7 +201,7 @@ def add_tta(args) -> None:
     segmenter = default_segmenter()
     for path in sorted((args.results / "cv" / args.dataset / args.budget).glob("*.json")):
         result = json.loads(path.read_text())
-        if result["contender"] not in PROJECT_MODELS or "tta" in result:
+        if result["contender"] not in PROJECT_MODELS or "tta" in result or "failed" in result:
             continue
         run = args.runs / args.dataset / args.budget / path.stem
         if not (run / "best.keras").is_file():
