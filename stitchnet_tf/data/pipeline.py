@@ -242,14 +242,19 @@ def augment(
             half = (tf.cast(size, tf.float32) / zoom) / 2.0
             held = tf.clip_by_value(target, half - 0.5, tf.cast(size, tf.float32) - half - 0.5)
             centre = tf.where(focus, held, centre)
-        x = tf.cast(_affine(x, centre, zoom, angle, "bilinear"), x.dtype)
-        masks = tf.cast(_affine(masks, centre, zoom, angle, "nearest"), masks.dtype)
-        # pixels brought in from outside the slice are known background
-        empty = tf.reduce_sum(masks[..., :NUM_CLASSES], -1, keepdims=True) == 0
-        first = tf.one_hot(0, NUM_CLASSES, dtype=masks.dtype)
-        masks = tf.concat(
-            [tf.where(empty, first, masks[..., :NUM_CLASSES]), masks[..., NUM_CLASSES:]], -1
-        )
+
+        def resample():
+            xs = tf.cast(_affine(x, centre, zoom, angle, "bilinear"), x.dtype)
+            ms = tf.cast(_affine(masks, centre, zoom, angle, "nearest"), masks.dtype)
+            # pixels brought in from outside the slice are known background
+            empty = tf.reduce_sum(ms[..., :NUM_CLASSES], -1, keepdims=True) == 0
+            first = tf.one_hot(0, NUM_CLASSES, dtype=ms.dtype)
+            classes = tf.where(empty, first, ms[..., :NUM_CLASSES])
+            return xs, tf.concat([classes, ms[..., NUM_CLASSES:]], -1)
+
+        # most slices keep the identity transform: no resampling for them
+        moved = (zoom != 1.0) | (angle != 0.0) | tf.reduce_any(centre != m)
+        x, masks = tf.cond(moved, resample, lambda: (x, masks))
     if intensity:
         x = augment_intensity(x, masks[..., NUM_CLASSES:], seeds[12])
     both = tf.concat([x, masks], axis=-1)
