@@ -46,6 +46,11 @@ def cli() -> None:
     """
 
 
+tta_option = click.option(
+    "--tta", is_flag=True, help="Average the probabilities over the four flips of each slice."
+)
+
+
 def data_options(f):
     """Options saying how to read a dataset folder."""
 
@@ -733,9 +738,7 @@ def _model_options(f):
     type=click.Choice(["posterior", "prior"]),
     help="StitchNet decision rule (default: the model's).",
 )
-@click.option(
-    "--tta", is_flag=True, help="Average the probabilities over the four flips of each slice."
-)
+@tta_option
 @data_options
 def evaluate(
     model_path,
@@ -803,9 +806,7 @@ def evaluate(
     help="StitchNet: average this many posterior samples (0 = posterior mean).",
 )
 @click.option("--decision", default=None, type=click.Choice(["posterior", "prior"]))
-@click.option(
-    "--tta", is_flag=True, help="Average the probabilities over the four flips of each slice."
-)
+@tta_option
 @click.option("--window-level", default=-600.0, show_default=True)
 @click.option("--window-width", default=1500.0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
@@ -966,9 +967,7 @@ def demo(output, size, epochs, steps_per_epoch, seed, overwrite):
 @click.option("--decision", default=None, type=click.Choice(["posterior", "prior"]))
 @click.option("--no-bytes", is_flag=True, help="SavedModel: no encoded-image signature.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing version or file.")
-@click.option(
-    "--tta", is_flag=True, help="Average the probabilities over the four flips of each slice."
-)
+@tta_option
 def export(
     model_path,
     size,
