@@ -181,12 +181,14 @@ def _serving_functions(
     def segment(image, lung):
         if not tta:
             return _outputs(model.segmentation_probabilities(image, lung, decision))
+        from stitchnet_tf.inference import FLIPS  # the Predictor's flips, in the graph
+
         total = 0.0
-        for axes in ([], [1], [2], [1, 2]):
-            flip = (lambda t, a=axes: tf.reverse(t, a)) if axes else (lambda t: t)
+        for axes in FLIPS:
+            flip = (lambda t, a=list(axes): tf.reverse(t, a)) if axes else (lambda t: t)
             probs = model.segmentation_probabilities(flip(image), flip(lung), decision)
             total = total + flip(tf.cast(probs, tf.float32))
-        return _outputs(total / 4.0)
+        return _outputs(total / len(FLIPS))
 
     @tf.function(input_signature=[image_spec, lung_spec])
     def serving_lung(image, lung):
