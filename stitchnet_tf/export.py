@@ -12,8 +12,10 @@ SavedModel, in TensorFlow Serving's layout `<root>/<name>/<version>/`, with sign
   encoded PNG/JPEG slices of one size H×W -> the same outputs at model size plus
   `labels_original` int32 [B, H, W] in the slice's own geometry and `box` int32 [B, 4]
   (y0, y1, x0, x1 of the crop). Preprocessing runs inside the graph: the lung U-Net, threshold,
-  crop with margin, pad, resize. Unlike `Predictor`, the lung mask is not cleaned of small
-  components (there is no connected-components op in the graph).
+  crop with margin, pad, resize. As in `Predictor`, the probabilities are mapped back to the
+  slice (bilinear) before the argmax, and pixels of the lung field take their most probable lung
+  class. Unlike `Predictor`, the lung mask is not cleaned of small components (there is no
+  connected-components op in the graph).
 `assets.extra/stitchnet.json` records the model size, class names, decision rule and source.
 
 TFLite: the `serving_lung` signature (`image` and `lung` [1, S, S, 1]; pass `lung` = image > 0
@@ -113,7 +115,8 @@ class _InGraphPreprocess:
         return tf.cond(tf.size(rows) > 0, around, lambda: tf.stack([0, H, 0, W]))
 
     def __call__(self, image):
-        """image [H, W, 1] -> x [S, S, 1], lung [S, S, 1] (float32) and box [4] int32."""
+        """image [H, W, 1] -> x [S, S, 1], lung [S, S, 1] (float32), box [4] int32 and the
+        lung field [H, W] bool."""
         import tensorflow as tf
 
         field = self.lung_field(image)
@@ -135,20 +138,31 @@ class _InGraphPreprocess:
         )
         lung = tf.image.resize(square[..., 1:], (self.size, self.size), method="nearest")
         x = tf.where(lung > 0.5, tf.clip_by_value(x, 0.0, 1.0), 0.0)
-        return x, lung, box
+        return x, lung, box, field
 
     @staticmethod
-    def to_original(labels, box, shape):
-        """labels [S, S] int32 at model size -> [H, W] in the slice (background outside)."""
+    def to_original(probabilities, box, field):
+        """Model-size probabilities [S, S, C] -> labels [H, W] int32 in the slice, as
+        `inference.labels_to_original`: probabilities resized to the crop (area down, bilinear
+        up), then the most probable lung class inside the lung field `field` [H, W], background
+        outside it."""
         import tensorflow as tf
 
         y0, y1, x0, x1 = box[0], box[1], box[2], box[3]
         h, w = y1 - y0, x1 - x0
         side = tf.maximum(h, w)
         top, left = (side - h) // 2, (side - w) // 2
-        square = tf.image.resize(labels[..., None], (side, side), method="nearest")[..., 0]
-        crop = square[top : top + h, left : left + w]
-        return tf.pad(crop, [[y0, shape[0] - y1], [x0, shape[1] - x1]])
+        size = tf.shape(probabilities)[0]
+        square = tf.cond(
+            side < size,
+            lambda: tf.image.resize(probabilities, (side, side), method="area"),
+            lambda: tf.image.resize(probabilities, (side, side), method="bilinear"),
+        )
+        crop = square[top : top + h, left : left + w, 1:]
+        lung_class = 1 + tf.argmax(crop, axis=-1, output_type=tf.int32)
+        shape = tf.shape(field)
+        labels = tf.pad(lung_class, [[y0, shape[0] - y1], [x0, shape[1] - x1]])
+        return tf.where(field, labels, 0)
 
 
 def float32_model(model):
@@ -210,20 +224,20 @@ def _serving_functions(
             image_bytes,
             fn_output_signature=tf.TensorSpec([None, None, 1], tf.float32),
         )
-        shape = tf.shape(images)[1:3]
-        x, lung, box = tf.map_fn(
+        x, lung, box, field = tf.map_fn(
             pre,
             images,
             fn_output_signature=(
                 tf.TensorSpec([size, size, 1], tf.float32),
                 tf.TensorSpec([size, size, 1], tf.float32),
                 tf.TensorSpec([4], tf.int32),
+                tf.TensorSpec([None, None], tf.bool),
             ),
         )
         out = segment(x, lung)
         out["labels_original"] = tf.map_fn(
-            lambda a: pre.to_original(a[0], a[1], shape),
-            (out["labels"], box),
+            lambda a: pre.to_original(a[0], a[1], a[2]),
+            (out["probabilities"], box, field),
             fn_output_signature=tf.TensorSpec([None, None], tf.int32),
         )
         out["box"] = box

@@ -183,6 +183,8 @@ def learning_rate_schedule(config: TrainConfig):
 
 
 OPTIMIZERS = ("adamw", "adam")
+#: An epoch with a larger share of steps skipped for non-finite gradients stops training.
+MAX_SKIPPED = 0.5
 
 
 def make_optimizer(config: TrainConfig):
@@ -328,7 +330,8 @@ def _make_callbacks(
         def on_epoch_end(self, epoch, logs=None):
             logs = logs if logs is not None else {}
             loss = logs.get("loss", float("nan"))
-            finite = bool(np.isfinite(loss))
+            # steps with non-finite gradients are skipped; most of an epoch skipped is a failure
+            finite = bool(np.isfinite(loss)) and logs.get("skipped", 0.0) <= MAX_SKIPPED
             if not finite:
                 self._validate(logs, finite)
                 self.model.stop_training = True
@@ -640,7 +643,8 @@ def train(
     if state.get("nan_epoch"):
         kept = "last.keras" if (run / "last.keras").is_file() else "no checkpoint"
         raise TrainingError(
-            f"loss became NaN in epoch {state['nan_epoch']}; stopped, kept {kept} from epoch "
+            f"loss or gradients became NaN in epoch {state['nan_epoch']}; stopped, kept {kept} "
+            f"from epoch "
             f"{state['epochs_done']} in {run} (try a lower --learning-rate)"
         )
     last = {k: v[-1] for k, v in history.history.items() if v} if history.history else {}

@@ -192,6 +192,30 @@ def test_training_steps_reduce_the_loss(trained, name):
     assert all(0.0 <= v <= 1.0 for k in ("dice_ggo", "dice_con") for v in history[k])
 
 
+def test_a_step_with_non_finite_gradients_is_skipped(batch):
+    """One bad batch (NaN in x) leaves the weights as they were and the logged loss finite; the
+    step counts as skipped and the next good batch trains."""
+    x, allowed = batch
+    bad = np.array(x[:2])
+    bad[0, 0, 0, 0] = np.nan
+    model = MODELS["unet"]()
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), run_eagerly=True)
+    before = [np.array(w) for w in model.trainable_weights]
+
+    def step(x):
+        data = tf.data.Dataset.from_tensors({"x": x, "allowed": allowed[:2]})
+        return {k: v[-1] for k, v in model.fit(data, epochs=1, verbose=0).history.items()}
+
+    logs = step(bad)
+    assert logs["skipped"] == 1.0 and np.isfinite(logs["loss"])
+    after = [np.array(w) for w in model.trainable_weights]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+    logs = step(x[:2])
+    assert logs["skipped"] == 0.0 and logs["loss"] > 0
+    moved = [np.array(w) for w in model.trainable_weights]
+    assert not all(np.array_equal(a, b) for a, b in zip(after, moved, strict=True))
+
+
 def test_same_seed_same_weights():
     a, b = MODELS["unet"](), MODELS["unet"]()
     assert all(np.array_equal(u, v) for u, v in zip(a.weights, b.weights, strict=True))

@@ -301,7 +301,7 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(data, tmp_
         *TINY, expect=2,
     )  # fmt: skip
     line = error_line(r)
-    assert "loss became NaN in epoch 2" in line and "kept last.keras from epoch 1" in line, line
+    assert "became NaN in epoch 2" in line and "kept last.keras from epoch 1" in line, line
     state = json.loads((out / "state.json").read_text())
     assert state["epochs_done"] == 1 and state["nan_epoch"] == 2
     assert (out / "last.keras").is_file()

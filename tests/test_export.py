@@ -118,11 +118,13 @@ def test_saved_model_cli_lists_the_signatures(unet):
 
 def test_bytes_signature_preprocesses_in_the_graph_like_predictor(unet, data):
     """The in-graph preprocessing finds nearly the same lung field, crop and x as `prepare`
-    (it skips the removal of small components), and labels come back in the slice geometry."""
+    (it skips the removal of small components), and labels come back in the slice geometry as
+    the Predictor's do: probabilities mapped back before the argmax, lung classes in the field."""
     import tensorflow as tf
 
     from stitchnet_tf.data.lungmask import default_segmenter
-    from stitchnet_tf.data.preprocess import prepare
+    from stitchnet_tf.data.preprocess import Geometry, prepare
+    from stitchnet_tf.inference import labels_to_original
 
     _, version = unet
     dataset = discover(data / "labelled")
@@ -133,7 +135,7 @@ def test_bytes_signature_preprocesses_in_the_graph_like_predictor(unet, data):
         raw = raw.__class__(raw.image, raw.allowed, None)  # find the lung field, as a server must
         png = cv2.imencode(".png", np.round(raw.image * 255).astype(np.uint8))[1].tobytes()
         image = tf.io.decode_image(png, channels=1, dtype=tf.float32, expand_animations=False)
-        x, lung, box = (np.asarray(t) for t in in_graph(image))
+        x, lung, box, in_field = (np.asarray(t) for t in in_graph(image))
         expected = prepare(raw, SIZE, default_segmenter())
         a, b = lung[..., 0] > 0.5, expected.lung.reshape(SIZE, SIZE) > 0
         iou = (a & b).sum() / (a | b).sum()
@@ -146,6 +148,16 @@ def test_bytes_signature_preprocesses_in_the_graph_like_predictor(unet, data):
         assert out["probabilities"].shape == (2, SIZE, SIZE, 4)
         field = expected.geometry.to_original(b.astype(np.uint8), "nearest") > 0
         assert agreement(out["labels_original"][0] > 0, field) > 0.95
+        # the Predictor's mapping back (probabilities, then the argmax) on the served
+        # probabilities, with the graph's own box and field (a box a pixel off would shift an
+        # untrained model's near-tied lung classes)
+        h, w = box[1] - box[0], box[3] - box[2]
+        side = max(h, w)
+        geometry = Geometry(
+            raw.image.shape, tuple(box), ((side - h) // 2, (side - w) // 2), side, SIZE
+        )
+        labels = labels_to_original(np.asarray(out["probabilities"][0]), geometry, in_field)
+        assert agreement(out["labels_original"][0], labels) > 0.999
 
 
 def test_tflite_variants_agree_with_keras(unet, slices, tmp_path):

@@ -371,7 +371,7 @@ def test_compute_terms_equals_a_hand_computation(trained):
 
 
 def test_global_norm_clipping_and_gradient_monitor():
-    from stitchnet_tf.models.optim import GradientMonitor, clip_gradients
+    from stitchnet_tf.models.optim import GradientMonitor, clip_gradients, skip_non_finite
 
     grads = [tf.constant([3.0, 4.0]), None, tf.constant([12.0])]
     monitor = GradientMonitor(["a", "b"])
@@ -385,6 +385,16 @@ def test_global_norm_clipping_and_gradient_monitor():
     same = clip_gradients(grads, None, None, None, 100.0, monitor=monitor, blocks=["a", "b", "b"])
     np.testing.assert_allclose(same[0], [3.0, 4.0])
     assert float(monitor.clipped.result()) == 0.5  # one of two steps clipped
+    # a step with a NaN gradient: left out of the monitor, and all its gradients zeroed
+    bad = [tf.constant([np.nan, 4.0]), None, tf.constant([12.0])]
+    out = clip_gradients(bad, None, None, None, 6.5, monitor=monitor, blocks=["a", "b", "b"])
+    zeroed, finite = skip_non_finite(out, None)
+    assert not bool(finite) and zeroed[1] is None
+    assert all(not np.asarray(g).any() for g in (zeroed[0], zeroed[2]))
+    assert float(monitor.global_norm.result()) == pytest.approx(13.0)
+    assert float(monitor.clipped.result()) == 0.5
+    kept, finite = skip_non_finite(grads, None)
+    assert bool(finite) and np.array_equal(kept[0], grads[0])
 
 
 def test_styles_have_bounded_beta_parameters(trained, batch):

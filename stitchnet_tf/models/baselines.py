@@ -24,7 +24,13 @@ from keras import layers, ops
 from stitchnet_tf import likelihood as lik
 from stitchnet_tf.data.classes import BACKGROUND, CON, GGO, HEALTHY
 from stitchnet_tf.models.backbone import scaled_filters, set_bn_momentum
-from stitchnet_tf.models.optim import CompiledOnce, clip_gradients, replica_loss
+from stitchnet_tf.models.optim import (
+    CompiledOnce,
+    clip_gradients,
+    replica_loss,
+    skip_non_finite,
+    update_if_finite,
+)
 from stitchnet_tf.models.options import DEFAULT_GLOBAL_CLIPNORM
 from stitchnet_tf.models.stitchnet import SetDice
 
@@ -172,6 +178,7 @@ class SetSupervisedMixin(CompiledOnce):
         self.clipnorm, self.clipvalue, self.seed = clipnorm, clipvalue, seed
         self.global_clipnorm = global_clipnorm
         self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.skipped = keras.metrics.Mean(name="skipped")  # share of steps with non-finite grads
         self.dice = [SetDice(GGO), SetDice(CON), SetDice((GGO, CON), name="dice_lesion")]
 
     def _training_config(self) -> dict:
@@ -186,7 +193,7 @@ class SetSupervisedMixin(CompiledOnce):
 
     @property
     def metrics(self):
-        return [self.loss_tracker, *self.dice]
+        return [self.loss_tracker, self.skipped, *self.dice]
 
     @property
     def gamma(self) -> float:
@@ -213,13 +220,16 @@ class SetSupervisedMixin(CompiledOnce):
             grads, self.optimizer, self.clipnorm, self.clipvalue, self.global_clipnorm
         )
 
-    def _update_metrics(self, loss, allowed, logits):
-        self.loss_tracker.update_state(loss)
+    def _update_metrics(self, loss, allowed, logits, finite=None):
+        update_if_finite(self.loss_tracker, loss, True if finite is None else finite)
         # 3-class ids -> 4-class ids: no lesion -> healthy (only the lesion Dice are tracked)
         predicted = ops.argmax(logits, axis=-1) + HEALTHY
         for dice in self.dice:
             dice.update_state(ops.cast(allowed, "float32"), predicted)
-        return self.step_logs({m.name: m.result() for m in self.metrics})
+        logs = {m.name: m.result() for m in self.metrics}
+        if finite is None:  # evaluation: no gradients, nothing skipped
+            logs.pop(self.skipped.name)
+        return self.step_logs(logs)
 
     def train_step(self, data):
         x, allowed = data["x"], data["allowed"]
@@ -229,13 +239,16 @@ class SetSupervisedMixin(CompiledOnce):
             scaled = self.optimizer.scale_loss(replica_loss(loss))
         variables = self.trainable_variables
         grads = self._clip(tape.gradient(scaled, variables))
+        grads, finite = skip_non_finite(grads, self.optimizer)
+        self.skipped.update_state(1.0 - tf.cast(finite, tf.float32))
         self.optimizer.apply(grads, variables)
-        return self._update_metrics(loss, allowed, logits)
+        return self._update_metrics(loss, allowed, logits, finite)
 
     def test_step(self, data):
         x, allowed = data["x"], data["allowed"]
         logits = self(x, training=False)
-        return self._update_metrics(self.compute_set_loss(allowed, logits), allowed, logits)
+        loss = self.compute_set_loss(allowed, logits)
+        return self._update_metrics(loss, allowed, logits, finite=None)
 
     def class_probabilities(self, logits, lung):
         """3-class logits [B,H,W,3] + lung field [B,H,W,1] -> 4-class probabilities [B,H,W,4].

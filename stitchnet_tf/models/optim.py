@@ -43,12 +43,13 @@ class GradientMonitor:
         return [self.global_norm, self.clipped, *self.norms.values()]
 
     def update(self, grads, blocks, global_norm, clipped) -> None:
+        finite = tf.math.is_finite(global_norm)  # a skipped step (NaN/Inf) is left out
         for name in self.blocks:
             part = [g for g, b in zip(grads, blocks, strict=True) if b == name and g is not None]
             if part:
-                self.norms[name].update_state(tf.linalg.global_norm(part))
-        self.global_norm.update_state(global_norm)
-        self.clipped.update_state(tf.cast(clipped, tf.float32))
+                update_if_finite(self.norms[name], tf.linalg.global_norm(part), finite)
+        update_if_finite(self.global_norm, global_norm, finite)
+        update_if_finite(self.clipped, tf.cast(clipped, tf.float32), finite)
 
 
 def clip_gradients(
@@ -105,6 +106,30 @@ def clip_gradients(
     if replicas > 1:
         out = [None if g is None else g * (1.0 / replicas) for g in out]
     return out
+
+
+def skip_non_finite(grads, optimizer):
+    """Guard one step against a bad batch: when any gradient is NaN or infinite, every gradient
+    of the step becomes zero, so the weights are not poisoned. Returns (grads, finite), finite a
+    scalar bool tensor.
+
+    A zeroed step still moves the weights by Adam's momentum and the weight decay. Under a
+    `LossScaleOptimizer` the gradients are returned as they are: it skips such steps itself
+    (and lowers its loss scale).
+    """
+    present = [g for g in grads if g is not None]
+    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in present])
+    if getattr(optimizer, "dynamic_scale", None) is not None:
+        return grads, finite
+    return [None if g is None else tf.where(finite, g, tf.zeros_like(g)) for g in grads], finite
+
+
+def update_if_finite(metric, value, finite) -> None:
+    """`metric.update_state(value)`, leaving a step with non-finite gradients out (its loss is
+    often NaN, which would make the epoch's mean NaN)."""
+    weight = tf.cast(finite, tf.float32)
+    value = tf.cast(value, tf.float32)
+    metric.update_state(tf.where(finite, value, tf.zeros_like(value)), sample_weight=weight)
 
 
 def recalibrate_batchnorm(model, batches, steps: int = 20, momentum: float = 0.9) -> int:

@@ -22,6 +22,8 @@ from stitchnet_tf.models.optim import (
     GradientMonitor,
     clip_gradients,
     replica_loss,
+    skip_non_finite,
+    update_if_finite,
 )
 from stitchnet_tf.models.options import (
     DECISIONS,
@@ -279,6 +281,7 @@ class StitchNet(CompiledOnce, keras.Model):
         self.gradient_monitor = GradientMonitor(
             ["backbone", *(f"level_{i + 1}" for i in range(self.ladder.levels)), "head"]
         )
+        self.skipped = keras.metrics.Mean(name="skipped")  # share of steps with non-finite grads
         self.dice = [SetDice(GGO), SetDice(CON), SetDice((GGO, CON), name="dice_lesion")]
 
     def get_config(self):
@@ -356,7 +359,7 @@ class StitchNet(CompiledOnce, keras.Model):
 
     @property
     def metrics(self):
-        return [*self.trackers.values(), *self.gradient_monitor.metrics, *self.dice]
+        return [*self.trackers.values(), *self.gradient_monitor.metrics, self.skipped, *self.dice]
 
     def _kl_scale(self):
         if self.kl_warmup_steps <= 0 or self.optimizer is None:
@@ -418,15 +421,17 @@ class StitchNet(CompiledOnce, keras.Model):
             "kl_levels": kl_levels,
         }
 
-    def _update_metrics(self, terms, allowed, outputs, x, gradients: bool = True):
+    def _update_metrics(self, terms, allowed, outputs, x, gradients: bool = True, finite=True):
         for name in ("loss", "recon", "kl", "supervised"):
-            self.trackers[name].update_state(terms[name])
+            update_if_finite(self.trackers[name], terms[name], finite)
         for i in range(self.ladder.levels):
-            self.trackers[f"kl_{i + 1}"].update_state(terms["kl_levels"][i])
+            update_if_finite(self.trackers[f"kl_{i + 1}"], terms["kl_levels"][i], finite)
         predicted = ops.argmax(self.class_probabilities(x, outputs), axis=-1)
         for dice in self.dice:
             dice.update_state(ops.cast(allowed, "float32"), predicted)
-        skip = set() if gradients else {m.name for m in self.gradient_monitor.metrics}
+        skip = (
+            set() if gradients else {m.name for m in (*self.gradient_monitor.metrics, self.skipped)}
+        )
         return self.step_logs({m.name: m.result() for m in self.metrics if m.name not in skip})
 
     def _variable_block(self, path: str) -> str:
@@ -460,8 +465,10 @@ class StitchNet(CompiledOnce, keras.Model):
             monitor=self.gradient_monitor,
             blocks=blocks,
         )
+        grads, finite = skip_non_finite(grads, self.optimizer)
+        self.skipped.update_state(1.0 - tf.cast(finite, tf.float32))
         self.optimizer.apply(grads, variables)
-        return self._update_metrics(terms, allowed, outputs, x)
+        return self._update_metrics(terms, allowed, outputs, x, finite=finite)
 
     def test_step(self, data):
         x, allowed = data["x"], data["allowed"]
