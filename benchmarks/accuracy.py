@@ -23,8 +23,10 @@ compares contenders cheaply; `full` is the cpu preset (12 x 100 steps of 8). The
 U-Net gets the same number of steps and batch size.
 
 Scoring: `evaluation.SliceScorer` (what `stitchnet-tf evaluate` reports): the lung field from
-the image alone, probabilities mapped back to the slice before the argmax, per-image Table-1
-Dice (F1) and the pooled Dice over the fold's test slices. Each run writes
+the image alone (with `--lung-models DIR`, by the fold's own lung model, trained without the
+fold's test slices: the shipped lung model has seen every MedSeg lesion), probabilities mapped
+back to the slice before the argmax, per-image Table-1 Dice (F1) and the pooled Dice over the
+fold's test slices. Each run writes
 `<results>/cv/<dataset>/<budget>/<contender>-f<k>-s<seed>.json`; finished runs are skipped, so
 the benchmark resumes where it was cut off. `<results>/accuracy_cv.md` / `.json` are rebuilt
 after every run: mean ± std over folds x seeds, the standard error of the mean, and the mean
@@ -66,6 +68,20 @@ DATASETS = {
 
 def fold_file(dataset: str, fold: int) -> Path:
     return ROOT / "benchmarks" / "splits" / f"{dataset}_cv5_fold{fold}.json"
+
+
+def use_lung_model(args, fold: int) -> str:
+    """Point the package's lung segmenter at the fold's own lung model (`--lung-models DIR`:
+    `DIR/<dataset>_cv5_fold<k>.keras`, trained without the fold's test slices by
+    `benchmarks/train_lung_unet.py --medseg-exclude`), else the shipped one. Returns its name."""
+    from stitchnet_tf.data.lung_unet import LUNG_MODEL_ENV
+
+    if args.lung_models is None:
+        os.environ.pop(LUNG_MODEL_ENV, None)
+        return "shipped"
+    path = args.lung_models / f"{args.dataset}_cv5_fold{fold}.keras"
+    os.environ[LUNG_MODEL_ENV] = str(path)
+    return path.name
 
 
 def scores(table, classes) -> dict:
@@ -131,15 +147,16 @@ def run_one(args, contender: str, fold: int, seed: int) -> dict:
     dataset = discover(labelled, require_labels=True, **spec["read"])
     split = Split.load(fold_file(args.dataset, fold))
     split.check(dataset)
+    lung_model = use_lung_model(args, fold)
     segmenter = default_segmenter()
     test = SliceScorer(dataset.subset(split.test), args.size, segmenter)
     start = time.time()
-    info: dict = {}
+    info: dict = {"lung_model": lung_model}
     if contender == "threshold":
         from stitchnet_tf.models.threshold import ThresholdRule
 
         model = ThresholdRule.fit(dataset.subset(split.train), args.size, segmenter)
-        info = {"low": model.low, "high": model.high}
+        info |= {"low": model.low, "high": model.high}
     elif contender == "reference":
         import reference_unet as ref
 
@@ -164,9 +181,10 @@ def run_one(args, contender: str, fold: int, seed: int) -> dict:
             measured[f"pooled_{c}"] = scored[c]["dice_pooled"]
         values = [measured[f"dice_{c}"] for c in spec["classes"]]
         measured["mean_lesion_dice"] = sum(values) / len(values)
-        info = {"train_seconds": seconds, "steps": epochs * steps, "final_loss": loss}
+        info |= {"train_seconds": seconds, "steps": epochs * steps, "final_loss": loss}
     else:
-        model, info = train_project_model(args, contender, fold, seed, labelled, args.size)
+        model, trained = train_project_model(args, contender, fold, seed, labelled, args.size)
+        info |= trained
     if contender != "reference":
         measured = scores(test.table(model), spec["classes"])
     if contender in PROJECT_MODELS:  # and with flip test-time augmentation (`--tta`)
@@ -198,7 +216,6 @@ def add_tta(args) -> None:
 
     spec = DATASETS[args.dataset]
     dataset = discover(args.data / spec["folder"], require_labels=True, **spec["read"])
-    segmenter = default_segmenter()
     for path in sorted((args.results / "cv" / args.dataset / args.budget).glob("*.json")):
         result = json.loads(path.read_text())
         if result["contender"] not in PROJECT_MODELS or "tta" in result or "failed" in result:
@@ -208,7 +225,8 @@ def add_tta(args) -> None:
             print(f"{path.name}: no run folder at {run}; skipped")
             continue
         split = Split.load(fold_file(args.dataset, result["fold"]))
-        scorer = SliceScorer(dataset.subset(split.test), result["size"], segmenter)
+        use_lung_model(args, result["fold"])
+        scorer = SliceScorer(dataset.subset(split.test), result["size"], default_segmenter())
         table = scorer.table(load_model(run).model, tta=True)
         result["tta"] = scores(table, spec["classes"])
         atomic_write_text(path, json.dumps(result, indent=1) + "\n")
@@ -323,6 +341,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=ROOT.parent / "runs" / "cv")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--verbose", type=int, default=2)
+    parser.add_argument(
+        "--lung-models",
+        type=Path,
+        default=None,
+        help="folder of per-fold lung models <dataset>_cv5_fold<k>.keras (default: the shipped)",
+    )
     parser.add_argument("--report", action="store_true", help="only rebuild the report")
     parser.add_argument(
         "--add-tta", action="store_true", help="score finished runs with flip TTA, then report"

@@ -95,6 +95,20 @@ def test_default_segmenter(tmp_path: Path) -> None:
         assert isinstance(default_segmenter(path=broken), AutoLungMask)
 
 
+def test_environment_names_another_lung_model(tmp_path: Path, monkeypatch) -> None:
+    from stitchnet_tf.data.lung_unet import LUNG_MODEL_ENV
+    from stitchnet_tf.errors import DataError
+
+    copy = tmp_path / "mine.keras"
+    copy.write_bytes(DEFAULT_MODEL.read_bytes())
+    monkeypatch.setenv(LUNG_MODEL_ENV, str(copy))
+    chosen = default_segmenter()
+    assert isinstance(chosen, LearnedLungMask) and chosen.path == copy.resolve()
+    monkeypatch.setenv(LUNG_MODEL_ENV, str(tmp_path / "missing.keras"))
+    with pytest.raises(DataError, match="missing.keras.*not found"):
+        default_segmenter()
+
+
 def test_saved_model_is_plain_keras() -> None:
     import keras
 

@@ -31,6 +31,8 @@ DEFAULT_MODEL = (
     / "lung_unet"
     / "lung_unet.keras"
 )
+#: Environment variable naming another lung model file (e.g. one trained without some slices).
+LUNG_MODEL_ENV = "STITCHNET_TF_LUNG_MODEL"
 #: Default working size of the network (the slice is resized to size x size).
 DEFAULT_SIZE = 128
 #: Smallest image side `LearnedLungMask` accepts (smaller slices give an empty mask).
@@ -259,6 +261,14 @@ def _cached_segmenter(path: Path) -> LungSegmenter:
 def default_segmenter(path: str | os.PathLike | None = None) -> LungSegmenter:
     """`LearnedLungMask(path)` if the model file exists and loads, else `AutoLungMask()`.
 
-    `path` defaults to `DEFAULT_MODEL`; the result is cached per path (loaded once per process).
+    `path` defaults to the file named by the environment variable `STITCHNET_TF_LUNG_MODEL`
+    (which must then exist: a `DataError` otherwise, never a silent fallback), else
+    `DEFAULT_MODEL`; the result is cached per path (loaded once per process).
     """
+    if path is None and os.environ.get(LUNG_MODEL_ENV):
+        path = Path(os.environ[LUNG_MODEL_ENV])
+        if not path.is_file():
+            from stitchnet_tf.errors import DataError
+
+            raise DataError(path, f"lung model named by {LUNG_MODEL_ENV} not found")
     return _cached_segmenter(Path(DEFAULT_MODEL if path is None else path).resolve())
