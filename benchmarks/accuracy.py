@@ -70,6 +70,17 @@ def fold_file(dataset: str, fold: int) -> Path:
     return ROOT / "benchmarks" / "splits" / f"{dataset}_cv5_fold{fold}.json"
 
 
+def protocol(args) -> str:
+    """The folder name of a set of comparable runs: the budget, `+foldlung` when each fold has
+    its own lung model, `+std` with intensity standardisation."""
+    name = args.budget
+    if args.lung_models is not None:
+        name += "+foldlung"
+    if args.intensity != "none":
+        name += "+std"
+    return name
+
+
 def use_lung_model(args, fold: int) -> str:
     """Point the package's lung segmenter at the fold's own lung model (`--lung-models DIR`:
     `DIR/<dataset>_cv5_fold<k>.keras`, trained without the fold's test slices by
@@ -107,7 +118,8 @@ def train_project_model(args, contender: str, fold: int, seed: int, labelled: Pa
     budget, options = preset_options("cpu", contender)
     config = TrainConfig(
         labelled=str(labelled),
-        output=str(args.runs / args.dataset / args.budget / f"{contender}-f{fold}-s{seed}"),
+        output=str(args.runs / args.dataset / protocol(args) / f"{contender}-f{fold}-s{seed}"),
+        intensity=args.intensity,
         model=contender,
         size=size,
         epochs=epochs,
@@ -149,13 +161,15 @@ def run_one(args, contender: str, fold: int, seed: int) -> dict:
     split.check(dataset)
     lung_model = use_lung_model(args, fold)
     segmenter = default_segmenter()
-    test = SliceScorer(dataset.subset(split.test), args.size, segmenter)
+    test = SliceScorer(dataset.subset(split.test), args.size, segmenter, intensity=args.intensity)
     start = time.time()
-    info: dict = {"lung_model": lung_model}
+    info: dict = {"lung_model": lung_model, "intensity": args.intensity}
     if contender == "threshold":
         from stitchnet_tf.models.threshold import ThresholdRule
 
-        model = ThresholdRule.fit(dataset.subset(split.train), args.size, segmenter)
+        model = ThresholdRule.fit(
+            dataset.subset(split.train), args.size, segmenter, intensity=args.intensity
+        )
         info |= {"low": model.low, "high": model.high}
     elif contender == "reference":
         import reference_unet as ref
@@ -192,6 +206,7 @@ def run_one(args, contender: str, fold: int, seed: int) -> dict:
     return {
         "dataset": args.dataset,
         "budget": args.budget,
+        "protocol": protocol(args),
         "contender": contender,
         "fold": fold,
         "seed": seed,
@@ -216,17 +231,22 @@ def add_tta(args) -> None:
 
     spec = DATASETS[args.dataset]
     dataset = discover(args.data / spec["folder"], require_labels=True, **spec["read"])
-    for path in sorted((args.results / "cv" / args.dataset / args.budget).glob("*.json")):
+    for path in sorted((args.results / "cv" / args.dataset / protocol(args)).glob("*.json")):
         result = json.loads(path.read_text())
         if result["contender"] not in PROJECT_MODELS or "tta" in result or "failed" in result:
             continue
-        run = args.runs / args.dataset / args.budget / path.stem
+        run = args.runs / args.dataset / protocol(args) / path.stem
         if not (run / "best.keras").is_file():
             print(f"{path.name}: no run folder at {run}; skipped")
             continue
         split = Split.load(fold_file(args.dataset, result["fold"]))
         use_lung_model(args, result["fold"])
-        scorer = SliceScorer(dataset.subset(split.test), result["size"], default_segmenter())
+        scorer = SliceScorer(
+            dataset.subset(split.test),
+            result["size"],
+            default_segmenter(),
+            intensity=result.get("intensity", "none"),
+        )
         table = scorer.table(load_model(run).model, tta=True)
         result["tta"] = scores(table, spec["classes"])
         atomic_write_text(path, json.dumps(result, indent=1) + "\n")
@@ -234,7 +254,8 @@ def add_tta(args) -> None:
 
 
 def result_path(args, contender: str, fold: int, seed: int) -> Path:
-    return args.results / "cv" / args.dataset / args.budget / f"{contender}-f{fold}-s{seed}.json"
+    folder = args.results / "cv" / args.dataset / protocol(args)
+    return folder / f"{contender}-f{fold}-s{seed}.json"
 
 
 def stats(values: list[float]) -> dict:
@@ -267,14 +288,25 @@ def report(results: Path) -> None:
     ]
     for dataset in sorted({r["dataset"] for r in rows}):
         classes = DATASETS[dataset]["classes"]
-        for budget in [b for b in BUDGETS if any(r["budget"] == b for r in rows)]:
-            group = [r for r in rows if r["dataset"] == dataset and r["budget"] == budget]
+        protocols = sorted(
+            {r.get("protocol", r["budget"]) for r in rows if r["dataset"] == dataset}
+        )
+        for name in protocols:
+            group = [
+                r
+                for r in rows
+                if r["dataset"] == dataset and r.get("protocol", r["budget"]) == name
+            ]
+            budget = group[0]["budget"]
             rule = {
                 r["fold"]: r["mean_lesion_dice"] for r in group if r["contender"] == "threshold"
             }
             epochs, steps = BUDGETS[budget]
+            lung = "each fold's own lung model" if "+foldlung" in name else "the shipped lung model"
+            std = ", intensity standardised" if "+std" in name else ""
             lines += [
-                f"## {dataset}, {budget} budget ({epochs} x {steps} steps of {BATCH}, 128 px)",
+                f"## {dataset}, {name}: {budget} budget ({epochs} x {steps} steps of {BATCH}, "
+                f"128 px), lung field by {lung}{std}",
                 "",
                 "| contender | runs | folds | "
                 + " | ".join(f"{c.upper()} Dice | {c.upper()} pooled" for c in classes)
@@ -314,11 +346,12 @@ def report(results: Path) -> None:
                     + " | ".join(cells)
                     + f" | {m['mean']:.3f} ± {m['std']:.3f} ({m['sem']:.3f}) | {delta} | {train} |"
                 )
-                table.setdefault(dataset, {}).setdefault(budget, {})[contender] = entry
+                table.setdefault(dataset, {}).setdefault(name, {})[contender] = entry
             lines.append("")
     for r in failures:
         lines.append(
-            f"- **failed run**: {r['dataset']} {r['budget']} {r['contender']} fold {r['fold']} "
+            f"- **failed run**: {r['dataset']} {r.get('protocol', r['budget'])} {r['contender']} "
+            f"fold {r['fold']} "
             f"seed {r['seed']}: {r['failed']}"
         )
     lines += ["", f"Machine: {json.dumps(machine())}"]
@@ -347,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="folder of per-fold lung models <dataset>_cv5_fold<k>.keras (default: the shipped)",
     )
+    parser.add_argument("--intensity", choices=("none", "standardise"), default="none")
     parser.add_argument("--report", action="store_true", help="only rebuild the report")
     parser.add_argument(
         "--add-tta", action="store_true", help="score finished runs with flip TTA, then report"
@@ -382,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
                     result = {
                         "dataset": args.dataset,
                         "budget": args.budget,
+                        "protocol": protocol(args),
                         "contender": contender,
                         "fold": fold,
                         "seed": seed,

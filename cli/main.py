@@ -36,6 +36,18 @@ class _Group(click.Group):
             ctx.exit(130)
 
 
+def intensity_option(f):
+    """`--intensity`, shared by `preprocess` and `train`."""
+    return click.option(
+        "--intensity",
+        type=click.Choice(["none", "standardise"]),
+        default="none",
+        show_default=True,
+        help="standardise: map each slice so that its aerated lung and the soft tissue around "
+        "the lung field land on fixed values (other windows and scanners then look alike).",
+    )(f)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="stitchnet-tf")
 def cli() -> None:
@@ -177,6 +189,7 @@ def demo_data(output, labelled_patients, unlabelled_patients, slices, size, seed
     show_default=True,
     help="Crop margin around the lung field, as a fraction of its size.",
 )
+@intensity_option
 @click.option("--skip-bad", is_flag=True, help="Warn and skip bad files instead of stopping.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @data_options
@@ -187,6 +200,7 @@ def preprocess(
     window_level,
     window_width,
     margin,
+    intensity,
     skip_bad,
     overwrite,
     mask_values,
@@ -211,6 +225,7 @@ def preprocess(
             size=size,
             window=Window(window_level, window_width),
             margin=margin,
+            intensity=intensity,
             overwrite=overwrite,
             skip_bad=skip_bad,
             warn=_warn,
@@ -428,6 +443,7 @@ def split(
     "paper: the paper's crops, flips and 90° turns.",
 )
 @click.option("--no-augment", is_flag=True, help="No augmentation (as --augmentation none).")
+@intensity_option
 @click.option(
     "--width",
     default=None,
@@ -548,6 +564,7 @@ def train(
     cache,
     augmentation,
     no_augment,
+    intensity,
     width,
     backbone_alpha,
     likelihood,
@@ -642,6 +659,7 @@ def train(
         mixed_precision=mixed_precision,
         augment=not no_augment,
         augmentation=augmentation,
+        intensity=intensity,
         cache=cache,
         mask_values=mask_values,
         patient_pattern=patient_pattern,

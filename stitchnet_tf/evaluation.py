@@ -21,11 +21,18 @@ import numpy as np
 
 from stitchnet_tf.data.classes import CON, GGO, bits
 from stitchnet_tf.data.datasets import Dataset, discover
-from stitchnet_tf.data.preprocess import DEFAULT_MARGIN, Prepared, check_model_size, read_sample
+from stitchnet_tf.data.intensity import check_intensity
+from stitchnet_tf.data.preprocess import (
+    DEFAULT_MARGIN,
+    Prepared,
+    check_model_size,
+    check_prepared_intensity,
+    read_sample,
+)
 from stitchnet_tf.data.splits import Split
 from stitchnet_tf.errors import DataError
 from stitchnet_tf.fileio import atomic_write_text
-from stitchnet_tf.inference import Predictor, load_model, prepare_inputs
+from stitchnet_tf.inference import Predictor, load_model, model_intensity, prepare_inputs
 from stitchnet_tf.metrics import Table1, lesion_dice, mean_lesion_dice
 
 
@@ -64,6 +71,8 @@ class SliceScorer:
         batch_size: slices per model call.
         margin: crop margin around the lung field.
         cache: read and prepare the slices once, here (False: on every pass, for large sets).
+        intensity: intensity preprocessing (`none`, `standardise`); the models scored must use
+            the same (`table` checks).
     """
 
     def __init__(
@@ -76,6 +85,7 @@ class SliceScorer:
         batch_size: int = 8,
         margin: float = DEFAULT_MARGIN,
         cache: bool = True,
+        intensity: str = "none",
     ):
         if not dataset.samples:
             raise DataError(dataset.root, "no slices to score")
@@ -86,6 +96,8 @@ class SliceScorer:
         self.dataset, self.size, self.segmenter = dataset, check_model_size(size), segmenter
         self.scheme, self.absent = scheme_for(dataset), absent
         self.batch_size, self.margin = max(1, int(batch_size)), margin
+        self.intensity = check_intensity(intensity)
+        check_prepared_intensity(dataset, intensity)
         Table1(self.scheme, absent)  # checks the options
         self._cache = [s for chunk in self._read_all() for s in chunk] if cache else None
 
@@ -98,7 +110,9 @@ class SliceScorer:
         for i in range(0, len(samples), self.batch_size):
             chunk = samples[i : i + self.batch_size]
             raws = [read_sample(s, self.dataset.mask_map) for s in chunk]
-            prepared = prepare_inputs(raws, self.size, self.segmenter, self.margin, cropped)
+            prepared = prepare_inputs(
+                raws, self.size, self.segmenter, self.margin, cropped, self.intensity
+            )
             yield [
                 ScoredSlice(s.id, p, r.allowed)
                 for s, p, r in zip(chunk, prepared, raws, strict=True)
@@ -124,6 +138,12 @@ class SliceScorer:
         """Segment every slice with `model` (its `segment(x, lung)`, inference mode; `tta`:
         averaged over flips) and score the labels in the original geometry; returns the
         filled `Table1`."""
+        if model_intensity(model) != self.intensity:
+            raise DataError(
+                None,
+                f"the model was trained with intensity '{model_intensity(model)}', "
+                f"these slices are prepared with '{self.intensity}'",
+            )
         predictor = Predictor(
             model, self.size, self.segmenter, samples, decision, self.margin, tta=tta
         )
@@ -215,7 +235,15 @@ def evaluate(
     subset = select(dataset, chosen, part)
     if not len(subset):
         raise DataError(data, f"no slices to evaluate in the split's {part!r} part")
-    scorer = SliceScorer(subset, size, segmenter, absent=absent, batch_size=batch_size, cache=False)
+    scorer = SliceScorer(
+        subset,
+        size,
+        segmenter,
+        absent=absent,
+        batch_size=batch_size,
+        cache=False,
+        intensity=model_intensity(loaded.model),
+    )
     start = time.time()
     table = scorer.table(
         loaded.model, samples=samples, decision=decision, progress=progress, tta=tta
@@ -235,6 +263,7 @@ def evaluate(
         "scheme": scorer.scheme,
         "absent": absent,
         "tta": tta,
+        "intensity": scorer.intensity,
         "geometry": "preprocessed slices" if dataset.prepared_size else "original slices",
         "lung_field": lung_field_source(subset),
         "seconds": seconds,

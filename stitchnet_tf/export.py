@@ -16,12 +16,15 @@ SavedModel, in TensorFlow Serving's layout `<root>/<name>/<version>/`, with sign
   slice (bilinear) before the argmax, and pixels of the lung field take their most probable lung
   class. Unlike `Predictor`, the lung mask is not cleaned of small components (there is no
   connected-components op in the graph).
-`assets.extra/stitchnet.json` records the model size, class names, decision rule and source.
+`assets.extra/stitchnet.json` records the model size, class names, decision rule, intensity
+preprocessing (`none` or `standardise`: x given to `serving_default` / `serving_lung` must be
+preprocessed the same way, as `stitchnet-tf preprocess --intensity` writes it) and source.
 
 TFLite: the `serving_lung` signature (`image` and `lung` [1, S, S, 1]; pass `lung` = image > 0
 for a preprocessed slice), converted with `TFLiteConverter` with `quantize` none | float16 |
 dynamic | int8 (int8: a representative dataset of training slices; float fallback for ops
-without an int8 kernel; float32 inputs and outputs).
+without an int8 kernel; float32 inputs and outputs). Beside it, `<name>.tflite.json` holds the
+same description as the SavedModel's.
 
 Writing is atomic: a temporary folder or file next to the target, renamed at the end, so an
 interrupted export never leaves a half model where a server would load it.
@@ -70,13 +73,57 @@ class _InGraphPreprocess:
     """The training preprocessing of one decoded slice [H, W, 1] in [0, 1], in TF ops.
 
     Lung field by the learned lung U-Net (min-max scale, resize to its working size, sigmoid,
-    bilinear back, threshold), crop box around it plus `margin` of its larger side, pad to a
-    square, resize to the model size S; x is zeroed outside the resized lung field.
+    bilinear back, threshold); with `intensity="standardise"` the slice is then standardised
+    with that field's anchors (`data.intensity.standardise`); crop box around the field plus
+    `margin` of its larger side, pad to a square, resize to the model size S; x is zeroed
+    outside the resized lung field.
     """
 
-    def __init__(self, lung_net, size: int, margin: float, threshold: float = 0.5):
+    def __init__(
+        self,
+        lung_net,
+        size: int,
+        margin: float,
+        threshold: float = 0.5,
+        intensity: str = "none",
+    ):
         self.lung_net, self.size, self.margin, self.threshold = lung_net, size, margin, threshold
         self.lung_size = int(lung_net.input_shape[1])
+        self.intensity = intensity
+
+    @staticmethod
+    def standardise(image, field):
+        """`data.intensity.standardise` in TF ops: image [H, W, 1], field [H, W] bool."""
+        import tensorflow as tf
+
+        from stitchnet_tf.data import intensity as it
+
+        plane = image[..., 0]
+        n = tf.reduce_sum(tf.cast(field, tf.int32))
+        r = tf.maximum(
+            2, tf.cast(tf.round(it.RING_FRACTION * tf.sqrt(tf.cast(n, tf.float32))), tf.int32)
+        )
+        grown = tf.cast(field, tf.float32)[None, ..., None]
+        grown = tf.while_loop(
+            lambda i, g: i < r,
+            lambda i, g: (i + 1, tf.nn.max_pool2d(g, 3, 1, "SAME")),
+            (tf.constant(0), grown),
+        )[1]
+        ring = (grown[0, ..., 0] > 0.5) & ~field
+
+        def lower(values, q):  # numpy's percentile(method="lower")
+            ordered = tf.sort(values)
+            k = tf.cast(tf.floor(q / 100.0 * tf.cast(tf.size(values) - 1, tf.float32)), tf.int32)
+            return ordered[tf.maximum(k, 0)]
+
+        lung_values, ring_values = tf.boolean_mask(plane, field), tf.boolean_mask(plane, ring)
+        usable = (n >= 16) & (tf.size(ring_values) >= 16)
+        lung = tf.cond(usable, lambda: lower(lung_values, it.LUNG_PERCENTILE), lambda: 0.0)
+        tissue = tf.cond(usable, lambda: lower(ring_values, 50.0), lambda: 1.0)
+        usable = usable & (tissue - lung >= it.MIN_CONTRAST)
+        scale = (it.TISSUE_ANCHOR - it.LUNG_ANCHOR) / tf.maximum(tissue - lung, 1e-6)
+        mapped = tf.clip_by_value(it.LUNG_ANCHOR + (image - lung) * scale, 0.0, 1.0)
+        return tf.where(usable, mapped, image)
 
     def lung_field(self, image):
         """image [H, W, 1] -> bool [H, W]."""
@@ -120,6 +167,8 @@ class _InGraphPreprocess:
         import tensorflow as tf
 
         field = self.lung_field(image)
+        if self.intensity == "standardise":
+            image = self.standardise(image, field)
         box = self.box(field)
         y0, y1, x0, x1 = box[0], box[1], box[2], box[3]
         h, w = y1 - y0, x1 - x0
@@ -215,7 +264,9 @@ def _serving_functions(
     functions = {"serving_lung": serving_lung, "serving_default": serving_default}
     if lung_net is None:
         return functions
-    pre = _InGraphPreprocess(lung_net, size, margin)
+    from stitchnet_tf.inference import model_intensity
+
+    pre = _InGraphPreprocess(lung_net, size, margin, intensity=model_intensity(model))
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     def serving_bytes(image_bytes):
@@ -258,6 +309,7 @@ def _metadata(
         "decision": decision or getattr(model, "decision", None),
         "source": source,
         "tta": tta,
+        "intensity": getattr(model, "intensity", "none"),
         "signatures": sorted(signatures),
     }
 
@@ -413,8 +465,24 @@ def export_tflite(
                 ) from None
         tmp = Path(work) / path.name
         tmp.write_bytes(flat)
+        if saved_model is None:
+            meta = _metadata(model, size, decision, "", ["serving_lung"], tta)
+        else:
+            written = Path(saved_model) / METADATA
+            meta = json.loads(written.read_text()) if written.is_file() else {"size": int(size)}
+        meta |= {"format": "stitchnet-tf TFLite (serving_lung)", "quantize": quantize}
+        from stitchnet_tf.fileio import atomic_write_text
+
+        atomic_write_text(tflite_metadata(path), json.dumps(meta, indent=1) + "\n")
         os.replace(tmp, path)
     return path
+
+
+def tflite_metadata(path: str | os.PathLike) -> Path:
+    """The description written beside a `.tflite` file (`<name>.tflite.json`): size, decision
+    rule and intensity preprocessing, which the flat buffer does not hold."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
 
 
 def _convert(saved: str, quantize: str, representative: np.ndarray | None = None) -> bytes:
@@ -498,6 +566,7 @@ class ExportedSavedModel:
         self.metadata = json.loads(meta.read_text())
         self.size = self.exported_size = int(self.metadata["size"])
         self.decision = self.metadata.get("decision")
+        self.intensity = self.metadata.get("intensity", "none")
         try:
             self.loaded = tf.saved_model.load(str(self.path))
         except Exception as e:
@@ -526,6 +595,12 @@ class ExportedTFLite:
         details = self.runner.get_input_details()["image"]
         self.size = self.exported_size = int(details["shape_signature"][1])
         self.decision = None
+        meta = tflite_metadata(self.path)
+        try:
+            self.metadata = json.loads(meta.read_text()) if meta.is_file() else {}
+        except (OSError, ValueError):
+            raise DataError(meta, "unreadable TFLite description") from None
+        self.intensity = self.metadata.get("intensity", "none")
 
     def segment(self, x, lung=None, samples: int = 0, decision: str | None = None) -> dict:
         """As `ExportedSavedModel.segment`; the batch runs one slice at a time."""
@@ -580,15 +655,23 @@ def is_exported(path: str | os.PathLike) -> bool:
 # --------------------------------------------------------------------------- the command
 
 
-def representative_slices(dataset_dir, size: int, count: int = 100, seed: int = 0, **discover_kw):
+def representative_slices(
+    dataset_dir,
+    size: int,
+    count: int = 100,
+    seed: int = 0,
+    intensity: str = "none",
+    **discover_kw,
+):
     """A function yielding up to `count` preprocessed slices [S, S] of a dataset folder, drawn
-    at random (seeded): the representative dataset of int8 quantization."""
+    at random (seeded), with the model's `intensity`: the representative dataset of int8
+    quantization."""
     from stitchnet_tf.data.datasets import discover
     from stitchnet_tf.data.pipeline import SliceLoader
 
     dataset = discover(dataset_dir, **discover_kw)
     order = np.random.default_rng(seed).permutation(len(dataset.samples))[:count]
-    loader = SliceLoader(dataset, [dataset.samples[i] for i in order], size)
+    loader = SliceLoader(dataset, [dataset.samples[i] for i in order], size, intensity=intensity)
 
     def slices():
         for i in range(len(loader)):
@@ -657,7 +740,10 @@ def export(
                 kw["mask_values"] = config.get("mask_values")
         if data is None:
             raise DataError(model_path, "int8 needs representative slices: give --data")
-        representative = representative_slices(data, size, count, **kw)
+        from stitchnet_tf.inference import model_intensity
+
+        intensity = model_intensity(loaded.model)
+        representative = representative_slices(data, size, count, intensity=intensity, **kw)
     path = Path(output) if output else Path("saved_models") / f"{name}-{quantize}.tflite"
     export_tflite(
         loaded.model,

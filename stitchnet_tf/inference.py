@@ -124,10 +124,21 @@ def prepare_inputs(
     segmenter,
     margin: float = DEFAULT_MARGIN,
     already_cropped: bool = False,
+    intensity: str = "none",
 ) -> list[Prepared]:
     """Preprocess slices for prediction: the lung field comes from the image alone (`raw.lung`,
-    else `segmenter`); labels in `raws` never shape the field, the crop or x."""
-    return [prepare(r, size, segmenter, margin, already_cropped, use_labels=False) for r in raws]
+    else `segmenter`); labels in `raws` never shape the field, the crop or x. `intensity`: the
+    model's (`model_intensity`)."""
+    return [
+        prepare(r, size, segmenter, margin, already_cropped, use_labels=False, intensity=intensity)
+        for r in raws
+    ]
+
+
+def model_intensity(model) -> str:
+    """The intensity preprocessing `model` was trained with (`none` for models that predate
+    the option)."""
+    return getattr(model, "intensity", "none") or "none"
 
 
 FLIPS = ((), (1,), (2,), (1, 2))  # image axes of a [B, S, S, C] batch
@@ -186,6 +197,8 @@ class Predictor:
         margin: crop margin around the lung field.
         tta: average the probabilities over the four flips of each slice (test-time
             augmentation; the models trained with flips).
+
+    Slices are preprocessed with the model's own intensity mode (`model_intensity`).
     """
 
     def __init__(
@@ -212,6 +225,7 @@ class Predictor:
             decision,
             margin,
         )
+        self.intensity = model_intensity(model)
 
     def _segment(self, x: np.ndarray, lung: np.ndarray) -> dict:
         kwargs = {}
@@ -226,7 +240,9 @@ class Predictor:
 
     def prepare(self, raws: list[RawSlice], already_cropped: bool = False) -> list[Prepared]:
         """Label-free preprocessing of slices as read (see `prepare_inputs`)."""
-        return prepare_inputs(raws, self.size, self.segmenter, self.margin, already_cropped)
+        return prepare_inputs(
+            raws, self.size, self.segmenter, self.margin, already_cropped, self.intensity
+        )
 
     def predict_prepared(self, prepared: list[Prepared]) -> list[Prediction]:
         """Segment prepared slices (`prepare`) as one batch; labels in the original geometry."""

@@ -25,6 +25,7 @@ from pathlib import Path
 from stitchnet_tf import __version__
 from stitchnet_tf.data.classes import CON, GGO, bits
 from stitchnet_tf.data.datasets import Dataset, discover
+from stitchnet_tf.data.intensity import INTENSITY_MODES
 from stitchnet_tf.data.pipeline import SliceLoader, slice_dataset, training_batches
 from stitchnet_tf.data.preprocess import check_model_size
 from stitchnet_tf.data.splits import Split, split_dataset, withhold_labels
@@ -72,6 +73,7 @@ class TrainConfig:
     mixed_precision: bool = False
     augment: bool = True
     augmentation: str = "recipe"  # recipe | paper | none (see data.pipeline)
+    intensity: str = "none"  # none | standardise (data.intensity.standardise), kept by the model
     cache: bool = False
     run_eagerly: bool = False  # no graph tracing: for debugging and tiny runs
     strategy: str = "auto"  # tf.distribute strategy (see stitchnet_tf.distribute)
@@ -103,9 +105,17 @@ class TrainConfig:
 
 
 def build_model(
-    name: str, options: dict, clipnorm=None, clipvalue=None, seed: int = 0, global_clipnorm=None
+    name: str,
+    options: dict,
+    clipnorm=None,
+    clipvalue=None,
+    seed: int = 0,
+    global_clipnorm=None,
+    intensity: str = "none",
 ):
-    """A fresh, uncompiled model by name: `stitchnet`, `unet` or `segnet`."""
+    """A fresh, uncompiled model by name: `stitchnet`, `unet` or `segnet`; `intensity`: the
+    preprocessing it is trained with (kept in its config)."""
+    options = options | {"intensity": intensity}
     if name == "stitchnet":
         from stitchnet_tf.models.stitchnet import StitchNet
 
@@ -261,6 +271,7 @@ def _make_callbacks(
     val_set: Dataset | None = None,
     size: int | None = None,
     choose_decision: bool = False,
+    intensity: str = "none",
 ):
     """The run's callbacks. With `val_set` (the val slices) and `size`, the best epoch is the
     one with the highest per-image, lung-masked mean lesion Dice of `evaluation.SliceScorer`
@@ -274,7 +285,8 @@ def _make_callbacks(
     if val_set is not None and size is not None:
         from stitchnet_tf.evaluation import SliceScorer
 
-        scorer = SliceScorer(val_set, size)  # reads and prepares the val slices once
+        # reads and prepares the val slices once
+        scorer = SliceScorer(val_set, size, intensity=intensity)
 
     def per_image_scores(model) -> dict[str, float]:
         """Val scores; with `choose_decision` (StitchNet) each decision rule is scored, the
@@ -487,6 +499,10 @@ def train(
 
     warn = warn or log
     check_model_size(config.size)
+    if config.intensity not in INTENSITY_MODES:
+        raise DataError(
+            None, f"unknown intensity {config.intensity!r}: use one of {', '.join(INTENSITY_MODES)}"
+        )
     if config.model not in MODELS:
         raise DataError(None, f"unknown model {config.model!r}: use one of {', '.join(MODELS)}")
     if (
@@ -566,9 +582,11 @@ def train(
         seed=config.seed + state["epochs_done"],
         augmentation=config.augmentation if config.augment else False,
         cache=config.cache,
+        intensity=config.intensity,
     )
     val = labelled.subset(split.val)
-    val_data = slice_dataset(SliceLoader(val, val.samples, config.size), cache=config.cache)
+    val_loader = SliceLoader(val, val.samples, config.size, intensity=config.intensity)
+    val_data = slice_dataset(val_loader, cache=config.cache)
     val_data = val_data.batch(config.batch_size)
     if replicas > 1:
         batches = batches.map(_replica_order(config.batch_size, replicas))
@@ -592,6 +610,7 @@ def train(
                     config.clipvalue,
                     config.seed,
                     config.global_clipnorm,
+                    config.intensity,
                 )
                 model.compile(
                     optimizer=make_optimizer(config),
@@ -623,6 +642,7 @@ def train(
                 val_set=val,
                 size=config.size,
                 choose_decision=config.choose_decision and config.model == "stitchnet",
+                intensity=config.intensity,
             ),
             verbose=verbose,
         )

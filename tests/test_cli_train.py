@@ -340,3 +340,34 @@ def test_presets():
         {k: v for k, v in PRESETS["paper"].items() if k not in ("width", "backbone_alpha")},
         {"width": 1.0},
     )
+
+
+def test_intensity_standardise_travels_with_the_model(data, tmp_path):
+    """`--intensity standardise` is kept by the model: evaluate and predict preprocess the same
+    way; a preprocessed folder written without it is refused, with a one-line error."""
+    import keras
+
+    from stitchnet_tf.inference import Predictor, load_model
+
+    out = tmp_path / "std"
+    run(
+        "train", "-l", data / "labelled", "--model", "unet", "-o", out, "--epochs", 1,
+        "--steps-per-epoch", 2, "--intensity", "standardise", *TINY,
+    )  # fmt: skip
+    model = keras.saving.load_model(out / "best.keras", safe_mode=True)
+    assert model.intensity == "standardise"
+    assert Predictor(load_model(out).model, 32).intensity == "standardise"
+    run("evaluate", "-m", out, "-d", data / "labelled", "-o", tmp_path / "eval")
+    assert (
+        json.loads((tmp_path / "eval" / "evaluation.json").read_text())["intensity"]
+        == "standardise"
+    )
+    prep = tmp_path / "prep"
+    run("preprocess", "-i", data / "labelled", "-o", prep, "--size", 32)
+    assert json.loads((prep / "dataset.json").read_text())["intensity"] == "none"
+    r = run(
+        "train", "-l", prep, "--model", "unet", "-o", tmp_path / "bad", "--epochs", 1,
+        "--steps-per-epoch", 1, "--intensity", "standardise", *TINY, expect=2,
+    )  # fmt: skip
+    line = error_line(r)
+    assert str(prep) in line and "preprocess again with --intensity standardise" in line, line

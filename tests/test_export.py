@@ -86,6 +86,7 @@ def test_savedmodel_layout_and_parity_with_keras(unet, stitchnet, slices):
         assert version.name == "1" and (version / "saved_model.pb").is_file()
         loaded = export.load_exported(version.parent)  # the base folder: newest version
         assert loaded.path == version and loaded.size == SIZE
+        assert loaded.intensity == loaded.metadata["intensity"] == "none"
         reference = export.float32_model(model).segment(x, lung)
         out = loaded.segment(x, lung)
         diff = np.abs(out["probabilities"] - np.asarray(reference["probabilities"])).max()
@@ -176,6 +177,9 @@ def test_tflite_variants_agree_with_keras(unet, slices, tmp_path):
         )
         loaded = export.load_exported(path)
         assert type(loaded.interpreter).__module__.startswith("ai_edge_litert")
+        described = json.loads(export.tflite_metadata(path).read_text())
+        assert described["quantize"] == quantize and described["size"] == SIZE
+        assert loaded.intensity == "none"
         out = loaded.segment(x, lung)
         same = agreement(out["labels"], reference)
         sizes[quantize] = path.stat().st_size
@@ -234,7 +238,8 @@ def test_an_interrupted_export_leaves_the_previous_version_intact(unet, monkeypa
     monkeypatch.setattr(Path, "write_bytes", write_half)
     with pytest.raises(OSError):
         export.export_tflite(None, tflite, SIZE, saved_model=version, overwrite=True)
-    assert tflite.read_bytes() == data and sorted(tmp_path.iterdir()) == [tflite]
+    assert tflite.read_bytes() == data
+    assert sorted(tmp_path.iterdir()) == [tflite, export.tflite_metadata(tflite)]
 
 
 def test_cli_mixed_precision_train_export_predict_evaluate(data, tmp_path):

@@ -124,3 +124,58 @@ def test_output_names_are_flat():
     assert output_name(Sample("images/a/b.png#3", "x")) == "a__b_0003"
     assert output_name(Sample("images/v.nii.gz#12", "x")) == "v_0012"
     assert output_name(Sample("c.jpg", "x")) == "c"
+
+
+def _two_windows(seed: int = 0):
+    """One synthetic slice [300, 220] (lung, lesion, tissue around) seen through two windows,
+    and its lung field."""
+    field, lesion = _blobs()
+    rng = np.random.default_rng(seed)
+    hu = np.full(field.shape, 40.0)  # soft tissue
+    hu[field] = -850.0
+    hu[lesion] = -450.0  # GGO
+    hu += rng.normal(0, 30, hu.shape)
+    from stitchnet_tf.data.intensity import window_hu
+
+    return window_hu(hu, -600, 1500), window_hu(hu, -500, 1000), field
+
+
+def test_standardise_maps_the_anchors_and_aligns_windows():
+    from stitchnet_tf.data.intensity import LUNG_ANCHOR, TISSUE_ANCHOR, anchors, standardise
+
+    a, b, field = _two_windows()
+    assert abs(np.median(a[field]) - np.median(b[field])) > 0.05  # different looks
+    sa, sb = standardise(a, field), standardise(b, field)
+    lung, tissue = anchors(sa, field)
+    assert lung == pytest.approx(LUNG_ANCHOR, abs=0.01)
+    assert tissue == pytest.approx(TISSUE_ANCHOR, abs=0.01)
+    # the same tissue through two windows now looks the same (a linear map of a linear map)
+    np.testing.assert_allclose(sa[field], sb[field], atol=0.02)
+    # no contrast or no field: unchanged
+    flat = np.full(a.shape, 0.4, np.float32)
+    np.testing.assert_array_equal(standardise(flat, field), flat)
+    np.testing.assert_array_equal(standardise(a, np.zeros_like(field)), a)
+
+
+def test_standardise_in_the_exported_graph_equals_numpy():
+    import tensorflow as tf
+
+    from stitchnet_tf.data.intensity import standardise
+    from stitchnet_tf.export import _InGraphPreprocess
+
+    for seed in (0, 1):
+        a, _, field = _two_windows(seed)
+        graph = _InGraphPreprocess.standardise(tf.constant(a[..., None]), tf.constant(field))
+        np.testing.assert_allclose(np.asarray(graph)[..., 0], standardise(a, field), atol=1e-5)
+
+
+def test_prepare_standardises_with_the_image_only_field():
+    a, b, field = _two_windows()
+    allowed = np.full(field.shape, ALL, np.uint8)
+    pa = prepare(RawSlice(a, allowed, field), 64, intensity="standardise")
+    pb = prepare(RawSlice(b, allowed, field), 64, intensity="standardise")
+    raw = prepare(RawSlice(a, allowed, field), 64)
+    assert np.abs(pa.x - pb.x)[pa.lung].mean() < 0.02
+    assert np.abs(pa.x - raw.x)[pa.lung].mean() > 0.05
+    with pytest.raises(ValueError, match="intensity"):
+        prepare(RawSlice(a, allowed, field), 64, intensity="zscore")

@@ -20,7 +20,14 @@ import tensorflow as tf
 from stitchnet_tf.data import io
 from stitchnet_tf.data.classes import NUM_CLASSES, allowed_to_onehot
 from stitchnet_tf.data.datasets import Dataset, Sample
-from stitchnet_tf.data.preprocess import DEFAULT_MARGIN, check_model_size, prepare, read_sample
+from stitchnet_tf.data.intensity import check_intensity
+from stitchnet_tf.data.preprocess import (
+    DEFAULT_MARGIN,
+    check_model_size,
+    check_prepared_intensity,
+    prepare,
+    read_sample,
+)
 from stitchnet_tf.errors import DataError
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -37,6 +44,7 @@ class SliceLoader:
         window: CT window for Hounsfield data.
         segmenter: lung segmenter for slices without a lung mask (default: the package's).
         margin: crop margin around the lung field.
+        intensity: "none" or "standardise" (`preprocess.prepare`).
     """
 
     def __init__(
@@ -47,9 +55,12 @@ class SliceLoader:
         window: io.Window = io.Window(),
         segmenter=None,
         margin: float = DEFAULT_MARGIN,
+        intensity: str = "none",
     ):
         self.dataset, self.samples = dataset, list(samples)
         self.size, self.window, self.margin = check_model_size(size), window, margin
+        self.intensity = check_intensity(intensity)
+        check_prepared_intensity(dataset, intensity)
         if segmenter is None:
             from stitchnet_tf.data.lungmask import default_segmenter
 
@@ -68,6 +79,7 @@ class SliceLoader:
             self.segmenter,
             self.margin,
             already_cropped=self.dataset.prepared_size is not None,
+            intensity=self.intensity,
         )
         return (
             p.x[..., None].astype(np.float32),
@@ -442,6 +454,7 @@ def training_batches(
     skip_bad: bool = False,
     segmenter=None,
     window: io.Window = io.Window(),
+    intensity: str = "none",
 ) -> tf.data.Dataset:
     """Endless shuffled, augmented training batches mixing labelled and unlabelled slices.
 
@@ -463,7 +476,7 @@ def training_batches(
         seed=seed, shuffle=True, repeat=True, augmentation=augmentation, skip_bad=skip_bad
     )
     lab_ds = slice_dataset(
-        SliceLoader(labelled, lab, size, window, segmenter),
+        SliceLoader(labelled, lab, size, window, segmenter, intensity=intensity),
         cache=f"{cache}-labelled" if isinstance(cache, str) else cache,
         **common,
     )
@@ -471,7 +484,7 @@ def training_batches(
     if pool:
         streams.append(
             slice_dataset(
-                SliceLoader(labelled, pool, size, window, segmenter),
+                SliceLoader(labelled, pool, size, window, segmenter, intensity=intensity),
                 cache=f"{cache}-withheld" if isinstance(cache, str) else cache,
                 **common,
             )
@@ -480,7 +493,12 @@ def training_batches(
         streams.append(
             slice_dataset(
                 SliceLoader(
-                    unlabelled, [s.unlabel() for s in unlabelled.samples], size, window, segmenter
+                    unlabelled,
+                    [s.unlabel() for s in unlabelled.samples],
+                    size,
+                    window,
+                    segmenter,
+                    intensity=intensity,
                 ),
                 cache=f"{cache}-unlabelled" if isinstance(cache, str) else cache,
                 **common,

@@ -28,7 +28,7 @@ from stitchnet_tf.data.classes import (
     lung_field_of,
 )
 from stitchnet_tf.data.datasets import Dataset, Sample
-from stitchnet_tf.data.intensity import to_uint8
+from stitchnet_tf.data.intensity import check_intensity, standardise, to_uint8
 from stitchnet_tf.errors import DataError
 from stitchnet_tf.fileio import atomic_dir
 
@@ -200,6 +200,7 @@ def prepare(
     margin: float = DEFAULT_MARGIN,
     already_cropped: bool = False,
     use_labels: bool = True,
+    intensity: str = "none",
 ) -> Prepared:
     """The paper's preprocessing of one slice.
 
@@ -215,6 +216,10 @@ def prepare(
             drops its exact-background ones (training). False for evaluation and prediction:
             the field, the crop and x come from the image alone (the supplied lung mask or the
             segmenter); `allowed` still carries the label, for scoring.
+        intensity: "standardise" maps the slice by `intensity.standardise` with anchors from
+            the image-only lung field (never the label) before cropping; "none" keeps it. A
+            slice from `preprocess` output (`already_cropped`) was standardised, or not, when
+            it was written.
     """
     lung = raw.lung
     if lung is None:
@@ -232,7 +237,10 @@ def prepare(
         geometry = Geometry.identity(raw.image.shape, size)
     else:
         geometry = Geometry.from_field(field, size, margin)
-    x = np.where(field, raw.image, 0.0).astype(np.float32)
+    image = raw.image
+    if check_intensity(intensity) == "standardise" and not already_cropped:
+        image = standardise(image, lung)
+    x = np.where(field, image, 0.0).astype(np.float32)
     lung_model = geometry.to_model(field, "nearest", fill=False)
     # zero again after resizing, so that x is exactly 0 outside the (model-size) lung field
     x_model = np.where(lung_model, np.clip(geometry.to_model(x, "linear"), 0.0, 1.0), 0.0)
@@ -243,6 +251,20 @@ def prepare(
         geometry=geometry,
         field=field,
     )
+
+
+def check_prepared_intensity(dataset: Dataset, intensity: str) -> None:
+    """Raise if `dataset` is a `preprocess` output written with another intensity mode than
+    `intensity` (its slices are used as they are)."""
+    if dataset.prepared_size is None:
+        return
+    written = dataset.info.get("intensity", "none")
+    if written != intensity:
+        raise DataError(
+            dataset.root,
+            f"preprocessed with intensity '{written}', but '{intensity}' is asked for: "
+            f"run preprocess again with --intensity {intensity}",
+        )
 
 
 def output_name(sample: Sample) -> str:
@@ -264,6 +286,7 @@ def preprocess_dataset(
     window: io.Window = io.Window(),
     segmenter=None,
     margin: float = DEFAULT_MARGIN,
+    intensity: str = "none",
     overwrite: bool = False,
     skip_bad: bool = False,
     warn: Callable[[str], None] | None = None,
@@ -276,9 +299,12 @@ def preprocess_dataset(
     (allowed-set bits, for labelled slices), `lungs/` (0/255 lung field), `manifest.csv`
     (image, mask, lung, patient, source, slice, geometry) and `dataset.json`; it reads back with
     `discover` and trains without further cropping. Written atomically: a failure leaves
-    nothing at `output`.
+    nothing at `output`. `intensity`: see `prepare` (recorded in dataset.json; a model trained
+    on the copy must use the same).
     """
     size = check_model_size(size)
+    check_intensity(intensity)
+    check_prepared_intensity(dataset, intensity)
     if segmenter is None:
         from stitchnet_tf.data.lungmask import default_segmenter
 
@@ -291,7 +317,8 @@ def preprocess_dataset(
         sample = dataset.samples[i]
         try:
             raw = read_sample(sample, dataset.mask_map, window)
-            return i, prepare(raw, size, segmenter, margin, dataset.prepared_size is not None)
+            cropped = dataset.prepared_size is not None
+            return i, prepare(raw, size, segmenter, margin, cropped, intensity=intensity)
         except DataError as e:
             if not skip_bad:
                 raise
@@ -341,6 +368,7 @@ def preprocess_dataset(
             "source_mask_values": dataset.mask_map.name,
             "window": {"level": window.level, "width": window.width},
             "margin": margin,
+            "intensity": intensity,
             "lung_masks": "supplied" if all(s.lung for s in dataset.samples) else "segmenter",
             "segmenter": getattr(segmenter, "get_config", dict)(),
             "segmenter_name": type(segmenter).__name__,

@@ -23,6 +23,7 @@ from keras import layers, ops
 
 from stitchnet_tf import likelihood as lik
 from stitchnet_tf.data.classes import BACKGROUND, CON, GGO, HEALTHY
+from stitchnet_tf.data.intensity import check_intensity
 from stitchnet_tf.models.backbone import scaled_filters, set_bn_momentum
 from stitchnet_tf.models.optim import (
     CompiledOnce,
@@ -171,8 +172,9 @@ class SetSupervisedMixin(CompiledOnce):
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
 
     def _init_training(
-        self, loss, focal_gamma, clipnorm, clipvalue, seed, global_clipnorm=None
+        self, loss, focal_gamma, clipnorm, clipvalue, seed, global_clipnorm=None, intensity="none"
     ) -> None:
+        self.intensity = check_intensity(intensity)
         # `self.loss` belongs to Keras (compile sets it), hence `loss_type`.
         self.loss_type, self.focal_gamma = loss, focal_gamma
         self.clipnorm, self.clipvalue, self.seed = clipnorm, clipvalue, seed
@@ -189,6 +191,7 @@ class SetSupervisedMixin(CompiledOnce):
             "clipvalue": self.clipvalue,
             "global_clipnorm": self.global_clipnorm,
             "seed": self.seed,
+            "intensity": self.intensity,
         }
 
     @property
@@ -299,6 +302,7 @@ class UNet(SetSupervisedMixin, keras.Model):
         focal_gamma: γ of the focal loss.
         clipnorm, clipvalue: per-variable gradient clipping in `train_step`; None to disable.
         global_clipnorm: global-norm gradient clipping (None to disable).
+        intensity: the preprocessing the model was trained with (`none` or `standardise`).
         seed: seeds the weight initialisation (None: Keras' usual random initialisation).
 
     Example:
@@ -318,6 +322,7 @@ class UNet(SetSupervisedMixin, keras.Model):
         clipvalue: float | None = None,
         seed: int | None = None,
         global_clipnorm: float | None = DEFAULT_GLOBAL_CLIPNORM,
+        intensity: str = "none",
         **kwargs,
     ):
         self._check_options(loss)
@@ -361,7 +366,9 @@ class UNet(SetSupervisedMixin, keras.Model):
             super().__init__(inputs=x, outputs=logits, **kwargs)
         # === Config ===
         self.width, self.alpha = width, alpha
-        self._init_training(loss, focal_gamma, clipnorm, clipvalue, seed, global_clipnorm)
+        self._init_training(
+            loss, focal_gamma, clipnorm, clipvalue, seed, global_clipnorm, intensity
+        )
 
     def get_config(self):
         return {
@@ -390,6 +397,7 @@ class SegNet(SetSupervisedMixin, keras.Model):
         focal_gamma: γ of the focal loss.
         clipnorm, clipvalue: per-variable gradient clipping in `train_step`; None to disable.
         global_clipnorm: global-norm gradient clipping (None to disable).
+        intensity: the preprocessing the model was trained with (`none` or `standardise`).
         seed: seeds the weight initialisation (None: Keras' usual random initialisation).
 
     Example:
@@ -408,6 +416,7 @@ class SegNet(SetSupervisedMixin, keras.Model):
         clipvalue: float | None = None,
         seed: int | None = None,
         global_clipnorm: float | None = DEFAULT_GLOBAL_CLIPNORM,
+        intensity: str = "none",
         **kwargs,
     ):
         self._check_options(loss)
@@ -454,7 +463,9 @@ class SegNet(SetSupervisedMixin, keras.Model):
             super().__init__(inputs=x, outputs=h, **kwargs)
         # === Config ===
         self.width = width
-        self._init_training(loss, focal_gamma, clipnorm, clipvalue, seed, global_clipnorm)
+        self._init_training(
+            loss, focal_gamma, clipnorm, clipvalue, seed, global_clipnorm, intensity
+        )
 
     def get_config(self):
         return {

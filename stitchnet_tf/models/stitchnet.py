@@ -14,6 +14,7 @@ from keras import layers, ops
 
 from stitchnet_tf import likelihood as lik
 from stitchnet_tf.data.classes import BACKGROUND, CON, GGO, NUM_CLASSES
+from stitchnet_tf.data.intensity import check_intensity
 from stitchnet_tf.models.backbone import Backbone
 from stitchnet_tf.models.ladder import SVAELadder
 from stitchnet_tf.models.layers import LightSmooth, Upsample
@@ -207,6 +208,8 @@ class StitchNet(CompiledOnce, keras.Model):
         head_skips: channels of a deterministic skip from the backbone's d_1 into the head
             (0 = none, the paper).
         upsample: `resize` (×2 resize then conv) or `transpose` (the paper's 4×4 stride 2).
+        intensity: the preprocessing the model was trained with, `none` or `standardise`
+            (`data.intensity.standardise`); `Predictor`, `evaluate` and the exports follow it.
     """
 
     def __init__(
@@ -235,8 +238,10 @@ class StitchNet(CompiledOnce, keras.Model):
         norm: str = "group",
         head_skips: int = DEFAULT_HEAD_SKIPS,
         upsample: str = "resize",
+        intensity: str = "none",
         **kwargs,
     ):
+        check_intensity(intensity)
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
         if decision not in DECISIONS:
@@ -270,7 +275,7 @@ class StitchNet(CompiledOnce, keras.Model):
         self.kl_weight, self.kl_warmup_steps = kl_weight, kl_warmup_steps
         self.free_bits, self.eps, self.decision, self.seed = free_bits, eps, decision, seed
         self.global_clipnorm, self.clipnorm, self.clipvalue = global_clipnorm, clipnorm, clipvalue
-        self.norm = norm
+        self.norm, self.intensity = norm, intensity
         self.noise_seed = keras.random.SeedGenerator(None if seed is None else seed + 1)
         # === Metrics ===
         self.trackers = {
@@ -288,6 +293,7 @@ class StitchNet(CompiledOnce, keras.Model):
         return {
             "name": self.name,
             "trainable": self.trainable,
+            "intensity": self.intensity,
             "width": self.width,
             "backbone_alpha": self.backbone_alpha,
             "backbone_rgb": self.backbone_rgb,

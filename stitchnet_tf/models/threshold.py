@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from stitchnet_tf.data.classes import BACKGROUND, CLASS_NAMES, CON, GGO, HEALTHY, NUM_CLASSES
+from stitchnet_tf.data.intensity import check_intensity
 from stitchnet_tf.data.preprocess import DEFAULT_MARGIN
 from stitchnet_tf.errors import DataError
 from stitchnet_tf.fileio import atomic_write_text
@@ -57,6 +58,7 @@ class ThresholdRule:
         high: consolidation from `high` on.
         size: the model size the cut-offs were fitted at (None if unknown).
         fit_info: how they were fitted (saved in the JSON file).
+        intensity: the intensity preprocessing of the slices it was fitted on.
 
     Example:
         >>> rule = ThresholdRule(0.3, 0.6)
@@ -66,7 +68,12 @@ class ThresholdRule:
     """
 
     def __init__(
-        self, low: float, high: float, size: int | None = None, fit_info: dict | None = None
+        self,
+        low: float,
+        high: float,
+        size: int | None = None,
+        fit_info: dict | None = None,
+        intensity: str = "none",
     ):
         low, high = float(low), float(high)
         if not (math.isfinite(low) and math.isfinite(high) and 0.0 <= low <= high <= 1.0):
@@ -74,6 +81,7 @@ class ThresholdRule:
         self.low, self.high = low, high
         self.size = None if size is None else int(size)
         self.fit_info = dict(fit_info or {})
+        self.intensity = check_intensity(intensity)
 
     def __repr__(self) -> str:
         return f"ThresholdRule(low={self.low:g}, high={self.high:g}, size={self.size})"
@@ -110,6 +118,7 @@ class ThresholdRule:
             "low": self.low,
             "high": self.high,
             "size": self.size,
+            "intensity": self.intensity,
             "classes": list(CLASS_NAMES),
             "rule": RULE_TEXT,
             "stitchnet_tf": __version__,
@@ -140,7 +149,13 @@ class ThresholdRule:
             raise DataError(p, f'not a threshold-rule file (no "kind": "{KIND}")')
         try:
             size = d.get("size")
-            return cls(d["low"], d["high"], None if size is None else int(size), d.get("fit"))
+            return cls(
+                d["low"],
+                d["high"],
+                None if size is None else int(size),
+                d.get("fit"),
+                d.get("intensity", "none"),
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(p, f"bad threshold rule: {e}") from None
 
@@ -155,6 +170,7 @@ class ThresholdRule:
         refine: int = 25,
         absent: str = "exclude",
         margin: float = DEFAULT_MARGIN,
+        intensity: str = "none",
         log=None,
     ) -> ThresholdRule:
         """Choose (low, high) on labelled slices (a training `Dataset`) by grid search.
@@ -167,14 +183,16 @@ class ThresholdRule:
         """
         from stitchnet_tf.evaluation import SliceScorer, lung_field_source
 
-        scorer = SliceScorer(dataset, size, segmenter, absent=absent, margin=margin)
+        scorer = SliceScorer(
+            dataset, size, segmenter, absent=absent, margin=margin, intensity=intensity
+        )
         grid = threshold_grid(step)
         objective = grid_objective(scorer, grid)
         flat = np.argsort(-np.nan_to_num(objective, nan=-1.0), axis=None, kind="stable")
         candidates = [np.unravel_index(i, objective.shape) for i in flat[: max(1, refine)]]
         best, best_score, best_summary = None, -math.inf, None
         for lo, hi in candidates:
-            rule = cls(grid[lo], grid[hi], size)
+            rule = cls(grid[lo], grid[hi], size, intensity=intensity)
             summary = scorer.score(rule)
             value = summary["mean_lesion_dice"]
             value = -1.0 if value is None else value
@@ -197,7 +215,7 @@ class ThresholdRule:
             "segmenter": type(scorer.segmenter).__name__,
             "margin": margin,
         }
-        return cls(grid[lo], grid[hi], scorer.size, info)
+        return cls(grid[lo], grid[hi], scorer.size, info, intensity)
 
 
 def _dice(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, positives: int, absent: str):
