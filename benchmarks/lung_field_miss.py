@@ -1,13 +1,14 @@
 """How much lesion the lung field loses: MedSeg GGO / consolidation pixels outside it.
 
 Usage (from the repository root; a few minutes on a 2-core CPU):
-    python benchmarks/lung_field_miss.py [--data ../shared/data] [--folds DIR] [--output DIR]
+    python benchmarks/lung_field_miss.py [--data ../shared/data] [--model M] [--folds DIR]
+        [--baseline MODEL] [--output DIR]
 
 Scores lung models through `LearnedLungMask` (the package's post-processing) on the 50
 labelled MedSeg slices and on the held-out zenodo20 test patients of the shipped model's split:
-- the shipped model (`saved_models/lung_unet/lung_unet.keras`) on all 50 MedSeg slices (if it
-  was trained on their lesions, `--medseg` of `train_lung_unet.py`, this is a training-set
-  figure);
+- the shipped model (`saved_models/lung_unet/lung_unet.keras`, or `--model M`) on all 50
+  slices (if it was trained on their lesions, `--medseg` of `train_lung_unet.py`, this is a
+  training-set figure);
 - with `--folds DIR`, each cross-validation fold's own model `DIR/medseg_cv5_fold<k>.keras`
   (trained with `--medseg-exclude benchmarks/splits/medseg_cv5_fold<k>.json`) on that fold's
   10 test slices, pooled over the five folds: the honest estimate of the miss on unseen slices;
@@ -90,6 +91,7 @@ def zenodo_dice(segmenter, data: Path, split: dict) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--model", type=Path, default=None, help="default: the shipped model")
     parser.add_argument("--folds", type=Path, default=None, help="per-fold lung models")
     parser.add_argument("--baseline", type=Path, default=None, help="another model to compare")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results")
@@ -105,9 +107,10 @@ def main() -> int:
     from stitchnet_tf.fileio import atomic_write_text
 
     slices = medseg(labelled)
+    # the zenodo20 test patients of the shipped model's split (the fine-tuned models keep it)
     split = json.loads(DEFAULT_MODEL.with_suffix(".json").read_text())["split"]
     out: dict = {"benchmark": "lung_field_miss", "models": {}}
-    named = [("shipped", DEFAULT_MODEL)]
+    named = [("shipped" if args.model is None else "model", args.model or DEFAULT_MODEL)]
     if args.baseline is not None:
         named.append(("baseline", args.baseline))
     for name, path in named:

@@ -216,16 +216,43 @@ def edge_lesions(img: np.ndarray, lung: np.ndarray, rng: np.random.Generator) ->
     return np.where(paint > 0.02, np.maximum(img, target), img).astype(np.float32)
 
 
+def lobar_consolidation(img: np.ndarray, lung: np.ndarray, rng: np.random.Generator):
+    """Fill the far part of one lung (beyond a random cut across it, 20-75% of its extent in a
+    random direction) with soft-tissue intensity: a lobe consolidated to the chest wall, which
+    must stay lung. The lung mask does not change."""
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(lung.astype(np.uint8), connectivity=8)
+    outside = img[~lung]
+    if n <= 1 or outside.size < 100:
+        return img
+    big = 1 + np.argsort(stats[1:, cv2.CC_STAT_AREA])[::-1][:2]
+    part = lab == int(rng.choice(big))
+    ys, xs = np.nonzero(part)
+    angle = rng.uniform(0, 2 * np.pi)
+    along = ys * np.sin(angle) + xs * np.cos(angle)
+    cut = np.quantile(along, 1.0 - rng.uniform(0.2, 0.75))
+    fill = np.zeros(img.shape, np.float32)
+    fill[ys[along >= cut], xs[along >= cut]] = 1.0
+    fill = cv2.GaussianBlur(fill, (0, 0), rng.uniform(0.7, 2.0)) * part
+    tissue = float(np.percentile(outside, rng.uniform(75, 97)))
+    texture = rng.normal(0, rng.uniform(0.01, 0.05), img.shape).astype(np.float32)
+    structure = (img - float(np.median(img[part]))) * rng.uniform(0.0, 0.4)  # vessels, bronchi
+    target = np.clip(tissue * rng.uniform(0.85, 1.05) + structure + texture, 0, 1)
+    return (img * (1 - fill) + target * fill).astype(np.float32)
+
+
 def augment(
     img: np.ndarray,
     lung: np.ndarray,
     size: int,
     rng: np.random.Generator,
     lesion_probability: float = 0.0,
+    lobar_probability: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One training example: ([size, size] float32 in [0, 1], [size, size] float32 0/1)."""
     if rng.random() < lesion_probability:
         img = edge_lesions(img, lung, rng)
+    if rng.random() < lobar_probability:
+        img = lobar_consolidation(img, lung, rng)
     x, m = geometric(img, lung, rng)
     x = normalise(x)
     if x is None:
@@ -258,7 +285,13 @@ class Batches:
     def _example(self, rng: np.random.Generator):
         if self.medseg_images and rng.random() < self.args.medseg_fraction:
             j = int(rng.integers(len(self.medseg_images)))
-            return augment(self.medseg_images[j], self.medseg_lungs[j], self.args.size, rng)
+            return augment(
+                self.medseg_images[j],
+                self.medseg_lungs[j],
+                self.args.size,
+                rng,
+                lobar_probability=self.args.lobar,
+            )
         if self.synth_hu and rng.random() < self.args.synthetic_fraction:
             j = int(rng.integers(len(self.synth_hu)))
             level = rng.uniform(-700, -450)
@@ -270,7 +303,9 @@ class Batches:
             return augment(img, self.synth_lungs[j], self.args.size, rng)
         j = int(rng.integers(len(self.images)))
         img = self.images[j].astype(np.float32) / 255.0
-        return augment(img, self.lungs[j], self.args.size, rng, self.args.edge_lesions)
+        return augment(
+            img, self.lungs[j], self.args.size, rng, self.args.edge_lesions, self.args.lobar
+        )
 
     def _run(self) -> None:
         cv2.setNumThreads(1)
@@ -354,6 +389,9 @@ def main() -> int:
     )
     parser.add_argument("--medseg-fraction", type=float, default=0.3, help="share of examples")
     parser.add_argument("--init", type=Path, default=None, help="fine-tune from this model")
+    parser.add_argument(
+        "--lobar", type=float, default=0.0, help="share of slices with a consolidated lobe painted"
+    )
     args = parser.parse_args()
     if not args.data.is_dir():
         print(f"error: {args.data}: zenodo20-lungs folder not found (pass --data)", file=sys.stderr)
