@@ -6,6 +6,9 @@ Usage (from the repository root):
     python benchmarks/accuracy.py --budget full --contenders stitchnet unet
     python benchmarks/accuracy.py --dataset zenodo        # zenodo20, by patient, lesion vs none
     python benchmarks/accuracy.py --report                # only rebuild the report
+    python benchmarks/accuracy.py --lung-models DIR       # each fold scored with its own lung
+                                                          # model (DIR/medseg_cv5_fold<k>.keras)
+    python benchmarks/accuracy.py --intensity standardise # models and rule on standardised x
 
 Folds: `benchmarks/splits/<dataset>_cv5_fold<k>.json` (`stitchnet_tf.data.splits.kfold_splits`,
 k = 5, seed 0; MedSeg by slice: 30 train / 10 val / 10 test per fold, every labelled slice
