@@ -305,7 +305,12 @@ def report(results: Path) -> None:
                 r["fold"]: r["mean_lesion_dice"] for r in group if r["contender"] == "threshold"
             }
             epochs, steps = BUDGETS[budget]
-            lung = "each fold's own lung model" if "+foldlung" in name else "the shipped lung model"
+            if "+foldlung" in name:
+                lung = "each fold's own lung model"
+            elif all("lung_model" in r for r in group):
+                lung = "the shipped lung model"
+            else:  # runs made before the lung model recorded itself
+                lung = "the v1 lung model (zenodo only, `lung_unet_v1.keras`)"
             std = ", intensity standardised" if "+std" in name else ""
             lines += [
                 f"## {dataset}, {name}: {budget} budget ({epochs} x {steps} steps of {BATCH}, "
