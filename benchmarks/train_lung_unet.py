@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from lung_field_miss import medseg, miss  # noqa: E402
 from lungmask_dice import machine, read_gray  # noqa: E402
 
 from stitchnet_tf.data.intensity import to_uint8, window_hu  # noqa: E402
@@ -76,31 +77,22 @@ def load_part(data: Path, ids: list[str], dataset) -> tuple[np.ndarray, np.ndarr
 
 
 def load_medseg(folder: Path, exclude: set[str]) -> tuple[list, list, list, list]:
-    """MedSeg labelled slices: (train images, train lesion masks, held-out images, held-out
-    lesion masks); float32 [H, W] in [0, 1] and int [H, W] class indices (0 none, 1 GGO, 2 CON).
-    Slices whose id ("images/<n>.jpg") is in `exclude` are held out."""
-    from stitchnet_tf.data.io import read_image, read_mask
-
+    """MedSeg labelled slices (`lung_field_miss.medseg`): (train images, train lesion masks,
+    held-out images, held-out lesion masks); float32 [H, W] in [0, 1] and int [H, W] class
+    indices (0 none, 1 GGO, 2 CON). Slices whose id ("images/<n>.jpg") is in `exclude` are held
+    out."""
     parts: dict[bool, tuple[list, list]] = {False: ([], []), True: ([], [])}
-    for image in sorted((folder / "images").glob("*.jpg")):
-        mask = read_mask(folder / "masks" / f"{image.stem}.png")
-        held = f"images/{image.name}" in exclude
-        parts[held][0].append(read_image(image))
-        parts[held][1].append(mask)
+    for sid, image, mask in medseg(folder):
+        parts[sid in exclude][0].append(image)
+        parts[sid in exclude][1].append(mask)
     return (*parts[False], *parts[True])
 
 
 def lesion_miss(segmenter, images: list, lesions: list) -> dict[str, float]:
-    """Share of GGO / consolidation pixels outside the segmenter's lung field (pooled)."""
-    out = {}
-    masks = [segmenter(img) for img in images]
-    for c, name in ((1, "ggo"), (2, "consolidation")):
-        total = sum(int(np.count_nonzero(y == c)) for y in lesions)
-        miss = sum(
-            int(np.count_nonzero((y == c) & ~m)) for y, m in zip(lesions, masks, strict=True)
-        )
-        out[name] = miss / total if total else 0.0
-    return out
+    """Share of GGO / consolidation pixels outside the segmenter's lung field (pooled), by
+    `lung_field_miss.miss`."""
+    m = miss(segmenter, [("", i, y) for i, y in zip(images, lesions, strict=True)])
+    return {"ggo": m["ggo_miss"], "consolidation": m["consolidation_miss"]}
 
 
 def synthetic_slices(n_patients: int, per_patient: int, size: int, seed: int):
