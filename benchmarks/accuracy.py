@@ -84,6 +84,18 @@ def protocol(args) -> str:
     return name
 
 
+def run_identity(args, contender: str, fold: int, seed: int) -> dict:
+    """What names one run in its result file."""
+    return {
+        "dataset": args.dataset,
+        "budget": args.budget,
+        "protocol": protocol(args),
+        "contender": contender,
+        "fold": fold,
+        "seed": seed,
+    }
+
+
 def use_lung_model(args, fold: int) -> str:
     """Point the package's lung segmenter at the fold's own lung model (`--lung-models DIR`:
     `DIR/<dataset>_cv5_fold<k>.keras`, trained without the fold's test slices by
@@ -207,12 +219,7 @@ def run_one(args, contender: str, fold: int, seed: int) -> dict:
     if contender in PROJECT_MODELS:  # and with flip test-time augmentation (`--tta`)
         info["tta"] = scores(test.table(model, tta=True), spec["classes"])
     return {
-        "dataset": args.dataset,
-        "budget": args.budget,
-        "protocol": protocol(args),
-        "contender": contender,
-        "fold": fold,
-        "seed": seed,
+        **run_identity(args, contender, fold, seed),
         "split": os.path.relpath(fold_file(args.dataset, fold), ROOT),
         "test_slices": len(split.test),
         "size": args.size,
@@ -421,15 +428,7 @@ def main(argv: list[str] | None = None) -> int:
                     result = run_one(args, contender, fold, seed)
                 except TrainingError as e:  # e.g. a NaN loss: a result too, reported as such
                     print(f"   failed: {e}", flush=True)
-                    result = {
-                        "dataset": args.dataset,
-                        "budget": args.budget,
-                        "protocol": protocol(args),
-                        "contender": contender,
-                        "fold": fold,
-                        "seed": seed,
-                        "failed": str(e),
-                    }
+                    result = run_identity(args, contender, fold, seed) | {"failed": str(e)}
                 result["machine"] = machine()
                 result["date"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
                 path.parent.mkdir(parents=True, exist_ok=True)
