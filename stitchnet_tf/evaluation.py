@@ -138,10 +138,11 @@ class SliceScorer:
         """Segment every slice with `model` (its `segment(x, lung)`, inference mode; `tta`:
         averaged over flips) and score the labels in the original geometry; returns the
         filled `Table1`."""
-        if model_intensity(model) != self.intensity:
+        trained = model_intensity(model)
+        if trained != self.intensity:
             raise DataError(
                 None,
-                f"the model was trained with intensity '{model_intensity(model)}', "
+                f"the model was trained with intensity '{trained}', "
                 f"these slices are prepared with '{self.intensity}'",
             )
         predictor = Predictor(

@@ -43,6 +43,7 @@ import numpy as np
 
 from stitchnet_tf.data.classes import CLASS_NAMES
 from stitchnet_tf.errors import DataError
+from stitchnet_tf.inference import model_intensity
 
 FORMATS = ("savedmodel", "tflite")
 QUANTIZE = ("none", "float16", "dynamic", "int8")
@@ -264,8 +265,6 @@ def _serving_functions(
     functions = {"serving_lung": serving_lung, "serving_default": serving_default}
     if lung_net is None:
         return functions
-    from stitchnet_tf.inference import model_intensity
-
     pre = _InGraphPreprocess(lung_net, size, margin, intensity=model_intensity(model))
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
@@ -309,7 +308,7 @@ def _metadata(
         "decision": decision or getattr(model, "decision", None),
         "source": source,
         "tta": tta,
-        "intensity": getattr(model, "intensity", "none"),
+        "intensity": model_intensity(model),
         "signatures": sorted(signatures),
     }
 
@@ -740,8 +739,6 @@ def export(
                 kw["mask_values"] = config.get("mask_values")
         if data is None:
             raise DataError(model_path, "int8 needs representative slices: give --data")
-        from stitchnet_tf.inference import model_intensity
-
         intensity = model_intensity(loaded.model)
         representative = representative_slices(data, size, count, intensity=intensity, **kw)
     path = Path(output) if output else Path("saved_models") / f"{name}-{quantize}.tflite"

@@ -242,8 +242,7 @@ class SetSupervisedMixin(CompiledOnce):
             scaled = self.optimizer.scale_loss(replica_loss(loss))
         variables = self.trainable_variables
         grads = self._clip(tape.gradient(scaled, variables))
-        grads, finite = skip_non_finite(grads, self.optimizer)
-        self.skipped.update_state(1.0 - tf.cast(finite, tf.float32))
+        grads, finite = skip_non_finite(grads, self.optimizer, self.skipped)
         self.optimizer.apply(grads, variables)
         return self._update_metrics(loss, allowed, logits, finite)
 

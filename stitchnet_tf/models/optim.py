@@ -108,10 +108,10 @@ def clip_gradients(
     return out
 
 
-def skip_non_finite(grads, optimizer):
+def skip_non_finite(grads, optimizer, skipped=None):
     """Guard one step against a bad batch: when any gradient is NaN or infinite, every gradient
     of the step becomes zero, so the weights are not poisoned. Returns (grads, finite), finite a
-    scalar bool tensor.
+    scalar bool tensor; `skipped` (a Mean metric) records whether the step was skipped.
 
     A zeroed step still moves the weights by Adam's momentum and the weight decay. Under a
     `LossScaleOptimizer` the gradients are returned as they are: it skips such steps itself
@@ -119,6 +119,8 @@ def skip_non_finite(grads, optimizer):
     """
     present = [g for g in grads if g is not None]
     finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in present])
+    if skipped is not None:
+        skipped.update_state(1.0 - tf.cast(finite, tf.float32))
     if getattr(optimizer, "dynamic_scale", None) is not None:
         return grads, finite
     return [None if g is None else tf.where(finite, g, tf.zeros_like(g)) for g in grads], finite

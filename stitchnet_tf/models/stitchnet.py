@@ -471,8 +471,7 @@ class StitchNet(CompiledOnce, keras.Model):
             monitor=self.gradient_monitor,
             blocks=blocks,
         )
-        grads, finite = skip_non_finite(grads, self.optimizer)
-        self.skipped.update_state(1.0 - tf.cast(finite, tf.float32))
+        grads, finite = skip_non_finite(grads, self.optimizer, self.skipped)
         self.optimizer.apply(grads, variables)
         return self._update_metrics(terms, allowed, outputs, x, finite=finite)
 
