@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "medseg-covid" / "labelled"
 SPLIT = ROOT / "benchmarks" / "splits" / "medseg_seed0.json"
 DEFAULT_WIDTH = 16
+DEFAULT_STEPS = 2000
 COMMAND = "python benchmarks/reference_unet.py --seed {seed} --steps {steps} --size {size}"
 
 
@@ -219,7 +220,15 @@ def cell(mean, std=None) -> str:
 
 
 def run_name(settings: dict) -> str:
-    return f"w{settings['width']} s{settings['seed']}"
+    steps = "" if settings["steps"] == DEFAULT_STEPS else f" n{settings['steps']}"
+    return f"w{settings['width']}{steps} s{settings['seed']}"
+
+
+def run_tag(width: int, steps: int) -> str:
+    """The file-name tag of a run with non-default width or steps ("" for the defaults)."""
+    return ("" if width == DEFAULT_WIDTH else f"_w{width}") + (
+        "" if steps == DEFAULT_STEPS else f"_n{steps}"
+    )
 
 
 def command(settings: dict) -> str:
@@ -232,7 +241,7 @@ def write_combined(output: Path) -> None:
     from stitchnet_tf.fileio import atomic_write_text
 
     paths = sorted(output.glob("reference_unet_s*.json")) + sorted(
-        output.glob("reference_unet_w*_s*.json")
+        p for p in output.glob("reference_unet_*_s*.json") if p.name[15] in "wn"
     )
     runs = [json.loads(p.read_text()) for p in paths]
     if not runs:
@@ -241,8 +250,15 @@ def write_combined(output: Path) -> None:
     def width_order(w: int) -> tuple[bool, int]:
         return w != DEFAULT_WIDTH, w
 
-    runs.sort(key=lambda r: (width_order(r["settings"]["width"]), r["settings"]["seed"]))
-    widths = sorted({r["settings"]["width"] for r in runs}, key=width_order)
+    runs.sort(
+        key=lambda r: (
+            width_order(r["settings"]["width"]),
+            r["settings"]["steps"] != DEFAULT_STEPS,
+            r["settings"]["steps"],
+            r["settings"]["seed"],
+        )
+    )
+    groups = list(dict.fromkeys((r["settings"]["width"], r["settings"]["steps"]) for r in runs))
     first = runs[0]
     combined: dict = {"default_width": DEFAULT_WIDTH, "runs": runs, "mean_over_seeds": {}}
     lines = [
@@ -272,8 +288,13 @@ def write_combined(output: Path) -> None:
                 f"{cell(c['dice_mean'], c['dice_std'])} | {cell(g['dice_pooled'])} | "
                 f"{cell(c['dice_pooled'])} | {cell(g['iou_mean'])} | {cell(c['iou_mean'])} |"
             )
-        for w in widths:
-            group = [r[part]["lung_field"] for r in runs if r["settings"]["width"] == w]
+        for w, n in groups:
+            group = [
+                r[part]["lung_field"]
+                for r in runs
+                if (r["settings"]["width"], r["settings"]["steps"]) == (w, n)
+            ]
+            name = run_name({"width": w, "steps": n, "seed": 0})[:-3]
             if len(group) < 2:
                 continue
             mean = {
@@ -281,9 +302,11 @@ def write_combined(output: Path) -> None:
                 for k in ("ggo", "con")
                 for q in ("dice_mean", "dice_pooled")
             }
-            combined["mean_over_seeds"].setdefault(f"w{w}", {})[part] = mean | {"seeds": len(group)}
+            combined["mean_over_seeds"].setdefault(name.replace(" ", "_"), {})[part] = mean | {
+                "seeds": len(group)
+            }
             lines.append(
-                f"| w{w}, mean of {len(group)} seeds | {cell(mean['ggo_dice_mean'])} | "
+                f"| {name}, mean of {len(group)} seeds | {cell(mean['ggo_dice_mean'])} | "
                 f"{cell(mean['con_dice_mean'])} | {cell(mean['ggo_dice_pooled'])} | "
                 f"{cell(mean['con_dice_pooled'])} | | |"
             )
@@ -359,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--split", type=Path, default=SPLIT)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--width", type=int, default=DEFAULT_WIDTH, help="top-level filters")
@@ -428,8 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     result["machine"] = machine()
     result["date"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     args.output.mkdir(parents=True, exist_ok=True)
-    tag = "" if args.width == DEFAULT_WIDTH else f"_w{args.width}"
-    path = args.output / f"reference_unet{tag}_s{args.seed}.json"
+    path = args.output / f"reference_unet{run_tag(args.width, args.steps)}_s{args.seed}.json"
     atomic_write_text(path, json.dumps(result, indent=1) + "\n")
     write_combined(args.output)
     print(f"wrote {path} and reference_unet.md", flush=True)
