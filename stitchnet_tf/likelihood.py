@@ -265,6 +265,9 @@ def soft_set_dice_loss(
 #: (no log-density that grows without limit on constant pixels), the floor keeps it unimodal.
 CONCENTRATION_MIN = 2.0
 CONCENTRATION_MAX = 500.0
+#: A style mean stays in [MEAN_MIN, 1 − MEAN_MIN]: in float32, sigmoid(17) is exactly 1, which
+#: made β = 0 and the log-density NaN once training pushed a style's mean logit that far.
+MEAN_MIN = 1e-3
 
 
 def beta_from_mean_concentration(
@@ -273,8 +276,11 @@ def beta_from_mean_concentration(
     low: float = CONCENTRATION_MIN,
     high: float = CONCENTRATION_MAX,
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Bounded Beta parameters from unconstrained outputs: mean m = sigmoid(·), concentration
+    """Bounded Beta parameters from unconstrained outputs: mean m = MEAN_MIN + (1 − 2 MEAN_MIN)
+    sigmoid(·) (1 − m computed from sigmoid(−·), so neither rounds to 0), concentration
     κ = low + (high − low)·sigmoid(·); α = m κ, β = (1 − m) κ. Shapes kept, float32."""
-    m = tf.sigmoid(_f32(mean_logits))
+    mean_logits = _f32(mean_logits)
+    m = MEAN_MIN + (1.0 - 2.0 * MEAN_MIN) * tf.sigmoid(mean_logits)
+    one_minus_m = MEAN_MIN + (1.0 - 2.0 * MEAN_MIN) * tf.sigmoid(-mean_logits)
     kappa = low + (high - low) * tf.sigmoid(_f32(concentration_logits))
-    return m * kappa, (1.0 - m) * kappa
+    return m * kappa, one_minus_m * kappa

@@ -330,6 +330,7 @@ def test_beta_from_mean_concentration_is_bounded():
     from stitchnet_tf.likelihood import (
         CONCENTRATION_MAX,
         CONCENTRATION_MIN,
+        MEAN_MIN,
         beta_from_mean_concentration,
     )
 
@@ -337,6 +338,11 @@ def test_beta_from_mean_concentration_is_bounded():
     alpha, beta = beta_from_mean_concentration(raw, raw[::-1])
     total = (alpha + beta).numpy()
     assert (total >= CONCENTRATION_MIN - 1e-5).all() and (total <= CONCENTRATION_MAX + 1e-3).all()
-    np.testing.assert_allclose(alpha / (alpha + beta), 1 / (1 + np.exp(-raw)), rtol=1e-5)
+    mean = MEAN_MIN + (1 - 2 * MEAN_MIN) / (1 + np.exp(-raw.astype("float64")))
+    np.testing.assert_allclose(alpha / (alpha + beta), mean, rtol=1e-5)
+    # extreme mean logits leave both parameters positive: the log-density stays finite
+    assert (alpha.numpy() > 0).all() and (beta.numpy() > 0).all()
+    x = np.array([0.001, 0.5, 0.999], "float32")[:, None]
+    assert np.isfinite(beta_log_prob(x, alpha[None], beta[None]).numpy()).all()
     # the log-density of a constant pixel is bounded: no spike as training sharpens a style
     assert float(tf.reduce_max(beta_log_prob(np.full((1,), 0.3), alpha, beta))) < 5.0
