@@ -101,10 +101,11 @@ class SVAELadder(layers.Layer):
     def levels(self) -> int:
         return len(self.filters)
 
-    def _draw(self, mu, sigma, sample):
+    def _draw(self, mu, sigma, sample, temperature: float = 1.0):
         if not sample:
             return mu
-        return mu + sigma * keras.random.normal(ops.shape(mu), seed=self.seed_generator)
+        noise = keras.random.normal(ops.shape(mu), seed=self.seed_generator)
+        return mu + temperature * sigma * noise
 
     def _kl(self, z, mu_q, sigma_q, mu_p, sigma_p):
         """KL of one level per image: [B] (summed over its latent pixels)."""
@@ -114,7 +115,7 @@ class SVAELadder(layers.Layer):
             kl = gaussian_kl_mc(z, mu_q, sigma_q, mu_p, sigma_p)
         return ops.sum(kl, axis=(1, 2, 3))
 
-    def _descend(self, ds, training, sample, kl, top_shape=None):
+    def _descend(self, ds, training, sample, kl, top_shape=None, temperature: float = 1.0):
         """The one top-down pass. With bottom-up features `ds` the posterior of every level is
         the merge of q̂ = (b)_i(d_i) with the prior; with `ds=None` (generation) q = p.
 
@@ -143,7 +144,7 @@ class SVAELadder(layers.Layer):
                     mu, sigma = precision_weighted_merge(mu_hat, sigma_hat, prior_mu, prior_sigma)
                 else:
                     mu, sigma = prior_mu, prior_sigma
-            z = self._draw(mu, sigma, sample)
+            z = self._draw(mu, sigma, sample, temperature)
             out["z"][i], out["mu"][i], out["sigma"][i] = z, mu, sigma
             out["prior_mu"][i], out["prior_sigma"][i] = prior_mu, prior_sigma
             if kl:
@@ -163,13 +164,16 @@ class SVAELadder(layers.Layer):
         sample = bool(training) if sample is None else sample
         return self._descend(ds, training, sample, kl)
 
-    def generate(self, top_shape, training=False, sample=True):
+    def generate(self, top_shape, training=False, sample=True, temperature: float = 1.0):
         """Generation (no x): z_L ~ N(0, I), then z_i ~ p(z_i | z_{i+1}); q = p everywhere.
 
-        `top_shape` is (B, h_L, w_L, 1). With `sample=False` every z is its prior mean.
+        `top_shape` is (B, h_L, w_L, 1). With `sample=False` every z is its prior mean;
+        `temperature` < 1 scales every prior σ down (NVAE, VDVAE: fewer off-manifold draws).
         Returns the features of `call` and the list of z.
         """
-        out = self._descend(None, training, sample, kl=False, top_shape=top_shape)
+        out = self._descend(
+            None, training, sample, kl=False, top_shape=top_shape, temperature=temperature
+        )
         return out["features"], out["z"]
 
     def get_config(self):

@@ -14,3 +14,5 @@ NORMS = ("group", "batch")
 DEFAULT_HEAD_SKIPS = 16
 #: Default global gradient-norm clip (benchmarks/results/gradients.md).
 DEFAULT_GLOBAL_CLIPNORM = 20.0
+#: Scale of every prior σ when drawing samples (docs/DESIGN.md §7.15).
+SAMPLE_TEMPERATURE = 1.0

@@ -55,7 +55,9 @@ class StitchHead(layers.Layer):
     segmentation branch also sees deterministic features of the image: the backbone's d_1
     [B, H/2, W/2, f_1] projected to `skips` channels and upsampled, and x itself
     [B, H, W, 1]; they join the latent features in a LightSmooth before the π convolution.
-    The styles stay a function of z alone, so generation needs no image for them.
+    The styles stay a function of z alone, so generation needs no image for them. With skips
+    the head also predicts `pi_z_logits` [B, H, W, 4] from z alone: the generative model's
+    p(y | z), trained on the label sets of every pixel and used by `generate` (DESIGN §7.15).
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class StitchHead(layers.Layer):
             self.skip_proj = layers.Conv2D(self.skips, 1, dtype=policy, name="skip_proj")
             self.skip_up = layers.UpSampling2D(2, interpolation="nearest", dtype=policy)
             self.pi_smooth = LightSmooth(self.filters, norm=norm, dtype=policy)
+            self.pi_z = layers.Conv2D(NUM_CLASSES, 1, dtype="float32", name="pi_z_logits")
         self.pi = layers.Conv2D(NUM_CLASSES, 1, dtype="float32", name="pi_logits")
         self.style_mean = layers.Conv2D(NUM_CLASSES, 1, dtype="float32", name="style_mean")
         # styles start broad (κ ≈ 10): no huge first reconstruction gradients
@@ -104,6 +107,20 @@ class StitchHead(layers.Layer):
         pi_logits = self.pi(g)
         if not styles:  # the prior decision rule needs pi only
             return {"pi_logits": pi_logits}
+        out = {"pi_logits": pi_logits, **self._styles(h)}
+        if self.skips:
+            out["pi_z_logits"] = self.pi_z(h)
+        return out
+
+    def generate(self, features, training=None):
+        """From the latent features alone (no image): pi_logits (p(y | z): `pi_z` with skips),
+        alpha, beta [B, H, W, 4]."""
+        h = self.smooth(self.up(features, training=training), training=training)
+        pi = self.pi_z if self.skips else self.pi
+        return {"pi_logits": pi(h), **self._styles(h)}
+
+    def _styles(self, h) -> dict:
+        """alpha, beta [B, H, W, 4] float32 from the latent features h."""
         s = self.pool(h) if self.style_pool > 1 else h
         mean, concentration = self.style_mean(s), self.style_concentration(s)
         if self.style_pool > 1:
@@ -114,7 +131,7 @@ class StitchHead(layers.Layer):
         mean = mean * (1.0 - fixed) + BACKGROUND_MEAN_LOGIT * fixed
         concentration = concentration * (1.0 - fixed) + 20.0 * fixed
         alpha, beta = lik.beta_from_mean_concentration(mean, concentration)
-        return {"pi_logits": pi_logits, "alpha": alpha, "beta": beta}
+        return {"alpha": alpha, "beta": beta}
 
     def get_config(self):
         return super().get_config() | {
@@ -280,7 +297,7 @@ class StitchNet(CompiledOnce, keras.Model):
         # === Metrics ===
         self.trackers = {
             name: keras.metrics.Mean(name=name)
-            for name in ("loss", "recon", "kl", "supervised")
+            for name in ("loss", "recon", "generative", "kl", "supervised")
             + tuple(f"kl_{i + 1}" for i in range(self.ladder.levels))
         }
         self.gradient_monitor = GradientMonitor(
@@ -408,6 +425,10 @@ class StitchNet(CompiledOnce, keras.Model):
         else:
             supervised = ops.sum(lik.focal_set_loss(pi_logits, allowed, self.focal_gamma) * lung)
             supervised = supervised / lung_pixels
+        generative = ops.convert_to_tensor(0.0, "float32")
+        if "pi_z_logits" in outputs:  # −log p(y ∈ A | z) of every pixel (background included)
+            generative = ops.sum(lik.set_cross_entropy(outputs["pi_z_logits"], allowed))
+            generative = generative / lung_pixels
         kl_levels = ops.sum(ops.cast(outputs["kl"], "float32"), axis=0)  # [L], nats per batch
         if self.free_bits > 0:
             h, w = ops.shape(x)[1], ops.shape(x)[2]
@@ -418,17 +439,18 @@ class StitchNet(CompiledOnce, keras.Model):
             kl_levels = ops.maximum(kl_levels, self.free_bits * latent_pixels)
         kl_levels = kl_levels / lung_pixels
         kl = ops.sum(kl_levels)
-        loss = recon + self._kl_scale() * kl + self.supervised_weight * supervised
+        loss = recon + generative + self._kl_scale() * kl + self.supervised_weight * supervised
         return {
             "loss": loss,
             "recon": recon,
+            "generative": generative,
             "kl": kl,
             "supervised": supervised,
             "kl_levels": kl_levels,
         }
 
     def _update_metrics(self, terms, allowed, outputs, x, gradients: bool = True, finite=True):
-        for name in ("loss", "recon", "kl", "supervised"):
+        for name in ("loss", "recon", "generative", "kl", "supervised"):
             update_if_finite(self.trackers[name], terms[name], finite)
         for i in range(self.ladder.levels):
             update_if_finite(self.trackers[f"kl_{i + 1}"], terms["kl_levels"][i], finite)
@@ -556,35 +578,25 @@ class StitchNet(CompiledOnce, keras.Model):
         return {"styles": styles, "labels": labels, "stitched": stitched}
 
     def generate(
-        self, n: int, size: int, sample_pixels: bool = False, sample_labels: bool = False
+        self,
+        n: int,
+        size: int,
+        sample_pixels: bool = False,
+        sample_labels: bool = False,
+        temperature: float = 1.0,
     ) -> dict:
         """Draw n new slices of size×size with their segmentations from the prior.
 
-        z from the prior; y = argmax π per pixel (or y ~ Categorical(π) with `sample_labels`,
-        which is noisy: pixels are independent given z) and x = the style of y: its mean, or a
-        Beta sample with `sample_pixels`. Returns x [n,size,size,1], labels [n,size,size],
-        styles [n,size,size,4].
+        z from the prior; y = argmax p(y | z) per pixel (`StitchHead.generate`: π from z
+        alone), or y ~ Categorical with `sample_labels` (noisy: pixels are independent given
+        z); x = the style of y: its mean, or a Beta sample with `sample_pixels`. `temperature`
+        scales the prior σ of every level.
+        Returns x [n,size,size,1], labels [n,size,size], styles [n,size,size,4].
         """
         if size % 32:
             raise ValueError(f"size must be a multiple of 32, got {size}")
-        features, _ = self.ladder.generate((n, size // 32, size // 32, 1))
-        if self.head_skips:
-            # π needs the image: stitch the style means by a first π from a blank image,
-            # then run the segmentation branch on that draft slice
-            blank = ops.zeros((n, size, size, 1), self.compute_dtype)
-            ds = self.backbone(blank, training=False)
-            outputs = self.head(features, ds[0], blank, training=False)
-            means = outputs["alpha"] / (outputs["alpha"] + outputs["beta"])
-            draft = ops.sum(
-                means * ops.one_hot(ops.argmax(outputs["pi_logits"], -1), NUM_CLASSES),
-                axis=-1,
-                keepdims=True,
-            )
-            draft = ops.cast(draft, self.compute_dtype)
-            ds = self.backbone(draft, training=False)
-            outputs = self.head(features, ds[0], draft, training=False)
-        else:
-            outputs = self.head(features, training=False)
+        features, _ = self.ladder.generate((n, size // 32, size // 32, 1), temperature=temperature)
+        outputs = self.head.generate(features, training=False)
         if sample_labels:
             labels = tf.random.categorical(
                 tf.reshape(outputs["pi_logits"], (-1, NUM_CLASSES)), 1, dtype=tf.int32
