@@ -288,6 +288,7 @@ def execute(args, run: Run, results: Path) -> str:
             split=split_file,
             part="test",
             log=lambda m: None,
+            overwrite=True,
             **read,
         )
     except (DataError, TrainingError) as e:

@@ -9,11 +9,12 @@ from pathlib import Path
 import click
 
 from stitchnet_tf import __version__
-from stitchnet_tf.errors import DataError
+from stitchnet_tf.errors import DataError, TrainingError
 from stitchnet_tf.models.options import (
     DEFAULT_GLOBAL_CLIPNORM,
     DEFAULT_HEAD_SKIPS,
     NORMS,
+    SAMPLE_TEMPERATURE,
     SUPERVISED,
 )
 
@@ -23,17 +24,33 @@ def _warn(message: str) -> None:
 
 
 class _Group(click.Group):
-    """Turns `DataError`s into a one-line `error: ...` and exit code 2, never a traceback."""
+    """Turns `DataError`s into a one-line `error: ...` and exit code 2, an interrupt into exit
+    130, and any other exception into one `error: internal error: ...` line and exit 1 (the
+    traceback only with `--debug`)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except DataError as e:
+        except (DataError, TrainingError) as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             ctx.exit(130)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as e:
+            if ctx.params.get("debug"):
+                raise
+            message = " ".join(str(e).split()) or "(no message)"
+            if len(message) > 300:
+                message = message[:297] + "..."
+            click.echo(
+                f"error: internal error: {type(e).__name__}: {message} "
+                "(rerun with --debug for the traceback)",
+                err=True,
+            )
+            ctx.exit(1)
 
 
 def intensity_option(f):
@@ -50,7 +67,8 @@ def intensity_option(f):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="stitchnet-tf")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of an internal error.")
+def cli(debug: bool) -> None:
     """StitchNet: semi-supervised COVID-19 lung CT segmentation (Keras 3 / TensorFlow).
 
     Classes: background (outside the lung field), healthy lung, ground-glass opacity (GGO),
@@ -149,7 +167,10 @@ def demo_data(output, labelled_patients, unlabelled_patients, slices, size, seed
             overwrite=overwrite,
             progress=bar.update,
         )
-    click.echo(f"wrote {total} synthetic slices to {output} (labelled/, unlabelled/)")
+    parts = [
+        p for p, n in (("labelled/", labelled_patients), ("unlabelled/", unlabelled_patients)) if n
+    ]
+    click.echo(f"wrote {total} synthetic slices to {output} ({', '.join(parts)})")
 
 
 @cli.command()
@@ -279,6 +300,7 @@ def _fractions(ctx, param, value: str) -> tuple[float, float, float]:
     type=click.FloatRange(0, 1),
     help="Keep labels on this fraction of the train slices; the rest train unlabelled.",
 )
+@click.option("--overwrite", is_flag=True, help="Replace an existing split file.")
 @data_options
 def split(
     data,
@@ -287,6 +309,7 @@ def split(
     seed,
     max_labelled,
     label_fraction,
+    overwrite,
     mask_values,
     patient_pattern,
     masks_subdir,
@@ -296,9 +319,12 @@ def split(
 
     Example: stitchnet-tf split -d data/demo/labelled -o data/demo/split.json --seed 0
     """
-    from stitchnet_tf.data.splits import split_dataset, withhold_labels
+    from stitchnet_tf.data.preprocess import check_samples
+    from stitchnet_tf.data.splits import check_split_output, split_dataset, withhold_labels
 
+    check_split_output(output, data, overwrite)
     dataset = _discover(data, mask_values, patient_pattern, masks_subdir, lungs_subdir)
+    check_samples(dataset, dataset.samples)  # a corrupt slice is named now, not at training
     result = split_dataset(dataset, fractions, seed, warn=_warn)
     if max_labelled is not None or label_fraction is not None:
         result = withhold_labels(result, dataset, max_labelled, label_fraction, seed)
@@ -757,6 +783,9 @@ def _model_options(f):
     help="StitchNet decision rule (default: the model's).",
 )
 @tta_option
+@click.option(
+    "--overwrite", is_flag=True, help="Replace an earlier evaluation in the output folder."
+)
 @data_options
 def evaluate(
     model_path,
@@ -769,6 +798,7 @@ def evaluate(
     samples,
     decision,
     tta,
+    overwrite,
     mask_values,
     patient_pattern,
     masks_subdir,
@@ -798,6 +828,7 @@ def evaluate(
         patient_pattern=patient_pattern,
         masks_subdir=masks_subdir,
         lungs_subdir=lungs_subdir,
+        overwrite=overwrite,
         log=click.echo,
     )
     click.echo((Path(output) / "metrics.md").read_text())
@@ -889,16 +920,25 @@ def styles(model_path, size, input_, output, overwrite):
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--n", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--temperature",
+    default=SAMPLE_TEMPERATURE,
+    show_default=True,
+    type=click.FloatRange(0, 2, min_open=True),
+    help="Scale of every prior σ (below 1: more typical, less varied slices).",
+)
 @click.option("--overwrite", is_flag=True)
-def sample(model_path, size, output, n, seed, overwrite):
+def sample(model_path, size, output, n, seed, temperature, overwrite):
     """Draw new slices with their segmentations from StitchNet's prior.
 
     Example: stitchnet-tf sample --model runs/demo --n 8 -o samples
     """
     from stitchnet_tf.figures import sample_figure
 
-    sample_figure(model_path, output, n=n, size=size, seed=seed, overwrite=overwrite)
-    click.echo(f"drew {n} samples -> {output}")
+    sample_figure(
+        model_path, output, n=n, size=size, seed=seed, temperature=temperature, overwrite=overwrite
+    )
+    click.echo(f"drew {n} samples at temperature {temperature:g} -> {output}")
 
 
 @cli.command()

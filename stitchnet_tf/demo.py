@@ -15,9 +15,10 @@ from pathlib import Path
 from stitchnet_tf.data.datasets import discover
 from stitchnet_tf.data.splits import split_dataset
 from stitchnet_tf.data.synthetic import write_demo_dataset
-from stitchnet_tf.errors import DataError
-from stitchnet_tf.fileio import atomic_write_text
+from stitchnet_tf.fileio import atomic_write_text, check_output_dir
 
+#: written first, rewritten with the results at the end: marks a demo folder for --overwrite
+DEMO_MARKER = "demo.json"
 TINY_STITCHNET = dict(width=0.25, backbone_alpha=0.35)
 TINY_UNET = dict(width=0.25, alpha=0.35)
 
@@ -40,13 +41,14 @@ def run_demo(
     from stitchnet_tf.training import TrainConfig, train
 
     out = Path(output)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise DataError(out, "output folder exists and is not empty (use --overwrite)")
-    if overwrite and out.exists():
+    check_output_dir(out, overwrite, marker=DEMO_MARKER)
+    if out.exists():
         import shutil
 
         shutil.rmtree(out)
     start = time.time()
+    out.mkdir(parents=True)
+    atomic_write_text(out / DEMO_MARKER, json.dumps({"status": "running"}) + "\n")
     data = out / "data"
     log(f"writing synthetic CT to {data}")
     write_demo_dataset(
@@ -126,7 +128,7 @@ def run_demo(
         "`runs/*/curves.png`."
     )
     atomic_write_text(out / "REPORT.md", "\n".join(report) + "\n")
-    atomic_write_text(out / "demo.json", json.dumps(results, indent=1, default=str) + "\n")
+    atomic_write_text(out / DEMO_MARKER, json.dumps(results, indent=1, default=str) + "\n")
     return {
         "report": str(out / "REPORT.md"),
         "seconds": seconds,

@@ -12,3 +12,7 @@ class DataError(Exception):
         self.path = None if path is None else os.fspath(path)
         self.problem = " ".join(str(problem).split())  # always one line
         super().__init__(self.problem if self.path is None else f"{self.path}: {self.problem}")
+
+
+class TrainingError(Exception):
+    """Training stopped for a reason the user must act on (one line)."""

@@ -31,9 +31,18 @@ from stitchnet_tf.data.preprocess import (
 )
 from stitchnet_tf.data.splits import Split
 from stitchnet_tf.errors import DataError
-from stitchnet_tf.fileio import atomic_write_text
+from stitchnet_tf.fileio import (
+    atomic_dir,
+    atomic_write_text,
+    check_apart,
+    check_output_dir,
+    model_input,
+)
 from stitchnet_tf.inference import Predictor, load_model, model_intensity, prepare_inputs
 from stitchnet_tf.metrics import Table1, lesion_dice, mean_lesion_dice
+
+#: the summary written last: marks a folder written by `evaluate` (what --overwrite may replace)
+EVALUATION_MARKER = "evaluation.json"
 
 
 def scheme_for(dataset: Dataset) -> str:
@@ -202,16 +211,22 @@ def evaluate(
     masks_subdir: str = "masks",
     lungs_subdir: str = "lungs",
     segmenter=None,
+    overwrite: bool = False,
     progress=None,
     log=print,
 ) -> dict:
-    """Score a model on the labelled slices of `data`; write the reports into `output`.
+    """Score a model on the labelled slices of `data`; write the reports into the folder
+    `output` (atomically; a non-empty folder only with `overwrite` and only when it holds an
+    earlier evaluation.json).
 
     With a run folder as the model and no `split`, its own split.json is used when the run
     was trained on the same folder (its test part, or `part`). The lung field comes from the
     folder's lung masks, else `segmenter` (default: the package's). Returns the summary dict
     (with `mean_lesion_dice`).
     """
+    sources, nest_ok = model_input(model_path)
+    check_apart(output, sources | {"--data": data, "--split": split}, nest_ok)
+    check_output_dir(output, overwrite, marker=EVALUATION_MARKER)
     dataset = discover(
         data,
         mask_values=mask_values,
@@ -233,6 +248,8 @@ def evaluate(
             chosen = Split.load(loaded.run / "split.json")
             part = part or ("test" if chosen.test else "val")
             log(f"using the run's split: its {part} part")
+    if chosen is None and part is not None:
+        raise DataError(data, f"--part {part} needs --split (or a run trained on this folder)")
     subset = select(dataset, chosen, part)
     if not len(subset):
         raise DataError(data, f"no slices to evaluate in the split's {part!r} part")
@@ -251,7 +268,6 @@ def evaluate(
     )
     seconds = time.time() - start
     name = type(loaded.model).__name__
-    paths = table.write(output, stem="metrics", model_name=name)
     summary = summarize(table)
     info = {
         "model": str(loaded.path),
@@ -269,7 +285,10 @@ def evaluate(
         "lung_field": lung_field_source(subset),
         "seconds": seconds,
     }
-    atomic_write_text(
-        Path(output) / "evaluation.json", json.dumps(info | {"summary": summary}, indent=1) + "\n"
-    )
+    with atomic_dir(output, overwrite, marker=EVALUATION_MARKER) as tmp:
+        paths = table.write(tmp, stem="metrics", model_name=name)
+        atomic_write_text(
+            tmp / EVALUATION_MARKER, json.dumps(info | {"summary": summary}, indent=1) + "\n"
+        )
+    paths = {k: Path(output) / Path(v).name for k, v in paths.items()}
     return info | {"summary": summary, "files": {k: str(v) for k, v in paths.items()}}

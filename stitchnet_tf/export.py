@@ -43,6 +43,7 @@ import numpy as np
 
 from stitchnet_tf.data.classes import CLASS_NAMES
 from stitchnet_tf.errors import DataError
+from stitchnet_tf.fileio import check_apart, check_parents, model_input
 from stitchnet_tf.inference import model_intensity
 
 FORMATS = ("savedmodel", "tflite")
@@ -368,6 +369,7 @@ def export_savedmodel(
 
     check_model_size(size)
     root = Path(root)
+    check_parents(root)
     if root.exists() and not root.is_dir():
         raise DataError(root, "export folder is a file")
     root.mkdir(parents=True, exist_ok=True)
@@ -375,6 +377,8 @@ def export_savedmodel(
     final = root / str(version)
     if final.exists() and not overwrite:
         raise DataError(final, "version already exists (use another --version, or --overwrite)")
+    if final.exists() and not (final / "saved_model.pb").is_file():
+        raise DataError(final, "--overwrite replaces only a SavedModel, and this is not one")
     lung_net = _lung_net(lung_model)
     margin = DEFAULT_MARGIN if margin is None else margin
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=root))
@@ -441,8 +445,13 @@ def export_tflite(
     if quantize == "int8" and representative is None:
         raise DataError(None, "int8 quantization needs a representative dataset (--data)")
     path = Path(path)
+    check_parents(path)
+    if path.is_dir():
+        raise DataError(path, "output is a folder (give a .tflite file)")
     if path.exists() and not overwrite:
         raise DataError(path, "file exists (use --overwrite)")
+    if path.exists() and not is_tflite(path):
+        raise DataError(path, "--overwrite replaces only a .tflite file, and this is not one")
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".tflite-", dir=path.parent) as work:
         if saved_model is None:
@@ -639,6 +648,15 @@ def load_exported(path: str | os.PathLike):
     raise DataError(p, "not an exported model: no saved_model.pb and no version folders")
 
 
+def is_tflite(path: str | os.PathLike) -> bool:
+    """Whether the file at `path` is a TFLite flatbuffer (file identifier "TFL3")."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(8)[4:8] == b"TFL3"
+    except OSError:
+        return False
+
+
 def is_exported(path: str | os.PathLike) -> bool:
     """Whether `path` looks like an export (not a run folder or a `.keras` file)."""
     p = Path(path)
@@ -706,6 +724,10 @@ def export(
         raise DataError(None, f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
     if fmt == "savedmodel" and quantize != "none":
         raise DataError(None, "--quantize applies to --format tflite only")
+    sources, nest_ok = model_input(model_path)
+    sources |= {"--data": data}
+    if output is not None:
+        check_apart(output, sources, nest_ok)
     loaded = load_model(model_path)
     size = size or loaded.size
     if size is None:
@@ -714,6 +736,7 @@ def export(
     source = str(loaded.path)
     if fmt == "savedmodel":
         root = Path(output) if output else Path("saved_models") / name
+        check_apart(root, sources, nest_ok)
         path = export_savedmodel(
             loaded.model,
             root,
@@ -742,6 +765,7 @@ def export(
         intensity = model_intensity(loaded.model)
         representative = representative_slices(data, size, count, intensity=intensity, **kw)
     path = Path(output) if output else Path("saved_models") / f"{name}-{quantize}.tflite"
+    check_apart(path, sources, nest_ok)
     export_tflite(
         loaded.model,
         path,

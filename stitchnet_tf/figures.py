@@ -9,9 +9,14 @@ import numpy as np
 
 from stitchnet_tf.data import io
 from stitchnet_tf.errors import DataError
-from stitchnet_tf.fileio import atomic_dir
+from stitchnet_tf.fileio import atomic_dir, check_apart, check_output_dir, model_input
 from stitchnet_tf.inference import load_model
+from stitchnet_tf.models.options import SAMPLE_TEMPERATURE
 from stitchnet_tf.predict import LABEL_PALETTE, _inputs
+
+#: files that mark the folders written by `styles` and `sample` (what --overwrite may replace)
+STYLES_MARKER = "reconstruction.json"
+SAMPLES_MARKER = "samples.png"
 
 STYLE_TITLES = (
     "input x",
@@ -65,6 +70,10 @@ def styles_figures(
     the segmentation side by side (`<name>_styles.png`), as the paper's Fig. 6b."""
     from stitchnet_tf.data.preprocess import RawSlice, prepare
 
+    sources, nest_ok = model_input(model_path)
+    check_apart(output, sources | {"--input": input_path}, nest_ok)
+    check_output_dir(output, overwrite, marker=STYLES_MARKER)
+    inputs = _inputs(Path(input_path))
     loaded = _stitchnet(model_path)
     size = size or loaded.size
     if size is None:
@@ -74,8 +83,8 @@ def styles_figures(
 
     segmenter = default_segmenter()
     written, errors = 0, {}
-    with atomic_dir(output, overwrite) as tmp:
-        for path in _inputs(Path(input_path)):
+    with atomic_dir(output, overwrite, marker=STYLES_MARKER) as tmp:
+        for path in inputs:
             n = io.slice_count(path)
             for k in [None] if n is None else [n // 2]:  # volumes: the middle slice
                 image = io.read_image(path, k)
@@ -103,7 +112,7 @@ def styles_figures(
                 written += 1
         mean = float(np.mean(list(errors.values()))) if errors else None
         summary = {"figures": written, "lung_mae_mean": mean, "lung_mae": errors}
-        (tmp / "reconstruction.json").write_text(json.dumps(summary, indent=1) + "\n")
+        (tmp / STYLES_MARKER).write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
 
@@ -114,23 +123,31 @@ def sample_figure(
     n: int = 8,
     size: int | None = None,
     seed: int = 0,
+    temperature: float = SAMPLE_TEMPERATURE,
     overwrite: bool = False,
 ) -> dict:
-    """Draw n slices with their segmentations from the prior: `samples.png` and per-sample
-    `sample_<i>.png` / `sample_<i>_labels.png` (indexed, the label palette)."""
+    """Draw n slices with their segmentations from the prior, every prior σ scaled by
+    `temperature`: `samples.png` and per-sample `sample_<i>.png` / `sample_<i>_labels.png`
+    (indexed, the label palette)."""
     import keras
 
+    if not 0 < temperature <= 2:
+        raise ValueError(f"temperature must be in (0, 2], got {temperature}")
+    sources, nest_ok = model_input(model_path)
+    check_apart(output, sources, nest_ok)
+    check_output_dir(output, overwrite, marker=SAMPLES_MARKER)
     loaded = _stitchnet(model_path)
     size = size or loaded.size
     if size is None or size % 32:
         raise DataError(model_path, "give --size, a multiple of 32")
     keras.utils.set_random_seed(seed)
-    gen = {k: np.asarray(v) for k, v in loaded.model.generate(n, size).items()}
-    with atomic_dir(output, overwrite) as tmp:
+    generated = loaded.model.generate(n, size, temperature=temperature)
+    gen = {k: np.asarray(v) for k, v in generated.items()}
+    with atomic_dir(output, overwrite, marker=SAMPLES_MARKER) as tmp:
         rows = []
         for i in range(n):
             io.write_png(tmp / f"sample_{i}.png", np.rint(gen["x"][i, ..., 0] * 255))
             io.write_png(tmp / f"sample_{i}_labels.png", gen["labels"][i], LABEL_PALETTE)
             rows.append([gen["x"][i, ..., 0], _colour(gen["labels"][i])])
-        _save_grid(rows, ("sample x", "its segmentation"), tmp / "samples.png")
+        _save_grid(rows, ("sample x", "its segmentation"), tmp / SAMPLES_MARKER)
     return {"samples": n}

@@ -25,8 +25,11 @@ from stitchnet_tf.data import io
 from stitchnet_tf.data.classes import CON, GGO
 from stitchnet_tf.data.intensity import to_uint8
 from stitchnet_tf.errors import DataError
-from stitchnet_tf.fileio import atomic_dir
+from stitchnet_tf.fileio import atomic_dir, check_apart, check_output_dir, model_input
 from stitchnet_tf.inference import Predictor, load_model
+
+#: the lesion-burden table, written last: marks a folder written by `predict`
+PREDICT_MARKER = "burden.csv"
 
 #: Palette of label PNGs: background black, healthy grey, GGO green, consolidation blue.
 LABEL_PALETTE = [0, 0, 0, 110, 110, 110, 0, 200, 0, 30, 90, 255]
@@ -108,15 +111,18 @@ def predict_path(
 
     Returns counts of slices and volumes written and the burden CSV path.
     """
+    sources, nest_ok = model_input(model_path)
+    check_apart(output, sources | {"--input": input_path}, nest_ok)
+    check_output_dir(output, overwrite, marker=PREDICT_MARKER)
+    inputs = _inputs(Path(input_path))
     loaded = load_model(model_path)
     size = size or loaded.size
     if size is None:
         raise DataError(model_path, "model size unknown (no config.json beside it): pass --size")
-    inputs = _inputs(Path(input_path))
     predictor = Predictor(loaded.model, size, samples=samples, decision=decision, tta=tta)
     rows: list[dict] = []
     n_slices = n_volumes = 0
-    with atomic_dir(output, overwrite) as tmp:
+    with atomic_dir(output, overwrite, marker=PREDICT_MARKER) as tmp:
         for path in inputs:
             kind = io.kind_of(path)
             name = io.stem_of(path)
@@ -159,11 +165,12 @@ def predict_path(
             total = burden_row(np.stack(labels_volume))
             rows.append({"input": path.name, "level": "volume", "slice": ""} | total)
             n_volumes += 1
-        with open(tmp / "burden.csv", "w", newline="") as f:
+        with open(tmp / PREDICT_MARKER, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-    return {"slices": n_slices, "volumes": n_volumes, "burden": str(Path(output) / "burden.csv")}
+    burden = str(Path(output) / PREDICT_MARKER)
+    return {"slices": n_slices, "volumes": n_volumes, "burden": burden}
 
 
 def _write_label_volume(path: Path, slices: list[np.ndarray], source: Path, kind: str) -> None:

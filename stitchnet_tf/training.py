@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,17 +27,18 @@ from stitchnet_tf import __version__
 from stitchnet_tf.data.classes import CON, GGO, bits
 from stitchnet_tf.data.datasets import Dataset, discover
 from stitchnet_tf.data.intensity import INTENSITY_MODES
-from stitchnet_tf.data.pipeline import SliceLoader, slice_dataset, training_batches
-from stitchnet_tf.data.preprocess import check_model_size
+from stitchnet_tf.data.pipeline import (
+    SliceLoader,
+    pipeline_errors,
+    slice_dataset,
+    training_batches,
+)
+from stitchnet_tf.data.preprocess import check_model_size, check_samples
 from stitchnet_tf.data.splits import Split, split_dataset, withhold_labels
-from stitchnet_tf.errors import DataError
-from stitchnet_tf.fileio import atomic_write_text
+from stitchnet_tf.errors import DataError, TrainingError
+from stitchnet_tf.fileio import atomic_write_text, check_apart, check_parents
 
 MODELS = ("stitchnet", "unet", "segnet")
-
-
-class TrainingError(Exception):
-    """Training stopped for a reason the user must act on (one line)."""
 
 
 #: What runs written before these TrainConfig fields existed were trained with.
@@ -445,31 +447,97 @@ def plot_curves(log_csv: Path, output: Path) -> None:
     os.replace(tmp, output)
 
 
+class _PipelineWatchdog:
+    """Ends the process with the error's one line and exit code 2 when a slice failed to read
+    inside `tf.data` and training has not stopped `PIPELINE_GRACE` seconds later: such a
+    failure can leave `fit` waiting forever on the input pipeline, and a scheduled job must
+    fail, not hang. Checkpoints are written atomically, so exiting loses at most the epoch."""
+
+    def __init__(self):
+        import threading
+
+        self._lock = threading.Lock()
+        self._timer = None
+        pipeline_errors.reset()
+        pipeline_errors.hook = self._arm
+
+    def _arm(self, message: str) -> None:
+        import threading
+
+        with self._lock:
+            if self._timer is None:
+                self._timer = threading.Timer(PIPELINE_GRACE, self._exit, (message,))
+                self._timer.daemon = True
+                self._timer.start()
+
+    @staticmethod
+    def _exit(message: str) -> None:
+        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.flush()
+        os._exit(2)
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+        pipeline_errors.reset()
+
+
+#: seconds a run may take to stop by itself after a slice failed to read in `tf.data`
+PIPELINE_GRACE = 60.0
+
+
+def run_inputs(config: TrainConfig) -> dict:
+    """What a run reads, by option name (for `fileio.check_apart`)."""
+    return {
+        "--labelled": config.labelled,
+        "--unlabelled": config.unlabelled,
+        "--split": config.split,
+    }
+
+
 def prepare_run(config: TrainConfig, overwrite: bool = False, warn=None) -> tuple[Path, dict]:
-    """Create (or reopen, to resume) the run directory; returns it and its state."""
+    """Create (or reopen, to resume) the run directory; returns it and its state.
+
+    A folder counts as a run once it holds config.json and state.json; `overwrite` replaces a
+    run only (never another folder), and a run that never finished an epoch (a failed start)
+    is replaced without asking.
+    """
+    import shutil
+
     run = Path(config.output)
     state_path = run / "state.json"
+    check_apart(run, run_inputs(config))
+    check_parents(run)
+    if run.exists() and not run.is_dir():
+        raise DataError(run, "output exists and is not a folder")
     if run.exists() and any(run.iterdir()):
-        if overwrite:
-            import shutil
-
-            shutil.rmtree(run)
-        elif state_path.is_file() and (run / "config.json").is_file():
+        if not (state_path.is_file() and (run / "config.json").is_file()):
+            raise DataError(
+                run, "output folder exists and is not a run of this tool (choose another --output)"
+            )
+        try:
+            state = json.loads(state_path.read_text())
             saved = TrainConfig.from_json((run / "config.json").read_text())
+            readable = isinstance(state, dict)
+        except (ValueError, TypeError, KeyError):
+            readable = False
+        if not (overwrite or readable):
+            raise DataError(
+                run, "the run's config.json or state.json is unreadable (use --overwrite)"
+            )
+        if overwrite or state.get("epochs_done", 0) <= 0:  # <= 0: a start that failed
+            shutil.rmtree(run)
+        else:
             if saved.to_json() != config.to_json():
                 raise DataError(
                     run,
                     "run folder holds a run with another configuration "
                     "(use another --output, or --overwrite)",
                 )
-            state = json.loads(state_path.read_text())
             if state.get("epochs_done", 0) >= config.epochs:
                 raise DataError(run, "run folder holds a finished run (use --overwrite)")
             return run, state
-        else:
-            raise DataError(
-                run, "output folder exists and is not a resumable run (use --overwrite)"
-            )
     run.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run / "config.json", config.to_json() + "\n")
     atomic_write_text(run / "versions.json", json.dumps(_versions(), indent=1) + "\n")
@@ -499,6 +567,8 @@ def train(
 
     warn = warn or log
     check_model_size(config.size)
+    check_apart(config.output, run_inputs(config))
+    check_parents(config.output)
     if config.intensity not in INTENSITY_MODES:
         raise DataError(
             None, f"unknown intensity {config.intensity!r}: use one of {', '.join(INTENSITY_MODES)}"
@@ -566,6 +636,10 @@ def train(
             config.labelled, "the split has no validation slices (needed to pick the best epoch)"
         )
 
+    read = check_samples(labelled, labelled.subset([*split.train, *split.val]).samples)
+    if unlabelled is not None:
+        read += check_samples(unlabelled, unlabelled.samples)
+    log(f"checked the {read} slices this run reads")
     keras.utils.set_random_seed(config.seed + state["epochs_done"])
     policy = set_precision(config.mixed_precision)
     labelled_per_batch = config.labelled_per_batch
@@ -595,6 +669,7 @@ def train(
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     batches, val_data = batches.with_options(options), val_data.with_options(options)
 
+    watchdog = _PipelineWatchdog()
     try:
         with strategy.scope():
             if state["epochs_done"] > 0 and (run / "last.keras").is_file():
@@ -647,7 +722,12 @@ def train(
             verbose=verbose,
         )
         seconds = time.time() - start
+    except tf.errors.OpError:
+        if pipeline_errors.first is None:
+            raise
+        raise DataError(None, pipeline_errors.first) from None  # a slice failed in tf.data
     finally:
+        watchdog.cancel()
         set_precision(False)
         if scratch is not None:
             import shutil

@@ -114,6 +114,26 @@ def test_split_by_patient_with_label_subset(demo, tmp_path):
     assert "three numbers" in bad.output
 
 
+def test_an_unexpected_exception_is_one_line_and_debug_shows_the_traceback(
+    demo, tmp_path, monkeypatch
+):
+    import stitchnet_tf.data.splits as splits
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something\nbroke")
+
+    monkeypatch.setattr(splits, "split_dataset", broken)
+    args = ("split", "-d", demo / "labelled", "-o", tmp_path / "s.json")
+    line = error_line(run(*args, expect=1))
+    assert line == (
+        "error: internal error: RuntimeError: something broke "
+        "(rerun with --debug for the traceback)"
+    )
+    debug = run("--debug", *args, expect=1)
+    assert isinstance(debug.exception, RuntimeError)
+    assert not (tmp_path / "s.json").exists()
+
+
 def test_split_without_patient_ids_warns(demo, tmp_path):
     data = tmp_path / "nopat"
     shutil.copytree(demo / "labelled", data)

@@ -312,7 +312,8 @@ def test_a_run_written_before_the_recipe_is_not_resumed_with_it(tmp_path):
     from stitchnet_tf.training import TrainConfig, prepare_run
 
     config = TrainConfig(labelled="lab", output=str(tmp_path / "old"))
-    run, _ = prepare_run(config)
+    run, state = prepare_run(config)
+    (run / "state.json").write_text(json.dumps(state | {"epochs_done": 1}))
     old = json.loads((run / "config.json").read_text())
     for key in ("optimizer", "weight_decay", "ema", "augmentation", "preset"):
         del old[key]
@@ -322,6 +323,28 @@ def test_a_run_written_before_the_recipe_is_not_resumed_with_it(tmp_path):
     with pytest.raises(DataError, match="another configuration"):
         prepare_run(config)
     prepare_run(dataclasses.replace(config, optimizer="adam", augmentation="paper"))
+
+
+def test_a_failed_start_is_not_a_run_and_overwrite_replaces_only_runs(tmp_path):
+    from stitchnet_tf.errors import DataError
+    from stitchnet_tf.training import TrainConfig, prepare_run
+
+    config = TrainConfig(labelled=str(tmp_path / "lab"), output=str(tmp_path / "run"))
+    run, _ = prepare_run(config)  # epochs_done 0: as a run that failed before its first epoch
+    other = dataclasses.replace(config, learning_rate=1e-4)
+    prepare_run(other)  # the corrected command is not refused
+    assert TrainConfig.from_json((run / "config.json").read_text()) == other
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("x")
+    for overwrite in (False, True):
+        with pytest.raises(DataError, match="not a run of this tool"):
+            prepare_run(dataclasses.replace(config, output=str(foreign)), overwrite)
+    assert (foreign / "thesis.tex").read_text() == "x"
+    for output, message in (("lab", "is the input --labelled"), (".", "contains the input")):
+        bad = dataclasses.replace(config, output=str(tmp_path / output))
+        with pytest.raises(DataError, match=message):
+            prepare_run(bad, overwrite=True)
 
 
 def test_presets():

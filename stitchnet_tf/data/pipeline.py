@@ -34,6 +34,29 @@ AUTOTUNE = tf.data.AUTOTUNE
 KEYS = ("x", "allowed", "lung")
 
 
+class PipelineErrors:
+    """The first error raised while reading a slice inside `tf.data` (where it would otherwise
+    surface as a long TensorFlow traceback, or not at all), and an optional hook called with
+    its one-line message (training uses it to end a run that hangs after such an error)."""
+
+    def __init__(self):
+        self.first: str | None = None
+        self.hook = None
+
+    def record(self, message: str) -> None:
+        if self.first is None:
+            self.first = message
+        if self.hook is not None:
+            self.hook(message)
+
+    def reset(self) -> None:
+        self.first, self.hook = None, None
+
+
+#: errors of every `SliceLoader` in this process
+pipeline_errors = PipelineErrors()
+
+
 class SliceLoader:
     """Reads and preprocesses sample `i` of a list: i -> (x, allowed, lung) numpy arrays.
 
@@ -72,15 +95,23 @@ class SliceLoader:
 
     def __call__(self, i) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         sample = self.samples[int(i)]
-        raw = read_sample(sample, self.dataset.mask_map, self.window)
-        p = prepare(
-            raw,
-            self.size,
-            self.segmenter,
-            self.margin,
-            already_cropped=self.dataset.prepared_size is not None,
-            intensity=self.intensity,
-        )
+        try:
+            raw = read_sample(sample, self.dataset.mask_map, self.window)
+            p = prepare(
+                raw,
+                self.size,
+                self.segmenter,
+                self.margin,
+                already_cropped=self.dataset.prepared_size is not None,
+                intensity=self.intensity,
+            )
+        except DataError as e:
+            pipeline_errors.record(str(e))
+            raise
+        except Exception as e:
+            error = DataError(sample.image, f"cannot read ({type(e).__name__}: {e})")
+            pipeline_errors.record(str(error))
+            raise error from None
         return (
             p.x[..., None].astype(np.float32),
             allowed_to_onehot(p.allowed),

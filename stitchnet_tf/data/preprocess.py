@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -30,7 +30,10 @@ from stitchnet_tf.data.classes import (
 from stitchnet_tf.data.datasets import Dataset, Sample
 from stitchnet_tf.data.intensity import check_intensity, standardise, to_uint8
 from stitchnet_tf.errors import DataError
-from stitchnet_tf.fileio import atomic_dir
+from stitchnet_tf.fileio import atomic_dir, check_apart, check_output_dir
+
+#: the file that marks a folder written by `preprocess` (what --overwrite may replace)
+DATASET_MARKER = "dataset.json"
 
 DEFAULT_SIZE = 352
 DEFAULT_MARGIN = 0.05
@@ -193,6 +196,30 @@ def read_sample(
     return RawSlice(image, allowed, lung)
 
 
+def check_samples(
+    dataset: Dataset, samples: Sequence[Sample], window: io.Window = io.Window()
+) -> int:
+    """Read every sample a run will use before its first step (image, mask values, lung mask,
+    sizes), so that a bad file is a one-line `DataError` naming it instead of an error inside
+    `tf.data`. Of a volume only the first and last slices are read. Returns the slices read."""
+    volumes: dict[str, list[int]] = {}
+    plain = []
+    for s in samples:
+        if s.slice is None:
+            plain.append(s)
+        else:
+            volumes.setdefault(str(s.image), []).append(int(s.slice))
+    chosen = list(plain)
+    for s in samples:
+        if s.slice is not None:
+            ks = volumes[str(s.image)]
+            if s.slice in (min(ks), max(ks)):
+                chosen.append(s)
+    for s in chosen:
+        read_sample(s, dataset.mask_map, window)
+    return len(chosen)
+
+
 def prepare(
     raw: RawSlice,
     size: int = DEFAULT_SIZE,
@@ -305,6 +332,8 @@ def preprocess_dataset(
     size = check_model_size(size)
     check_intensity(intensity)
     check_prepared_intensity(dataset, intensity)
+    check_apart(output, {"--input": dataset.root})
+    check_output_dir(output, overwrite, marker=DATASET_MARKER)
     if segmenter is None:
         from stitchnet_tf.data.lungmask import default_segmenter
 
@@ -325,7 +354,7 @@ def preprocess_dataset(
             return i, e
 
     rows, skipped = [], dataset.skipped
-    with atomic_dir(output, overwrite) as tmp:
+    with atomic_dir(output, overwrite, marker=DATASET_MARKER) as tmp:
         for sub in ("images", "masks", "lungs"):
             (tmp / sub).mkdir()
         with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
@@ -376,5 +405,5 @@ def preprocess_dataset(
             "labelled": sum(bool(r["mask"]) for r in rows),
             "skipped": skipped,
         }
-        (tmp / "dataset.json").write_text(json.dumps(summary, indent=1) + "\n")
+        (tmp / DATASET_MARKER).write_text(json.dumps(summary, indent=1) + "\n")
     return summary

@@ -17,9 +17,30 @@ from sklearn.model_selection import GroupShuffleSplit
 
 from stitchnet_tf.data.datasets import Dataset, Sample
 from stitchnet_tf.errors import DataError
-from stitchnet_tf.fileio import atomic_write_text
+from stitchnet_tf.fileio import atomic_write_text, check_apart
 
 PARTS = ("train", "val", "test")
+
+
+def check_split_output(
+    path: str | os.PathLike, data: str | os.PathLike, overwrite: bool = False
+) -> None:
+    """Before `split` writes `path`: it must not be or lie inside the dataset folder `data`,
+    and an existing file is replaced only with `overwrite` and only when it is a split file."""
+    path = Path(path)
+    check_apart(path, {"--data": data})
+    if path.is_dir():
+        raise DataError(path, "output is a folder (give a .json file)")
+    if not path.exists():
+        return
+    if not overwrite:
+        raise DataError(path, "file exists (use --overwrite)")
+    try:
+        Split.load(path)
+    except DataError:
+        raise DataError(
+            path, "--overwrite replaces only a split file, and this is not one"
+        ) from None
 
 
 @dataclass

@@ -16,6 +16,7 @@ the same at every `size`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from collections.abc import Callable
@@ -35,6 +36,8 @@ from stitchnet_tf.fileio import atomic_dir
 
 #: Smallest image side `synth_patient` and `write_demo_dataset` accept.
 MIN_SIZE = 32
+#: the settings file that marks a folder written by `demo-data` (what --overwrite may replace)
+SYNTHETIC_MARKER = "synthetic.json"
 #: Palette of the written lesion masks (index 0 none, 1 GGO, 2 consolidation), as MedSeg's.
 MEDSEG_PALETTE: tuple[int, ...] = (0, 0, 0, 128, 0, 0, 0, 128, 0)
 
@@ -571,8 +574,9 @@ def write_demo_dataset(
     Layout: `labelled/{images,masks,lungs}/<P..>_<kk>.png` (lung-window 8-bit image, MedSeg
     palette lesion mask 0/1/2, 0/255 lung mask) with `labelled/patients.csv`, and
     `unlabelled/images/<U..>_<kk>.png` with `unlabelled/patients.csv` (a group with no patients
-    is not written), plus a `README.md`. Identical for identical arguments. An existing
-    non-empty `output` is refused unless `overwrite`. `progress(n)` is called after every `n`
+    is not written), plus a `README.md` and `synthetic.json` (the settings). Identical for
+    identical arguments. An existing non-empty `output` is refused unless `overwrite`, and
+    replaced only when it holds a `synthetic.json`. `progress(n)` is called after every `n`
     slices written.
     """
     _check_size(size)
@@ -585,7 +589,15 @@ def write_demo_dataset(
     target = Path(output)
     groups = (("labelled", "P", labelled_patients), ("unlabelled", "U", unlabelled_patients))
     slice_digits = max(2, len(str(slices_per_patient - 1)))
-    with atomic_dir(target, overwrite) as tmp:
+    with atomic_dir(target, overwrite, marker=SYNTHETIC_MARKER) as tmp:
+        settings = {
+            "seed": seed,
+            "size": size,
+            "labelled_patients": labelled_patients,
+            "unlabelled_patients": unlabelled_patients,
+            "slices_per_patient": slices_per_patient,
+        }
+        (tmp / SYNTHETIC_MARKER).write_text(json.dumps(settings, indent=1) + "\n")
         for group, (folder, prefix, n_patients) in enumerate(groups):
             if n_patients == 0:
                 continue
