@@ -504,6 +504,13 @@ def split(
     show_default=True,
     help="StitchNet: weight of the supervised term (the authors: 100 with --supervised focal).",
 )
+@click.option(
+    "--generative-weight",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="StitchNet with head skips: weight of the z-only p(y | z) term (0: off).",
+)
 @click.option("--focal-gamma", default=2.0, show_default=True, help="Focal loss gamma.")
 @click.option(
     "--head-skips",
@@ -597,6 +604,7 @@ def train(
     kl,
     supervised,
     supervised_weight,
+    generative_weight,
     focal_gamma,
     head_skips,
     norm,
@@ -647,6 +655,7 @@ def train(
             kl=kl,
             supervised=supervised,
             supervised_weight=supervised_weight,
+            generative_weight=generative_weight,
             focal_gamma=focal_gamma,
             kl_warmup_steps=kl_warmup_steps,
             free_bits=free_bits,

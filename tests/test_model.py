@@ -204,6 +204,14 @@ def test_inference_outputs(trained, batch):
     gen = model.generate(2, 64)
     assert tuple(gen["x"].shape) == (2, 64, 64, 1) and tuple(gen["labels"].shape) == (2, 64, 64)
     assert 0 <= float(tf.reduce_min(gen["x"])) and float(tf.reduce_max(gen["x"])) <= 1
+    # generation takes its labels from the z-only p(y | z), trained on the batch's label sets:
+    # decoding the posterior mean of a training slice with it redraws that slice's lung field
+    ds = model.backbone(x, training=False)
+    features = model.ladder(ds, training=False, sample=False, kl=False)["features"]
+    labels = np.argmax(model.head.generate(features)["pi_logits"], -1)
+    field = (x[..., 0] > 0).astype(bool)
+    agree = ((labels > 0) == field).mean()
+    assert agree > 0.9, agree
 
 
 def test_mixed_bfloat16_training_step_is_finite(batch):
@@ -367,6 +375,14 @@ def test_compute_terms_equals_a_hand_computation(trained):
         dice.append((2 * inter + 1) / (pred + truth.sum() + 1))
     np.testing.assert_allclose(float(terms["supervised"]), ce + 1 - np.mean(dice), rtol=1e-4)
     total = float(terms["recon"]) + float(terms["kl"]) + float(terms["supervised"])
+    np.testing.assert_allclose(float(terms["loss"]), total, rtol=1e-5)
+    # the z-only p(y | z) of a skip head: −log p(y ∈ A | z) over every pixel, per lung pixel
+    out["pi_z_logits"] = rng.normal(size=(b, h, h, k)).astype("float32")
+    terms = model.compute_terms(x, allowed, out)
+    log_pz = special.log_softmax(out["pi_z_logits"], -1)
+    generative = -special.logsumexp(np.where(allowed > 0, log_pz, -np.inf), -1).sum()
+    np.testing.assert_allclose(float(terms["generative"]), generative / lung.sum(), rtol=1e-4)
+    total += model.generative_weight * float(terms["generative"])
     np.testing.assert_allclose(float(terms["loss"]), total, rtol=1e-5)
 
 

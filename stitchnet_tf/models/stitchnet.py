@@ -209,6 +209,8 @@ class StitchNet(CompiledOnce, keras.Model):
             code: Σ_k π_k (−log Beta_k(x)), labels only through the supervised term).
         supervised: `ce_dice` (default) or `focal` (the authors': −(1 − p_S)^γ log p_S).
         supervised_weight: weight of the supervised term (authors: 100 with `focal`).
+        generative_weight: weight of −log p(y ∈ A | z) from the z-only π of a skip head
+            (DESIGN §7.15; 0 leaves it untrained, as before that section).
         focal_gamma: γ of the focal loss (authors: 2).
         kl_weight: weight of the KL (after warm-up).
         kl_warmup_steps: linear KL warm-up from 0 over this many steps (0 = none).
@@ -242,6 +244,7 @@ class StitchNet(CompiledOnce, keras.Model):
         likelihood: str = "exact",
         supervised: str = "ce_dice",
         supervised_weight: float = 1.0,
+        generative_weight: float = 1.0,
         focal_gamma: float = 2.0,
         kl_weight: float = 1.0,
         kl_warmup_steps: int = 0,
@@ -289,6 +292,7 @@ class StitchNet(CompiledOnce, keras.Model):
         self.head_filters, self.light_c, self.style_pool = head_filters, light_c, style_pool
         self.kl, self.likelihood, self.supervised = kl, likelihood, supervised
         self.supervised_weight, self.focal_gamma = supervised_weight, focal_gamma
+        self.generative_weight = float(generative_weight)
         self.kl_weight, self.kl_warmup_steps = kl_weight, kl_warmup_steps
         self.free_bits, self.eps, self.decision, self.seed = free_bits, eps, decision, seed
         self.global_clipnorm, self.clipnorm, self.clipvalue = global_clipnorm, clipnorm, clipvalue
@@ -321,6 +325,7 @@ class StitchNet(CompiledOnce, keras.Model):
             "likelihood": self.likelihood,
             "supervised": self.supervised,
             "supervised_weight": self.supervised_weight,
+            "generative_weight": self.generative_weight,
             "focal_gamma": self.focal_gamma,
             "kl_weight": self.kl_weight,
             "kl_warmup_steps": self.kl_warmup_steps,
@@ -439,7 +444,12 @@ class StitchNet(CompiledOnce, keras.Model):
             kl_levels = ops.maximum(kl_levels, self.free_bits * latent_pixels)
         kl_levels = kl_levels / lung_pixels
         kl = ops.sum(kl_levels)
-        loss = recon + generative + self._kl_scale() * kl + self.supervised_weight * supervised
+        loss = (
+            recon
+            + self.generative_weight * generative
+            + self._kl_scale() * kl
+            + self.supervised_weight * supervised
+        )
         return {
             "loss": loss,
             "recon": recon,
