@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import math
+import re
 import sys
 from pathlib import Path
 
@@ -24,9 +26,9 @@ def _warn(message: str) -> None:
 
 
 class _Group(click.Group):
-    """Turns `DataError`s into a one-line `error: ...` and exit code 2, an interrupt into exit
-    130, and any other exception into one `error: internal error: ...` line and exit 1 (the
-    traceback only with `--debug`)."""
+    """Turns `DataError`s and bad options into a one-line `error: ...` and exit code 2, an
+    interrupt into exit 130, and any other exception into one `error: internal error: ...`
+    line and exit 1 (the traceback only with `--debug`)."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -37,6 +39,9 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             ctx.exit(130)
+        except click.UsageError as e:  # a bad option: one line naming it, before any work
+            click.echo(f"error: {e.format_message()}", err=True)
+            ctx.exit(2)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as e:
@@ -81,6 +86,30 @@ tta_option = click.option(
 )
 
 
+def _patient_pattern(ctx, param, value: str | None) -> str | None:
+    """A regex with at least one group (the patient id), checked before any file is read."""
+    if value is None:
+        return None
+    try:
+        compiled = re.compile(value)
+    except re.error as e:
+        raise click.BadParameter(f"not a regular expression ({e})") from None
+    if compiled.groups < 1:
+        raise click.BadParameter("needs a group for the patient id, e.g. 'P(\\d+)_'")
+    return value
+
+
+def _model_size(ctx, param, value: int | None) -> int | None:
+    """A model size: a positive multiple of 32 (five stride-2 levels), or None."""
+    if value is not None and (value < 32 or value % 32):
+        raise click.BadParameter(f"{value} is not a positive multiple of 32")
+    return value
+
+
+#: Seeds of NumPy, TensorFlow and Keras must fit in 32 bits.
+SEED = click.IntRange(0, 2**32 - 1)
+
+
 def data_options(f):
     """Options saying how to read a dataset folder."""
 
@@ -96,6 +125,7 @@ def data_options(f):
         "--patient-pattern",
         default=None,
         metavar="REGEX",
+        callback=_patient_pattern,
         help="Regex on file names whose first group is the patient id (when there is no "
         "manifest column or patients.csv), e.g. 'Data-1_(.+)_\\d+\\.jpg'.",
     )
@@ -146,7 +176,7 @@ def _discover(path, mask_values, patient_pattern, masks_subdir, lungs_subdir, sk
     type=click.IntRange(32),
     help="Side of the generated slices in pixels.",
 )
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 def demo_data(output, labelled_patients, unlabelled_patients, slices, size, seed, overwrite):
     """Write the embedded synthetic CT dataset (labelled/ and unlabelled/ parts).
@@ -190,7 +220,12 @@ def demo_data(output, labelled_patients, unlabelled_patients, slices, size, seed
     help="Folder to write the preprocessed copy to.",
 )
 @click.option(
-    "--size", default=352, show_default=True, type=int, help="Model size (a multiple of 32)."
+    "--size",
+    default=352,
+    show_default=True,
+    type=int,
+    callback=_model_size,
+    help="Model size (a multiple of 32).",
 )
 @click.option(
     "--window-level",
@@ -202,12 +237,14 @@ def demo_data(output, labelled_patients, unlabelled_patients, slices, size, seed
     "--window-width",
     default=1500.0,
     show_default=True,
+    type=click.FloatRange(0, min_open=True),
     help="CT window width (HU) for Hounsfield data.",
 )
 @click.option(
     "--margin",
     default=0.05,
     show_default=True,
+    type=click.FloatRange(0, 1),
     help="Crop margin around the lung field, as a fraction of its size.",
 )
 @intensity_option
@@ -236,8 +273,6 @@ def preprocess(
     from stitchnet_tf.data.io import Window
     from stitchnet_tf.data.preprocess import preprocess_dataset
 
-    if window_width <= 0:
-        raise click.BadParameter("must be positive", param_hint="--window-width")
     dataset = _discover(input_, mask_values, patient_pattern, masks_subdir, lungs_subdir, skip_bad)
     with click.progressbar(length=len(dataset), label="preprocess", file=sys.stderr) as bar:
         summary = preprocess_dataset(
@@ -266,6 +301,8 @@ def _fractions(ctx, param, value: str) -> tuple[float, float, float]:
         raise click.BadParameter("expected three numbers like 0.6,0.2,0.2") from None
     if len(parts) != 3:
         raise click.BadParameter("expected three numbers like 0.6,0.2,0.2")
+    if not all(math.isfinite(v) and v >= 0 for v in parts) or sum(parts) <= 0:
+        raise click.BadParameter("the three fractions must be finite, >= 0 and not all 0")
     return parts
 
 
@@ -287,7 +324,7 @@ def _fractions(ctx, param, value: str) -> tuple[float, float, float]:
     callback=_fractions,
     help="Train, val, test fractions of patients.",
 )
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option(
     "--max-labelled",
     default=None,
@@ -372,7 +409,9 @@ def split(
     "hour on 2 CPU cores), paper (352 px, the paper's widths, 80 x 100 steps); auto: paper "
     "with a GPU, else cpu. Options given explicitly override it.",
 )
-@click.option("--size", default=None, type=int, help="Model size (multiple of 32).")
+@click.option(
+    "--size", default=None, type=int, callback=_model_size, help="Model size (multiple of 32)."
+)
 @click.option("--epochs", default=None, type=click.IntRange(1))
 @click.option("--steps-per-epoch", default=None, type=click.IntRange(1))
 @click.option("--batch-size", default=None, type=click.IntRange(1))
@@ -382,7 +421,13 @@ def split(
     type=click.IntRange(1),
     help="Labelled slices in each batch (default: half when unlabelled data is given).",
 )
-@click.option("--learning-rate", default=1e-3, show_default=True, help="Peak learning rate.")
+@click.option(
+    "--learning-rate",
+    default=1e-3,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Peak learning rate.",
+)
 @click.option(
     "--optimizer",
     "optimizer_name",
@@ -427,7 +472,7 @@ def split(
 @click.option(
     "--clipvalue", default=0.0, show_default=True, help="Gradient value clip (0 = off; paper: 0.5)."
 )
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option(
     "--split",
     "split_file",
@@ -735,7 +780,11 @@ def _model_options(f):
         ".tflite file).",
     )
     @click.option(
-        "--size", default=None, type=int, help="Model size (default: the run's config.json)."
+        "--size",
+        default=None,
+        type=int,
+        callback=_model_size,
+        help="Model size (default: the run's config.json).",
     )
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
@@ -866,7 +915,9 @@ def evaluate(
 @click.option("--decision", default=None, type=click.Choice(["posterior", "prior"]))
 @tta_option
 @click.option("--window-level", default=-600.0, show_default=True)
-@click.option("--window-width", default=1500.0, show_default=True)
+@click.option(
+    "--window-width", default=1500.0, show_default=True, type=click.FloatRange(0, min_open=True)
+)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 def predict(
     model_path,
@@ -928,7 +979,7 @@ def styles(model_path, size, input_, output, overwrite):
 @_model_options
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--n", default=8, show_default=True, type=click.IntRange(1))
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option(
     "--temperature",
     default=SAMPLE_TEMPERATURE,
@@ -958,10 +1009,16 @@ def sample(model_path, size, output, n, seed, temperature, overwrite):
     show_default=True,
     type=click.Path(file_okay=False, path_type=Path),
 )
-@click.option("--size", default=64, show_default=True, help="Model size (multiple of 32).")
+@click.option(
+    "--size",
+    default=64,
+    show_default=True,
+    callback=_model_size,
+    help="Model size (multiple of 32).",
+)
 @click.option("--epochs", default=6, show_default=True, type=click.IntRange(1))
 @click.option("--steps-per-epoch", default=40, show_default=True, type=click.IntRange(1))
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--overwrite", is_flag=True)
 def demo(output, size, epochs, steps_per_epoch, seed, overwrite):
     """The main job on the embedded default: synthetic CT, StitchNet vs U-Net, Table 1.

@@ -228,3 +228,31 @@ def test_a_slice_that_fails_inside_the_pipeline_ends_the_run_with_one_line(corru
     errors = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "P00_0" in errors[0], done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
+
+
+def test_bad_options_are_one_line_naming_the_option(world, tmp_path):
+    lab, rule = world / "data" / "labelled", world / "rule.json"
+    out = tmp_path / "o"
+    cases = [
+        (("train", "-l", lab, "-o", out, "--seed", -1), "--seed"),
+        (("train", "-l", lab, "-o", out, "--seed", 2**32), "--seed"),
+        (("sample", "-m", rule, "-o", out, "--seed", -1), "--seed"),
+        (("train", "-l", lab, "-o", out, "--learning-rate", -1), "--learning-rate"),
+        (("train", "-l", lab, "-o", out, "--width", 0), "--width"),
+        (("train", "-l", lab, "-o", out, "--backbone-alpha", -1), "--backbone-alpha"),
+        (("train", "-l", lab, "-o", out, "--size", 33), "--size"),
+        (("styles", "-m", rule, "-i", lab, "-o", out, "--size", 33), "--size"),
+        (("preprocess", "-i", lab, "-o", out, "--margin", -1), "--margin"),
+        (("preprocess", "-i", lab, "-o", out, "--window-width", 0), "--window-width"),
+        (("predict", "-m", rule, "-i", lab, "-o", out, "--window-width", -5), "--window-width"),
+        (("split", "-d", lab, "-o", out / "s.json", "--fractions", "nan,0.5,0.5"), "--fractions"),
+        (("split", "-d", lab, "-o", out / "s.json", "--patient-pattern", "("), "--patient-pattern"),
+        (
+            ("split", "-d", lab, "-o", out / "s.json", "--patient-pattern", "P.*"),
+            "--patient-pattern",
+        ),
+    ]
+    for args, option in cases:
+        line = refused(world, *args)
+        assert option in line, (args, line)
+        assert not out.exists(), args
