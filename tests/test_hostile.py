@@ -256,3 +256,43 @@ def test_bad_options_are_one_line_naming_the_option(world, tmp_path):
         line = refused(world, *args)
         assert option in line, (args, line)
         assert not out.exists(), args
+
+
+def forged_png(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width × height pixels (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_decompression_bombs_are_refused_before_decoding(world, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(world / "data" / "unlabelled", data)
+    bombs = {"huge.png": forged_png(100_000, 100_000), "big.png": forged_png(10_000, 9_000)}
+    for name, content in bombs.items():
+        (data / "images" / name).write_bytes(content)
+        with open(data / "patients.csv", "a") as f:
+            f.write(f"{name},U99\n")
+        line = refused(
+            tmp_path,
+            "predict", "-m", world / "rule.json", "-i", data / "images" / name,
+            "-o", tmp_path / "p",
+        )  # fmt: skip
+        assert name in line and "limit of 67,108,864 pixels" in line, line
+    line = refused(tmp_path, "preprocess", "-i", data, "-o", tmp_path / "o")
+    assert "limit of 67,108,864 pixels" in line, line
+    r = run("preprocess", "-i", data, "-o", tmp_path / "o", "--size", 32, "--skip-bad")
+    assert "skipped 2 bad slices" in r.output, r.output

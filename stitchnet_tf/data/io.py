@@ -92,11 +92,23 @@ def is_image_candidate(path: Path) -> bool:
 # --------------------------------------------------------------------------- slices
 
 
+#: Largest image read, in pixels (a CT slice is 512 × 512): a header claiming more is refused
+#: before anything is decoded (a decompression bomb: a few bytes that expand to gigabytes).
+MAX_PIXELS = 8192 * 8192
+
+
 def _read_pil(path: Path) -> Image.Image:
+    too_big = f"image larger than the limit of {MAX_PIXELS:,} pixels (8192 × 8192)"
     try:
-        img = Image.open(path)
+        with warnings.catch_warnings():  # PIL's own bomb warning: our limit is lower
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        if img.width * img.height > MAX_PIXELS:
+            raise DataError(path, f"{img.width} × {img.height} {too_big}")
         img.load()  # decodes now: truncated or corrupt files raise here
         return img
+    except Image.DecompressionBombError:
+        raise DataError(path, too_big) from None
     except UnidentifiedImageError:
         raise DataError(path, "not a readable image (corrupt or unknown format)") from None
     except (OSError, SyntaxError, ValueError) as e:
