@@ -234,9 +234,13 @@ def test_bad_inputs(stitchnet_run, data, tmp_path):
     assert "no masks found" in error_line(
         run("train", "-l", data / "unlabelled", "-o", tmp_path / "r2", *TINY, expect=2)
     )
+    (tmp_path / "empty").mkdir()
     assert "no images found" in error_line(
-        run("evaluate", "-m", stitchnet_run, "-d", tmp_path, "-o", tmp_path / "e2", expect=2)
-    )
+        run(
+            "evaluate", "-m", stitchnet_run, "-d", tmp_path / "empty", "-o", tmp_path / "e2",
+            expect=2,
+        )
+    )  # fmt: skip
     Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "small.png")
     assert "smaller than 32 px" in error_line(
         run(
