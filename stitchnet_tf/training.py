@@ -567,8 +567,6 @@ def train(
 
     warn = warn or log
     check_model_size(config.size)
-    check_apart(config.output, run_inputs(config))
-    check_parents(config.output)
     if config.intensity not in INTENSITY_MODES:
         raise DataError(
             None, f"unknown intensity {config.intensity!r}: use one of {', '.join(INTENSITY_MODES)}"
@@ -591,6 +589,8 @@ def train(
     chief, multi_worker = distribute.is_chief(), distribute.is_multi_worker(strategy)
     if multi_worker and config.run_eagerly:
         raise DataError(None, "--eager does not work with a multi-worker strategy")
+    check_apart(config.output, run_inputs(config))
+    check_parents(config.output)
     labelled = discover(
         config.labelled,
         mask_values=config.mask_values,
