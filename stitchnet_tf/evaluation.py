@@ -38,7 +38,13 @@ from stitchnet_tf.fileio import (
     check_output_dir,
     model_input,
 )
-from stitchnet_tf.inference import Predictor, load_model, model_intensity, prepare_inputs
+from stitchnet_tf.inference import (
+    Predictor,
+    load_model,
+    model_intensity,
+    prepare_inputs,
+    run_config,
+)
 from stitchnet_tf.metrics import Table1, lesion_dice, mean_lesion_dice
 
 #: the summary written last: marks a folder written by `evaluate` (what --overwrite may replace)
@@ -243,7 +249,7 @@ def evaluate(
     if split is not None:
         chosen = Split.load(split)
     elif loaded.run is not None and (loaded.run / "split.json").is_file():
-        config = json.loads((loaded.run / "config.json").read_text())
+        config = run_config(loaded.run) or {}
         if Path(config.get("labelled", "")).resolve() == Path(data).resolve():
             chosen = Split.load(loaded.run / "split.json")
             part = part or ("test" if chosen.test else "val")

@@ -44,7 +44,7 @@ import numpy as np
 from stitchnet_tf.data.classes import CLASS_NAMES
 from stitchnet_tf.errors import DataError
 from stitchnet_tf.fileio import check_apart, check_parents, model_input
-from stitchnet_tf.inference import model_intensity
+from stitchnet_tf.inference import model_intensity, run_config
 
 FORMATS = ("savedmodel", "tflite")
 QUANTIZE = ("none", "float16", "dynamic", "int8")
@@ -754,8 +754,8 @@ def export(
     if quantize == "int8":
         kw = {}
         if data is None and loaded.run and (loaded.run / "config.json").is_file():
-            config = json.loads((loaded.run / "config.json").read_text())
-            data = config.get("unlabelled") or config["labelled"]
+            config = run_config(loaded.run) or {}
+            data = config.get("unlabelled") or config.get("labelled")
             if data == config.get("unlabelled"):
                 kw["patient_pattern"] = config.get("unlabelled_patient_pattern")
             else:

@@ -82,13 +82,28 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     if not hasattr(model, "segment"):
         raise DataError(p, "not a stitchnet-tf segmentation model")
     size = None
-    config_path = (run or p.parent) / "config.json"
-    if config_path.is_file():
+    config = run_config(run or p.parent)
+    if config is not None:
         try:
-            size = int(json.loads(config_path.read_text()).get("size"))
-        except (ValueError, TypeError, OSError):
+            size = int(config.get("size"))
+        except (ValueError, TypeError):
             size = None
     return LoadedModel(model, size, p, run)
+
+
+def run_config(folder: str | os.PathLike) -> dict | None:
+    """The `config.json` of a run folder as a dict, None when there is none; a file that is not
+    a JSON object is a `DataError` naming it."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(path, f"not a valid config.json ({type(e).__name__}: {e})") from None
+    if not isinstance(config, dict):
+        raise DataError(path, "not a valid config.json (not a JSON object)")
+    return config
 
 
 #: Class probabilities where nothing was predicted (outside the crop box): background.

@@ -296,3 +296,20 @@ def test_decompression_bombs_are_refused_before_decoding(world, tmp_path):
     assert "limit of 67,108,864 pixels" in line, line
     r = run("preprocess", "-i", data, "-o", tmp_path / "o", "--size", 32, "--skip-bad")
     assert "skipped 2 bad slices" in r.output, r.output
+
+
+def test_a_config_json_that_is_not_an_object_is_named(world, tmp_path):
+    import shutil
+
+    from stitchnet_tf.errors import DataError
+    from stitchnet_tf.inference import run_config
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for text, problem in (("[1, 2]", "not a JSON object"), ("{", "JSONDecodeError")):
+        (run_dir / "config.json").write_text(text)
+        with pytest.raises(DataError, match=problem) as caught:
+            run_config(run_dir)
+        assert "config.json" in str(caught.value)
+    shutil.rmtree(run_dir)
+    assert run_config(tmp_path) is None
