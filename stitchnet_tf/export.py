@@ -729,6 +729,11 @@ def export(
     if output is not None:
         check_apart(output, sources, nest_ok)
     loaded = load_model(model_path)
+    if decision is not None and not hasattr(loaded.model, "decision"):
+        raise DataError(
+            model_path,
+            f"--decision applies to StitchNet only, not to {type(loaded.model).__name__}",
+        )
     size = size or loaded.size
     if size is None:
         raise DataError(model_path, "model size unknown (no config.json): give --size")

@@ -313,3 +313,17 @@ def test_a_config_json_that_is_not_an_object_is_named(world, tmp_path):
         assert "config.json" in str(caught.value)
     shutil.rmtree(run_dir)
     assert run_config(tmp_path) is None
+
+
+def test_a_baseline_refuses_stitchnet_options_with_one_line():
+    import numpy as np
+
+    from stitchnet_tf.errors import DataError
+    from stitchnet_tf.models.baselines import UNet
+
+    unet = UNet(width=0.25, alpha=0.35)
+    x = np.zeros((1, 32, 32, 1), "float32")
+    assert unet.segment(x)["labels"].shape == (1, 32, 32)
+    for kwargs in ({"samples": 2}, {"decision": "posterior"}):
+        with pytest.raises(DataError, match="apply to StitchNet only, not to UNet"):
+            unet.segment(x, **kwargs)

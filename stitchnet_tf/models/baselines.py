@@ -24,6 +24,7 @@ from keras import layers, ops
 from stitchnet_tf import likelihood as lik
 from stitchnet_tf.data.classes import BACKGROUND, CON, GGO, HEALTHY
 from stitchnet_tf.data.intensity import check_intensity
+from stitchnet_tf.errors import DataError
 from stitchnet_tf.models.backbone import scaled_filters, set_bn_momentum
 from stitchnet_tf.models.optim import (
     CompiledOnce,
@@ -267,18 +268,30 @@ class SetSupervisedMixin(CompiledOnce):
         inference mode), as exported for serving; `decision` is accepted for a common API."""
         return self.class_probabilities(self(ops.cast(x, "float32"), training=False), lung)
 
-    def segment(self, x, lung=None) -> dict:
+    def segment(self, x, lung=None, samples: int = 0, decision: str | None = None) -> dict:
         """Segment x [B, H, W, 1] (BatchNorm in inference mode), like `StitchNet.segment`.
 
         The lung field is `lung` [B, H, W, 1] when given, else x > 0 (preprocessing zeroes
         everything outside it). Returns probabilities [B,H,W,4] (background, healthy, GGO,
-        CON), labels [B,H,W] and the predictive entropy [B,H,W].
+        CON), labels [B,H,W] and the predictive entropy [B,H,W]. `samples` and `decision`
+        are StitchNet's: asking a baseline for them is a `DataError`.
         """
+        check_deterministic(self, samples, decision)
         x = ops.convert_to_tensor(x, "float32")
         lung = ops.cast(x > 0, "float32") if lung is None else lung
         probs = self.class_probabilities(self(x, training=False), lung)
         entropy = -ops.sum(probs * ops.log(ops.maximum(probs, 1e-12)), axis=-1)
         return {"probabilities": probs, "labels": ops.argmax(probs, -1), "entropy": entropy}
+
+
+def check_deterministic(model, samples: int = 0, decision: str | None = None) -> None:
+    """A deterministic model (no latent to sample, no decision rule) refuses `samples` and
+    `decision` with one line instead of ignoring them."""
+    if samples or decision is not None:
+        raise DataError(
+            None,
+            f"--samples and --decision apply to StitchNet only, not to {type(model).__name__}",
+        )
 
 
 # --------------------------------------------------------------------------- models
