@@ -176,8 +176,14 @@ def test_refuses_non_empty_output(tmp_path):
         _write_small(out)
     assert (out / "keep.txt").read_text() == "precious"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
-    _write_small(out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "README.md").exists()
+    with pytest.raises(DataError, match="no synthetic.json"):  # not a folder demo-data wrote
+        _write_small(out, overwrite=True)
+    assert (out / "keep.txt").read_text() == "precious"
+    fresh = tmp_path / "fresh"
+    _write_small(fresh)
+    (fresh / "stale.txt").write_text("from before")
+    _write_small(fresh, overwrite=True)  # its own earlier output is replaced
+    assert not (fresh / "stale.txt").exists() and (fresh / "synthetic.json").exists()
 
 
 def test_failure_midway_leaves_nothing(tmp_path):
