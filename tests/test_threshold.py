@@ -102,5 +102,6 @@ def test_cli_evaluates_a_rule_file(tmp_path):
     info = json.loads((out / "evaluation.json").read_text())
     assert info["model_class"] == "ThresholdRule" and info["size"] == 64
     assert info["summary"]["mean_lesion_dice"] == 1.0
-    r = run("evaluate", "-m", tmp_path / "d" / "masks" / "s00.png", "-d", data, "-o", out, expect=2)
+    mask_as_model = tmp_path / "d" / "masks" / "s00.png"
+    r = run("evaluate", "-m", mask_as_model, "-d", data, "-o", tmp_path / "eval2", expect=2)
     assert "not a model" in error_line(r)
