@@ -551,10 +551,11 @@ def split(
 )
 @click.option(
     "--generative-weight",
-    default=1.0,
+    default=0.0,
     show_default=True,
     type=click.FloatRange(0),
-    help="StitchNet with head skips: weight of the z-only p(y | z) term (0: off).",
+    help="StitchNet with head skips: weight of the z-only p(y | z) term that makes samples "
+    "follow z (docs/DESIGN.md 7.15; 0: off, the default).",
 )
 @click.option("--focal-gamma", default=2.0, show_default=True, help="Focal loss gamma.")
 @click.option(

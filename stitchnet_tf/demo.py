@@ -19,7 +19,8 @@ from stitchnet_tf.fileio import atomic_write_text, check_output_dir
 
 #: written first, rewritten with the results at the end: marks a demo folder for --overwrite
 DEMO_MARKER = "demo.json"
-TINY_STITCHNET = dict(width=0.25, backbone_alpha=0.35)
+#: the demo shows the generative half too: p(y | z) is trained (docs/DESIGN.md §7.15)
+TINY_STITCHNET = dict(width=0.25, backbone_alpha=0.35, generative_weight=1.0)
 TINY_UNET = dict(width=0.25, alpha=0.35)
 
 

@@ -18,6 +18,8 @@ from stitchnet_tf.models.layers import BOTTLENECK_ABOVE, Conv, LatentParams
 from stitchnet_tf.models.stitchnet import StitchNet
 
 TINY = dict(width=0.25, backbone_alpha=0.35, seed=0)
+#: the `trained` fixture also trains the z-only p(y | z) that `generate` then uses
+GENERATIVE = dict(TINY, generative_weight=1.0)
 TABLE2 = {  # level: (z shape, d shape) at 352 x 352
     1: ((176, 176, 1), (176, 176, 32)),
     2: ((88, 88, 1), (88, 88, 64)),
@@ -45,7 +47,7 @@ def trained(batch):
     """A tiny StitchNet trained on one synthetic batch, with its loss history."""
     keras.utils.set_random_seed(0)
     x, allowed = batch
-    model = StitchNet(**TINY)
+    model = StitchNet(**GENERATIVE)
     model.compile(optimizer=keras.optimizers.Adam(3e-3))
     data = tf.data.Dataset.from_tensors({"x": x, "allowed": allowed}).repeat()
     history = model.fit(data, epochs=8, steps_per_epoch=50, verbose=0)
@@ -212,6 +214,9 @@ def test_inference_outputs(trained, batch):
     field = (x[..., 0] > 0).astype(bool)
     agree = ((labels > 0) == field).mean()
     assert agree > 0.9, agree
+    # by default p(y | z) is not trained and generation goes through a blank-image draft
+    plain = StitchNet(**TINY).generate(1, 32)
+    assert tuple(plain["labels"].shape) == (1, 32, 32)
 
 
 def test_mixed_bfloat16_training_step_is_finite(batch):
