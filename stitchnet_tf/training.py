@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -454,16 +455,12 @@ class _PipelineWatchdog:
     fail, not hang. Checkpoints are written atomically, so exiting loses at most the epoch."""
 
     def __init__(self):
-        import threading
-
         self._lock = threading.Lock()
         self._timer = None
         pipeline_errors.reset()
         pipeline_errors.hook = self._arm
 
     def _arm(self, message: str) -> None:
-        import threading
-
         with self._lock:
             if self._timer is None:
                 self._timer = threading.Timer(PIPELINE_GRACE, self._exit, (message,))
@@ -589,8 +586,6 @@ def train(
     chief, multi_worker = distribute.is_chief(), distribute.is_multi_worker(strategy)
     if multi_worker and config.run_eagerly:
         raise DataError(None, "--eager does not work with a multi-worker strategy")
-    check_apart(config.output, run_inputs(config))
-    check_parents(config.output)
     labelled = discover(
         config.labelled,
         mask_values=config.mask_values,

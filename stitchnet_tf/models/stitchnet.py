@@ -611,11 +611,13 @@ class StitchNet(CompiledOnce, keras.Model):
             # p(y | z) was not trained: π needs an image, so stitch the style means by a
             # first π from a blank image and run the segmentation branch on that draft
             blank = ops.zeros((n, size, size, 1), self.compute_dtype)
-            outputs = self.head(features, self.backbone(blank)[0], blank, training=False)
+            skip = self.backbone(blank, training=False)[0]
+            outputs = self.head(features, skip, blank, training=False)
             means = outputs["alpha"] / (outputs["alpha"] + outputs["beta"])
             labels = ops.one_hot(ops.argmax(outputs["pi_logits"], -1), NUM_CLASSES)
             draft = ops.cast(ops.sum(means * labels, axis=-1, keepdims=True), self.compute_dtype)
-            outputs = self.head(features, self.backbone(draft)[0], draft, training=False)
+            skip = self.backbone(draft, training=False)[0]
+            outputs = self.head(features, skip, draft, training=False)
         else:
             outputs = self.head.generate(features, training=False)
         if sample_labels:
