@@ -5,17 +5,20 @@ from __future__ import annotations
 import functools
 import math
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
 
 from stitchnet_tf import __version__
-from stitchnet_tf.errors import DataError, TrainingError
+from stitchnet_tf.errors import DataError, Terminated, TrainingError, on_sigterm
 from stitchnet_tf.models.options import (
     DEFAULT_GLOBAL_CLIPNORM,
     DEFAULT_HEAD_SKIPS,
     NORMS,
+    RECALIBRATION_STEPS,
     SAMPLE_TEMPERATURE,
     SUPERVISED,
 )
@@ -31,11 +34,16 @@ class _Group(click.Group):
     line and exit 1 (the traceback only with `--debug`)."""
 
     def invoke(self, ctx: click.Context):
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_sigterm)
         try:
             return super().invoke(ctx)
         except (DataError, TrainingError) as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(2)
+        except Terminated:
+            click.echo("error: terminated", err=True)
+            ctx.exit(143)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             ctx.exit(130)
@@ -613,6 +621,14 @@ def split(
     is_flag=True,
     help="With several replicas, normalise with each replica's batch statistics (faster).",
 )
+@click.option(
+    "--recalibration-steps",
+    type=click.IntRange(min=0),
+    default=RECALIBRATION_STEPS,
+    show_default=True,
+    help="Batches over which BatchNorm statistics are re-estimated before each validation "
+    "(0: keep the moving averages).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @data_options
 def train(
@@ -663,6 +679,7 @@ def train(
     eager,
     strategy,
     per_replica_batchnorm,
+    recalibration_steps,
     quiet,
     mask_values,
     patient_pattern,
@@ -751,6 +768,7 @@ def train(
         preset=preset,
         choose_decision=decision == "auto",
         run_eagerly=eager,
+        recalibration_steps=recalibration_steps,
         strategy=strategy,
         sync_batchnorm=not per_replica_batchnorm,
     )

@@ -242,9 +242,7 @@ def evaluate(
         require_labels=True,
     )
     loaded = load_model(model_path)
-    size = size or loaded.size
-    if size is None:
-        raise DataError(model_path, "model size unknown (no config.json beside it): pass --size")
+    size = loaded.input_size(size)
     chosen = None
     if split is not None:
         chosen = Split.load(split)

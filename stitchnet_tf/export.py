@@ -43,7 +43,14 @@ import numpy as np
 
 from stitchnet_tf.data.classes import CLASS_NAMES
 from stitchnet_tf.errors import DataError
-from stitchnet_tf.fileio import check_apart, check_parents, model_input
+from stitchnet_tf.fileio import (
+    check_apart,
+    check_parents,
+    model_input,
+    old_name,
+    sweep_leftovers,
+    temp_prefix,
+)
 from stitchnet_tf.inference import model_intensity, run_config
 
 FORMATS = ("savedmodel", "tflite")
@@ -381,13 +388,14 @@ def export_savedmodel(
         raise DataError(final, "--overwrite replaces only a SavedModel, and this is not one")
     lung_net = _lung_net(lung_model)
     margin = DEFAULT_MARGIN if margin is None else margin
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=root))
+    sweep_leftovers(root)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(str(version)), dir=root))
     try:
         _write_savedmodel(model, tmp, size, decision, lung_net, margin, source, tta)
         if _fail_after_write:  # tests: a failure after writing, before the rename
             raise RuntimeError("simulated failure during export")
         if final.exists():
-            old = root / f".old-{version}-{os.getpid()}"
+            old = root / old_name(str(version))
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
@@ -415,6 +423,17 @@ def _lung_net(lung_model):
         return keras.models.load_model(path, safe_mode=True, compile=False)
     except Exception as e:
         raise DataError(path, f"cannot load lung model ({type(e).__name__})") from None
+
+
+def check_tflite_output(path: Path, overwrite: bool) -> None:
+    """`path` can take a new `.tflite` file: it is absent, or with `overwrite` an earlier one."""
+    check_parents(path)
+    if path.is_dir():
+        raise DataError(path, "output is a folder (give a .tflite file)")
+    if path.exists() and not overwrite:
+        raise DataError(path, "file exists (use --overwrite)")
+    if path.exists() and not is_tflite(path):
+        raise DataError(path, "--overwrite replaces only a .tflite file, and this is not one")
 
 
 def export_tflite(
@@ -445,15 +464,10 @@ def export_tflite(
     if quantize == "int8" and representative is None:
         raise DataError(None, "int8 quantization needs a representative dataset (--data)")
     path = Path(path)
-    check_parents(path)
-    if path.is_dir():
-        raise DataError(path, "output is a folder (give a .tflite file)")
-    if path.exists() and not overwrite:
-        raise DataError(path, "file exists (use --overwrite)")
-    if path.exists() and not is_tflite(path):
-        raise DataError(path, "--overwrite replaces only a .tflite file, and this is not one")
+    check_tflite_output(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".tflite-", dir=path.parent) as work:
+    sweep_leftovers(path.parent)
+    with tempfile.TemporaryDirectory(prefix=temp_prefix(path.name), dir=path.parent) as work:
         if saved_model is None:
             saved = Path(work) / "savedmodel"
             _write_savedmodel(model, saved, size, decision, None, 0.05, "", tta)
@@ -672,29 +686,28 @@ def is_exported(path: str | os.PathLike) -> bool:
 # --------------------------------------------------------------------------- the command
 
 
-def representative_slices(
-    dataset_dir,
-    size: int,
-    count: int = 100,
-    seed: int = 0,
-    intensity: str = "none",
-    **discover_kw,
-):
-    """A function yielding up to `count` preprocessed slices [S, S] of a dataset folder, drawn
-    at random (seeded), with the model's `intensity`: the representative dataset of int8
-    quantization."""
+def representative_samples(dataset_dir, count: int = 100, seed: int = 0, **discover_kw):
+    """Up to `count` samples of a dataset folder drawn at random (seeded), every one read once
+    to check it: the representative dataset of int8 quantization, checked before the model is
+    loaded. Returns (dataset, samples)."""
     from stitchnet_tf.data.datasets import discover
-    from stitchnet_tf.data.pipeline import SliceLoader
+    from stitchnet_tf.data.preprocess import check_samples
 
     dataset = discover(dataset_dir, **discover_kw)
     order = np.random.default_rng(seed).permutation(len(dataset.samples))[:count]
-    loader = SliceLoader(dataset, [dataset.samples[i] for i in order], size, intensity=intensity)
+    samples = [dataset.samples[i] for i in order]
+    check_samples(dataset, samples)
+    return dataset, samples
 
-    def slices():
-        for i in range(len(loader)):
-            yield loader(i)[0]
 
-    return slices
+def representative_slices(dataset, samples, size: int, intensity: str = "none"):
+    """A function yielding the preprocessed slices [S, S] of `samples` (from
+    `representative_samples`) with the model's `intensity`."""
+    from stitchnet_tf.data.pipeline import SliceLoader
+
+    loader = SliceLoader(dataset, samples, size, intensity=intensity)
+    slices = [loader(i)[0] for i in range(len(loader))]
+    return lambda: iter(slices)
 
 
 def export(
@@ -728,15 +741,32 @@ def export(
     sources |= {"--data": data}
     if output is not None:
         check_apart(output, sources, nest_ok)
+        if fmt == "tflite":
+            check_tflite_output(Path(output), overwrite)
+        else:
+            check_parents(Path(output))
+            if Path(output).is_file():
+                raise DataError(output, "export folder is a file")
+    chosen = None
+    if fmt == "tflite" and quantize == "int8":  # the slices are checked before the model loads
+        kw = {}
+        if data is None and Path(model_path).is_dir():
+            config = run_config(model_path) or {}
+            data = config.get("unlabelled") or config.get("labelled")
+            if data is not None and data == config.get("unlabelled"):
+                kw["patient_pattern"] = config.get("unlabelled_patient_pattern")
+            else:
+                kw["mask_values"] = config.get("mask_values")
+        if data is None:
+            raise DataError(model_path, "int8 needs representative slices: give --data")
+        chosen = representative_samples(data, count, **kw)
     loaded = load_model(model_path)
     if decision is not None and not hasattr(loaded.model, "decision"):
         raise DataError(
             model_path,
             f"--decision applies to StitchNet only, not to {type(loaded.model).__name__}",
         )
-    size = size or loaded.size
-    if size is None:
-        raise DataError(model_path, "model size unknown (no config.json): give --size")
+    size = loaded.input_size(size)
     name = loaded.run.name if loaded.run else loaded.path.stem
     source = str(loaded.path)
     if fmt == "savedmodel":
@@ -756,19 +786,9 @@ def export(
         nbytes = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         return {"path": str(path), "bytes": nbytes, "size": size}
     representative = None
-    if quantize == "int8":
-        kw = {}
-        if data is None and loaded.run and (loaded.run / "config.json").is_file():
-            config = run_config(loaded.run) or {}
-            data = config.get("unlabelled") or config.get("labelled")
-            if data == config.get("unlabelled"):
-                kw["patient_pattern"] = config.get("unlabelled_patient_pattern")
-            else:
-                kw["mask_values"] = config.get("mask_values")
-        if data is None:
-            raise DataError(model_path, "int8 needs representative slices: give --data")
+    if chosen is not None:
         intensity = model_intensity(loaded.model)
-        representative = representative_slices(data, size, count, intensity=intensity, **kw)
+        representative = representative_slices(*chosen, size, intensity=intensity)
     path = Path(output) if output else Path("saved_models") / f"{name}-{quantize}.tflite"
     check_apart(path, sources, nest_ok)
     export_tflite(

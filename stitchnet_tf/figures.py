@@ -10,7 +10,7 @@ import numpy as np
 from stitchnet_tf.data import io
 from stitchnet_tf.errors import DataError
 from stitchnet_tf.fileio import atomic_dir, check_apart, check_output_dir, model_input
-from stitchnet_tf.inference import load_model
+from stitchnet_tf.inference import load_model, model_class
 from stitchnet_tf.models.options import SAMPLE_TEMPERATURE
 from stitchnet_tf.predict import LABEL_PALETTE, _inputs
 
@@ -32,6 +32,14 @@ STYLE_TITLES = (
 def _colour(labels: np.ndarray) -> np.ndarray:
     palette = np.asarray(LABEL_PALETTE, np.uint8).reshape(-1, 3)
     return palette[labels]
+
+
+def _check_stitchnet(model_path) -> None:
+    """Refuse a model without styles before anything slow happens (loading takes seconds)."""
+    kind = model_class(model_path)
+    if kind is not None and kind != "StitchNet":
+        what = "an exported model" if kind == "exported" else f"a {kind}"
+        raise DataError(model_path, f"{what} has no styles: a StitchNet .keras model is needed")
 
 
 def _stitchnet(model_path):
@@ -73,43 +81,41 @@ def styles_figures(
     sources, nest_ok = model_input(model_path)
     check_apart(output, sources | {"--input": input_path}, nest_ok)
     check_output_dir(output, overwrite, marker=STYLES_MARKER)
-    inputs = _inputs(Path(input_path))
+    _check_stitchnet(model_path)
+    images = []  # (path, slice, image): all read before the model loads (seconds)
+    for path in _inputs(Path(input_path)):
+        n = io.slice_count(path)
+        for k in [None] if n is None else [n // 2]:  # volumes: the middle slice
+            images.append((path, k, io.read_image(path, k)))
+            io.check_size(images[-1][2].shape, path)
     loaded = _stitchnet(model_path)
-    size = size or loaded.size
-    if size is None:
-        raise DataError(model_path, "model size unknown (no config.json beside it): pass --size")
+    size = loaded.input_size(size)
     from stitchnet_tf.data.classes import ALL
     from stitchnet_tf.data.lungmask import default_segmenter
 
     segmenter = default_segmenter()
     written, errors = 0, {}
     with atomic_dir(output, overwrite, marker=STYLES_MARKER) as tmp:
-        for path in inputs:
-            n = io.slice_count(path)
-            for k in [None] if n is None else [n // 2]:  # volumes: the middle slice
-                image = io.read_image(path, k)
-                io.check_size(image.shape, path)
-                p = prepare(
-                    RawSlice(image, np.full(image.shape, ALL, np.uint8), None), size, segmenter
-                )
-                x = p.x[None, ..., None].astype(np.float32)
-                lung = p.lung[None, ..., None].astype(np.float32)
-                out = {k2: np.asarray(v)[0] for k2, v in loaded.model.styles(x, lung).items()}
-                row = [
-                    p.x,
-                    *[out["styles"][..., c] for c in range(4)],
-                    out["stitched"][..., 0],
-                    _colour(out["labels"].astype(np.int64)),
-                ]
-                name = io.stem_of(path) + ("" if k is None else f"_{k:04d}")
-                inside = p.lung.astype(bool)
-                if inside.any():  # how well the stitch rebuilds the CT, inside the lung field
-                    errors[name] = float(np.abs(out["stitched"][..., 0] - p.x)[inside].mean())
-                titles = list(STYLE_TITLES)
-                if name in errors:
-                    titles[5] = f"stitched (MAE {errors[name]:.3f})"
-                _save_grid([row], titles, tmp / f"{name}_styles.png")
-                written += 1
+        for path, k, image in images:
+            p = prepare(RawSlice(image, np.full(image.shape, ALL, np.uint8), None), size, segmenter)
+            x = p.x[None, ..., None].astype(np.float32)
+            lung = p.lung[None, ..., None].astype(np.float32)
+            out = {k2: np.asarray(v)[0] for k2, v in loaded.model.styles(x, lung).items()}
+            row = [
+                p.x,
+                *[out["styles"][..., c] for c in range(4)],
+                out["stitched"][..., 0],
+                _colour(out["labels"].astype(np.int64)),
+            ]
+            name = io.stem_of(path) + ("" if k is None else f"_{k:04d}")
+            inside = p.lung.astype(bool)
+            if inside.any():  # how well the stitch rebuilds the CT, inside the lung field
+                errors[name] = float(np.abs(out["stitched"][..., 0] - p.x)[inside].mean())
+            titles = list(STYLE_TITLES)
+            if name in errors:
+                titles[5] = f"stitched (MAE {errors[name]:.3f})"
+            _save_grid([row], titles, tmp / f"{name}_styles.png")
+            written += 1
         mean = float(np.mean(list(errors.values()))) if errors else None
         summary = {"figures": written, "lung_mae_mean": mean, "lung_mae": errors}
         (tmp / STYLES_MARKER).write_text(json.dumps(summary, indent=1) + "\n")
@@ -136,10 +142,9 @@ def sample_figure(
     sources, nest_ok = model_input(model_path)
     check_apart(output, sources, nest_ok)
     check_output_dir(output, overwrite, marker=SAMPLES_MARKER)
+    _check_stitchnet(model_path)
     loaded = _stitchnet(model_path)
-    size = size or loaded.size
-    if size is None or size % 32:
-        raise DataError(model_path, "give --size, a multiple of 32")
+    size = loaded.input_size(size)
     keras.utils.set_random_seed(seed)
     generated = loaded.model.generate(n, size, temperature=temperature)
     gen = {k: np.asarray(v) for k, v in generated.items()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Collection, Iterator, Mapping
@@ -22,6 +23,50 @@ def _respect_umask(path: str | os.PathLike, mode: int) -> None:
     """mkdtemp/mkstemp create 0700/0600; give the user's usual permissions instead (a TF
     Serving container under another uid must be able to read an export)."""
     os.chmod(path, mode & ~_umask())
+
+
+def temp_prefix(name: str) -> str:
+    """Name prefix of a temporary written beside `name`: hidden, and carrying this process's id
+    so that a later run can tell a leftover of a killed process from a live one."""
+    return f".{name}.tmp-{os.getpid()}-"
+
+
+def old_name(name: str) -> str:
+    """Name a replaced output is moved to until the new one is in place."""
+    return f".{name}.old-{os.getpid()}"
+
+
+_LEFTOVER = re.compile(r"^\..+\.(?:tmp|old)-(\d+)(?:[-.]|$)")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, but another user's
+        return True
+    return True
+
+
+def sweep_leftovers(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries (`temp_prefix`, `old_name`) in `folder` whose process is gone
+    (killed with -9, or the machine stopped); return what was removed."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        match = _LEFTOVER.match(entry.name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+        removed.append(entry)
+    return removed
 
 
 def _real(path: str | os.PathLike) -> Path:
@@ -102,7 +147,8 @@ def atomic_dir(
     target = Path(target)
     check_output_dir(target, overwrite, marker)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    sweep_leftovers(target.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target.name), dir=target.parent))
     _respect_umask(tmp, 0o777)
     try:
         yield tmp
@@ -111,7 +157,7 @@ def atomic_dir(
         raise
     old = None
     if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        old = target.with_name(old_name(target.name))
         os.replace(target, old)
     os.replace(tmp, target)
     if old is not None:
@@ -123,7 +169,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     check_parents(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    sweep_leftovers(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), dir=path.parent)
     try:
         _respect_umask(tmp, 0o666)
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:

@@ -39,6 +39,13 @@ class LoadedModel:
     path: Path
     run: Path | None = None
 
+    def input_size(self, size: int | None = None) -> int:
+        """The size to run the model at: `size` if given, else the one it was trained at."""
+        size = size or self.size
+        if size is None:
+            raise DataError(self.path, "model size unknown (no config.json beside it): pass --size")
+        return check_model_size(size)
+
 
 def load_model(path: str | os.PathLike) -> LoadedModel:
     """Load a run folder (its best.keras, else last.keras), a `.keras` file, an export
@@ -75,6 +82,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         raise DataError(
             path, "not a model: expected a run folder, a .keras file or a threshold-rule .json"
         )
+    check_keras_archive(p)
     try:
         model = keras.models.load_model(p, safe_mode=True)
     except Exception as e:  # keras raises many types for bad files
@@ -89,6 +97,54 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         except (ValueError, TypeError):
             size = None
     return LoadedModel(model, size, p, run)
+
+
+def model_class(path: str | os.PathLike) -> str | None:
+    """The class name of the model at `path` (as `load_model` finds it), read without loading
+    any weights: `ThresholdRule`, a Keras class name such as `StitchNet`, `exported` for a
+    SavedModel or `.tflite`; None when it cannot be told (then `load_model` reports why)."""
+    p = Path(path)
+    if p.suffix == ".json" and p.is_file():
+        return "ThresholdRule"
+    if (
+        p.suffix == ".tflite"
+        or (p / "saved_model.pb").is_file()
+        or any((v / "saved_model.pb").is_file() for v in p.glob("[0-9]*"))
+    ):
+        return "exported"
+    if p.is_dir():
+        p = next((p / n for n in ("best.keras", "last.keras") if (p / n).is_file()), p)
+    if p.suffix != ".keras" or not p.is_file():
+        return None
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(p) as archive:
+            config = json.loads(archive.read("config.json"))
+        return str(config["class_name"])
+    except (zipfile.BadZipFile, OSError, KeyError, ValueError, TypeError, EOFError):
+        return None
+
+
+def check_keras_archive(path: Path) -> None:
+    """A `.keras` file is a zip archive holding `config.json`: say so when it is truncated or
+    something else renamed (Keras itself reports "File not found" for both)."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise DataError(
+            path, "not a Keras model archive (truncated, or another file renamed .keras)"
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise DataError(path, f"damaged Keras model archive ({e})") from None
+    if damaged is not None:
+        raise DataError(path, f"damaged Keras model archive: {damaged} fails its checksum")
+    if "config.json" not in names:
+        raise DataError(path, "not a Keras model archive (no config.json inside)")
 
 
 def run_config(folder: str | os.PathLike) -> dict | None:

@@ -66,7 +66,8 @@ def _inputs(path: Path) -> list[Path]:
         io.kind_of(path)
         return [path]
     if not path.is_dir():
-        raise DataError(path, "input not found")
+        raise DataError(path, io.why_missing(path))
+    io.kind_of(path)  # refuses a folder named like an image file
     entries = [e for e in sorted(path.iterdir()) if io.is_image_candidate(e)]
     if entries and all(e.is_file() and io.kind_of(e) == "dicom" for e in entries):
         return [path]  # the folder is one DICOM series
@@ -76,8 +77,7 @@ def _inputs(path: Path) -> list[Path]:
         e for e in entries if e.is_dir() or e.suffix.lower() not in (".csv", ".json", ".md", ".txt")
     ]
     for e in out:
-        if e.is_file():
-            io.kind_of(e)  # a non-image file is an error naming it
+        io.kind_of(e)  # a non-image file is an error naming it
     if not out:
         raise DataError(path, "no images found (empty folder)")
     return out
@@ -116,9 +116,7 @@ def predict_path(
     check_output_dir(output, overwrite, marker=PREDICT_MARKER)
     inputs = _inputs(Path(input_path))
     loaded = load_model(model_path)
-    size = size or loaded.size
-    if size is None:
-        raise DataError(model_path, "model size unknown (no config.json beside it): pass --size")
+    size = loaded.input_size(size)
     predictor = Predictor(loaded.model, size, samples=samples, decision=decision, tta=tta)
     rows: list[dict] = []
     n_slices = n_volumes = 0
@@ -129,6 +127,7 @@ def predict_path(
             n = io.slice_count(path)
             if n is None:  # a 2-D slice
                 image = io.read_image(path, None, window)
+                io.check_size(image.shape, path)
                 pred = predictor.predict_images([image])[0]
                 io.write_png(tmp / f"{name}_labels.png", pred.labels, LABEL_PALETTE)
                 Image.fromarray(overlay(image, pred.labels)).save(tmp / f"{name}_overlay.png")
@@ -147,6 +146,7 @@ def predict_path(
             for k0 in range(0, n, batch_size):
                 ks = range(k0, min(n, k0 + batch_size))
                 images = [io.read_image(path, k, window) for k in ks]
+                io.check_size(images[0].shape, path)
                 for k, image, pred in zip(
                     ks, images, predictor.predict_images(images), strict=True
                 ):

@@ -12,11 +12,13 @@ Rerunning the same command on the same run directory continues from the last com
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import platform
+import shutil
 import sys
 import threading
 import time
@@ -37,7 +39,14 @@ from stitchnet_tf.data.pipeline import (
 from stitchnet_tf.data.preprocess import check_model_size, check_samples
 from stitchnet_tf.data.splits import Split, split_dataset, withhold_labels
 from stitchnet_tf.errors import DataError, TrainingError
-from stitchnet_tf.fileio import atomic_write_text, check_apart, check_parents
+from stitchnet_tf.fileio import (
+    atomic_write_text,
+    check_apart,
+    check_parents,
+    sweep_leftovers,
+    temp_prefix,
+)
+from stitchnet_tf.models.options import RECALIBRATION_STEPS
 
 MODELS = ("stitchnet", "unet", "segnet")
 
@@ -81,7 +90,7 @@ class TrainConfig:
     run_eagerly: bool = False  # no graph tracing: for debugging and tiny runs
     strategy: str = "auto"  # tf.distribute strategy (see stitchnet_tf.distribute)
     sync_batchnorm: bool = True  # with several replicas: BatchNorm on global-batch statistics
-    recalibration_steps: int = 20  # BatchNorm re-estimation batches before each validation
+    recalibration_steps: int = RECALIBRATION_STEPS  # BatchNorm re-estimation before validation
     # data reading
     mask_values: str | None = None
     patient_pattern: str | None = None
@@ -392,9 +401,14 @@ def _replica_order(batch_size: int, replicas: int):
 
 
 def _atomic_save(model, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.keras")
-    model.save(tmp)
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{temp_prefix(path.stem)}.keras")
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def _number(value: str) -> float:
@@ -442,7 +456,7 @@ def plot_curves(log_csv: Path, output: Path) -> None:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = output.with_name(f".{output.name}.tmp.png")
+    tmp = output.with_name(f"{temp_prefix(output.name)}.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, output)
@@ -500,7 +514,6 @@ def prepare_run(config: TrainConfig, overwrite: bool = False, warn=None) -> tupl
     run only (never another folder), and a run that never finished an epoch (a failed start)
     is replaced without asking.
     """
-    import shutil
 
     run = Path(config.output)
     state_path = run / "state.json"
@@ -508,6 +521,7 @@ def prepare_run(config: TrainConfig, overwrite: bool = False, warn=None) -> tupl
     check_parents(run)
     if run.exists() and not run.is_dir():
         raise DataError(run, "output exists and is not a folder")
+    sweep_leftovers(run)  # temporaries of a killed earlier run
     if run.exists() and any(run.iterdir()):
         if not (state_path.is_file() and (run / "config.json").is_file()):
             raise DataError(
@@ -541,6 +555,30 @@ def prepare_run(config: TrainConfig, overwrite: bool = False, warn=None) -> tupl
     state = {"epochs_done": 0, "best_score": None, "best_epoch": None}
     atomic_write_text(state_path, json.dumps(state, indent=1) + "\n")
     return run, state
+
+
+def _run_split(config: TrainConfig, run: Path, labelled, warn) -> Split:
+    """The run's split: its split.json when resuming, else the given or a new one (saved)."""
+    split_path = run / "split.json"
+    if split_path.is_file():
+        return Split.load(split_path)
+    if config.split:
+        split = Split.load(config.split)
+        split.check(labelled)
+    else:
+        split = split_dataset(labelled, config.fractions, config.seed, warn=warn)
+    if (
+        config.max_labelled is not None or config.label_fraction is not None
+    ) and not split.unlabelled:
+        split = withhold_labels(
+            split, labelled, config.max_labelled, config.label_fraction, config.seed
+        )
+    if not split.val:
+        raise DataError(
+            config.labelled, "the split has no validation slices (needed to pick the best epoch)"
+        )
+    split.save(split_path)
+    return split
 
 
 def train(
@@ -601,6 +639,7 @@ def train(
         warn(f"{config.model} is supervised: the unlabelled data is not used")
 
     scratch = None
+    fresh = not Path(config.output).exists()
     if chief:
         run, state = prepare_run(config, overwrite, warn)
     else:  # other workers write their (identical) checkpoints to a folder thrown away
@@ -611,30 +650,17 @@ def train(
     if multi_worker:  # the chief's folder decides where a resumed run starts
         (done,) = distribute.broadcast_from_chief(strategy, [float(state["epochs_done"])])
         state["epochs_done"] = round(float(done))
-    split_path = run / "split.json"
-    if split_path.is_file():
-        split = Split.load(split_path)
-    elif config.split:
-        split = Split.load(config.split)
-        split.check(labelled)
-    else:
-        split = split_dataset(labelled, config.fractions, config.seed, warn=warn)
-    if (
-        config.max_labelled is not None or config.label_fraction is not None
-    ) and not split.unlabelled:
-        split = withhold_labels(
-            split, labelled, config.max_labelled, config.label_fraction, config.seed
-        )
-    split.save(split_path)
-    if not split.val:
-        raise DataError(
-            config.labelled, "the split has no validation slices (needed to pick the best epoch)"
-        )
-
-    read = check_samples(labelled, labelled.subset([*split.train, *split.val]).samples)
-    if unlabelled is not None:
-        read += check_samples(unlabelled, unlabelled.samples)
+    try:
+        split = _run_split(config, run, labelled, warn)
+        read = check_samples(labelled, labelled.subset([*split.train, *split.val]).samples)
+        if unlabelled is not None:
+            read += check_samples(unlabelled, unlabelled.samples)
+    except BaseException:
+        if fresh and chief:  # a run that never started is not left behind
+            shutil.rmtree(run, ignore_errors=True)
+        raise
     log(f"checked the {read} slices this run reads")
+
     keras.utils.set_random_seed(config.seed + state["epochs_done"])
     policy = set_precision(config.mixed_precision)
     labelled_per_batch = config.labelled_per_batch
@@ -725,8 +751,6 @@ def train(
         watchdog.cancel()
         set_precision(False)
         if scratch is not None:
-            import shutil
-
             shutil.rmtree(scratch, ignore_errors=True)
     if not chief:
         return {"run": None, "epochs_done": state["epochs_done"], "seconds": seconds}

@@ -59,3 +59,37 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+#: Options of the tiny training runs the tests share: 32 px, eager (no graph trace), one
+#: BatchNorm re-estimation batch.
+TINY_TRAIN = (
+    "--size", "32", "--batch-size", "4", "--width", "0.25", "--backbone-alpha", "0.35",
+    "--eager", "--quiet", "--recalibration-steps", "1", "--fractions", "0.5,0.25,0.25",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A synthetic dataset shared by the whole session (never modify it): `labelled/` with 4
+    patients × 2 slices of 64 px (P00_00.png ...), `unlabelled/` with 1 patient."""
+    from stitchnet_tf.data.synthetic import write_demo_dataset
+
+    root = tmp_path_factory.mktemp("tiny") / "data"
+    write_demo_dataset(
+        root, labelled_patients=4, unlabelled_patients=1, slices_per_patient=2, size=64, seed=5
+    )
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_stitchnet_run(tiny_data, tmp_path_factory):
+    """A StitchNet run folder trained for one step at 32 px (seconds), shared by the session."""
+    from helpers import run
+
+    out = tmp_path_factory.mktemp("tiny-runs") / "stitchnet"
+    run(
+        "train", "-l", tiny_data / "labelled", "-o", out, "--epochs", 1,
+        "--steps-per-epoch", 1, "--seed", 0, *TINY_TRAIN,
+    )  # fmt: skip
+    return out

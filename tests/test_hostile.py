@@ -15,7 +15,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from helpers import error_line, run
+from helpers import error_line, forged_png, run
 
 from stitchnet_tf.data.synthetic import write_demo_dataset
 from stitchnet_tf.models.threshold import ThresholdRule
@@ -138,18 +138,81 @@ def test_export_overwrite_replaces_only_an_export(world, tmp_path):
     assert snapshot(world) == before and (tmp_path / "base" / "1" / "keep.txt").is_file()
 
 
-def test_an_output_under_a_file_is_one_line(world):
+def test_an_output_under_a_file_is_one_line_for_every_writer(world, tiny_stitchnet_run):
+    """All ten writers; the refusal comes before any model is loaded."""
     target = world / "notes.txt" / "sub"
-    rule, lab = world / "rule.json", world / "data" / "labelled"
+    rule, lab, net = world / "rule.json", world / "data" / "labelled", tiny_stitchnet_run
     for args in (
         ("predict", "-m", rule, "-i", lab / "images", "-o", target),
         ("evaluate", "-m", rule, "-d", lab, "-o", target),
         ("preprocess", "-i", lab, "-o", target, "--size", 32),
         ("demo-data", "-o", target),
+        ("demo", "-o", target),
         ("train", "-l", lab, "-o", target, "--size", 32),
+        ("split", "-d", lab, "-o", target / "s.json"),
+        ("styles", "-m", net, "-i", lab / "images", "-o", target),
+        ("sample", "-m", net, "-o", target),
+        ("export", "-m", net, "-o", target),
+        ("export", "-m", net, "-o", target / "m.tflite", "--format", "tflite"),
     ):
         line = refused(world, *args)
         assert "notes.txt" in line, (args, line)
+
+
+def test_leftovers_of_a_killed_process_are_removed_by_the_next_run(world, tmp_path):
+    """kill -9 leaves temporaries nothing can remove at the time: the next command writing
+    beside them removes those whose process is gone, and keeps a live process's."""
+    from stitchnet_tf.fileio import sweep_leftovers
+
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    stale = [
+        tmp_path / f".pred.tmp-{dead}-abc123",
+        tmp_path / f".best.tmp-{dead}-x.keras",
+        tmp_path / f".pred.old-{dead}",
+    ]
+    stale[0].mkdir()
+    (stale[0] / "half.png").write_bytes(b"x")
+    stale[1].write_bytes(b"partial")
+    stale[2].mkdir()
+    live = tmp_path / f".other.tmp-{os.getpid()}-keep"
+    live.mkdir()
+    unrelated = tmp_path / ".hidden-notes.tmp"
+    unrelated.write_text("mine")
+    run("predict", "-m", world / "rule.json", "-i", world / "data" / "labelled", "-o",
+        tmp_path / "pred")  # fmt: skip
+    assert not any(p.exists() for p in stale), [p for p in stale if p.exists()]
+    assert live.is_dir() and unrelated.is_file()
+    assert sweep_leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(("signum", "code"), [(2, 130), (15, 143)], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_command_exits_cleanly_and_leaves_no_temporaries(
+    world, tmp_path, signum, code
+):
+    """Interrupt `demo-data` while it writes (it polls for its temporary folder first):
+    exit 130 / 143, one `error:` line, no temporary and no output."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "big"
+    args = ["demo-data", "-o", str(out), "--labelled-patients", "40", "--size", "256"]
+    script = "import sys\nfrom stitchnet_tf_cli.main import cli\ncli(sys.argv[1:])\n"
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, *args], stderr=subprocess.PIPE, text=True,
+        env=os.environ | {"TF_CPP_MIN_LOG_LEVEL": "3"},
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while not leftovers(tmp_path) and child.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert child.poll() is None, "finished before it could be interrupted: make it bigger"
+    time.sleep(0.3)
+    child.send_signal(signum)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == code, err[-2000:]
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-2000:]
+    assert not leftovers(tmp_path) and not out.exists(), list(tmp_path.iterdir())
 
 
 def test_evaluate_part_without_a_split_is_refused(world, tmp_path):
@@ -256,24 +319,6 @@ def test_bad_options_are_one_line_naming_the_option(world, tmp_path):
         line = refused(world, *args)
         assert option in line, (args, line)
         assert not out.exists(), args
-
-
-def forged_png(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims width × height pixels (a decompression bomb)."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b""))
-        + chunk(b"IEND", b"")
-    )
 
 
 def test_decompression_bombs_are_refused_before_decoding(world, tmp_path):

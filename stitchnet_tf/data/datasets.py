@@ -102,10 +102,7 @@ def _list_images(folder: Path, side_files: bool = False, exclude=()) -> list[Pat
             continue
         if side_files and entry.is_file() and entry.suffix.lower() in SIDE_FILES:
             continue
-        if entry.is_dir():
-            out.append(entry)  # a DICOM series; checked when read
-            continue
-        io.kind_of(entry)  # raises for a non-image file
+        io.kind_of(entry)  # raises for a non-image file; a folder is a DICOM series
         out.append(entry)
     return out
 

@@ -11,6 +11,7 @@ Every failure is a `DataError` naming the file and the problem.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import warnings
@@ -64,14 +65,38 @@ def _has_dicom_magic(path: Path) -> bool:
         return False
 
 
+def check_name(path: str | os.PathLike) -> None:
+    """A file name that is not valid UTF-8 cannot be written to the CSV and JSON outputs that
+    name each slice: refuse it up front."""
+    try:
+        Path(path).name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(path, "file name is not valid UTF-8 (rename the file)") from None
+
+
+def why_missing(p: Path) -> str:
+    """Why an entry that does not exist as a file or folder cannot be read."""
+    if p.is_symlink():
+        try:
+            os.stat(p)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return "symbolic link loop"
+        return f"broken symbolic link (to {os.readlink(p)})"
+    return "file not found"
+
+
 def kind_of(path: str | os.PathLike) -> str:
     """`slice`, `nifti`, `dicom` (one file) or `dicom-series` (a folder); else a DataError."""
     p = Path(path)
+    check_name(p)
+    suffix = suffix_of(p)
     if p.is_dir():
+        if suffix in SLICE_SUFFIXES or suffix in NIFTI_SUFFIXES:
+            raise DataError(p, f"is a folder, not a {suffix} file")
         return "dicom-series"
     if not p.exists():
-        raise DataError(p, "file not found")
-    suffix = suffix_of(p)
+        raise DataError(p, why_missing(p))
     if suffix in SLICE_SUFFIXES:
         return "slice"
     if suffix in NIFTI_SUFFIXES:

@@ -16,3 +16,5 @@ DEFAULT_HEAD_SKIPS = 16
 DEFAULT_GLOBAL_CLIPNORM = 20.0
 #: Scale of every prior σ when drawing samples (docs/DESIGN.md §7.15).
 SAMPLE_TEMPERATURE = 1.0
+#: Batches over which BatchNorm statistics are re-estimated before each validation.
+RECALIBRATION_STEPS = 20
