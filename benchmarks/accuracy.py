@@ -165,7 +165,7 @@ def train_project_model(args, contender: str, fold: int, seed: int, labelled: Pa
 def run_one(args, contender: str, fold: int, seed: int) -> dict:
     """Train (or fit) one contender on one fold and score it on the fold's test slices."""
     from stitchnet_tf.data.datasets import discover
-    from stitchnet_tf.data.lungmask import default_segmenter
+    from stitchnet_tf.data.lung_unet import default_segmenter
     from stitchnet_tf.data.splits import Split
     from stitchnet_tf.evaluation import SliceScorer
 
@@ -180,9 +180,9 @@ def run_one(args, contender: str, fold: int, seed: int) -> dict:
     start = time.time()
     info: dict = {"lung_model": lung_model, "intensity": args.intensity}
     if contender == "threshold":
-        from stitchnet_tf.models.threshold import ThresholdRule
+        from stitchnet_tf.threshold_fit import fit_threshold_rule
 
-        model = ThresholdRule.fit(
+        model = fit_threshold_rule(
             dataset.subset(split.train), args.size, segmenter, intensity=args.intensity
         )
         info |= {"low": model.low, "high": model.high}
@@ -233,7 +233,7 @@ def add_tta(args) -> None:
     """Score the TTA variant of finished project-model runs that lack it (from their run
     folders' best.keras)."""
     from stitchnet_tf.data.datasets import discover
-    from stitchnet_tf.data.lungmask import default_segmenter
+    from stitchnet_tf.data.lung_unet import default_segmenter
     from stitchnet_tf.data.splits import Split
     from stitchnet_tf.evaluation import SliceScorer
     from stitchnet_tf.fileio import atomic_write_text

@@ -14,7 +14,7 @@ the split's train part.
 
 Evaluation, as a user gets it: predict on each slice at `--size`, resize the softmax
 probabilities linearly to the slice's original size, take the argmax, then mark every pixel
-outside the lung field (from the image alone, `lungmask.default_segmenter`) as background, and
+outside the lung field (from the image alone, `lung_unet.default_segmenter`) as background, and
 score with `metrics.Table1` (per-image F1 = Dice, mean ± population std; pooled Dice from the
 summed TP/FP/FN) on the split's test and val parts.
 
@@ -362,7 +362,7 @@ def write_combined(output: Path) -> None:
         "side (same fraction for both sides) resized back. No checkpoint selection: the "
         "last weights are scored, so val is as held out as test.",
         "- Evaluation: softmax at model size, resized linearly to the slice's original size, "
-        "argmax; pixels outside the lung field of `lungmask.default_segmenter()` "
+        "argmax; pixels outside the lung field of `lung_unet.default_segmenter()` "
         f"(`{s['segmenter']}`, from the image only, never the labels) set to background, "
         "no-lesion pixels inside it to healthy; scored by `stitchnet_tf.metrics.Table1` "
         "(multiclass, absent=exclude) against the original-size masks; pooled Dice = "
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from stitchnet_tf.data.datasets import discover
-    from stitchnet_tf.data.lungmask import default_segmenter
+    from stitchnet_tf.data.lung_unet import default_segmenter
     from stitchnet_tf.data.preprocess import read_sample
     from stitchnet_tf.data.splits import Split
     from stitchnet_tf.fileio import atomic_write_text

@@ -62,19 +62,20 @@ def main() -> int:
     from pipeline_throughput import machine
 
     from stitchnet_tf.data.datasets import discover
-    from stitchnet_tf.data.lungmask import default_segmenter
+    from stitchnet_tf.data.lung_unet import default_segmenter
     from stitchnet_tf.data.splits import Split
     from stitchnet_tf.evaluation import evaluate
     from stitchnet_tf.fileio import atomic_write_text
     from stitchnet_tf.metrics import summaries_markdown
     from stitchnet_tf.models.threshold import ThresholdRule
+    from stitchnet_tf.threshold_fit import fit_threshold_rule
 
     dataset = discover(labelled, require_labels=True)
     split = Split.load(args.split)
     split.check(dataset)
     segmenter = default_segmenter()
     start = time.time()
-    rule = ThresholdRule.fit(
+    rule = fit_threshold_rule(
         dataset.subset(split.train), args.size, segmenter, step=args.step, refine=args.refine
     )
     fit_seconds = time.time() - start

@@ -55,7 +55,7 @@ from lungmask_dice import machine, read_gray  # noqa: E402
 
 from stitchnet_tf.data.intensity import to_uint8, window_hu  # noqa: E402
 from stitchnet_tf.data.lung_unet import normalise, to_working_size  # noqa: E402
-from stitchnet_tf.data.lungmask import _fill_holes  # noqa: E402
+from stitchnet_tf.data.lungmask import fill_holes  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "zenodo20-lungs"
 MODEL_DIR = ROOT / "saved_models" / "lung_unet"
@@ -421,7 +421,7 @@ def main() -> int:
             exclude |= set(json.loads(f.read_text())["test"])
         m_img, m_les, h_img, h_les = load_medseg(args.medseg, exclude)
         teacher = LearnedLungMask(args.init) if args.init else LearnedLungMask()
-        m_lung = [_fill_holes(teacher(i) | (y > 0)) for i, y in zip(m_img, m_les, strict=True)]
+        m_lung = [fill_holes(teacher(i) | (y > 0)) for i, y in zip(m_img, m_les, strict=True)]
         medseg_train, medseg_held = (m_img, m_lung), (h_img, h_les)
         medseg_train_lesions = (m_img, m_les)
         print(f"MedSeg: {len(m_img)} train slices (pseudo-lung), {len(h_img)} held out", flush=True)

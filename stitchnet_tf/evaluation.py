@@ -105,7 +105,7 @@ class SliceScorer:
         if not dataset.samples:
             raise DataError(dataset.root, "no slices to score")
         if segmenter is None:
-            from stitchnet_tf.data.lungmask import default_segmenter
+            from stitchnet_tf.data.lung_unet import default_segmenter
 
             segmenter = default_segmenter()
         self.dataset, self.size, self.segmenter = dataset, check_model_size(size), segmenter

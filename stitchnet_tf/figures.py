@@ -91,7 +91,7 @@ def styles_figures(
     loaded = _stitchnet(model_path)
     size = loaded.input_size(size)
     from stitchnet_tf.data.classes import ALL
-    from stitchnet_tf.data.lungmask import default_segmenter
+    from stitchnet_tf.data.lung_unet import default_segmenter
 
     segmenter = default_segmenter()
     written, errors = 0, {}

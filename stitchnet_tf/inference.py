@@ -49,7 +49,7 @@ class LoadedModel:
 
 def load_model(path: str | os.PathLike) -> LoadedModel:
     """Load a run folder (its best.keras, else last.keras), a `.keras` file, an export
-    (`export.load_exported`: a SavedModel folder or a `.tflite` file) or a `ThresholdRule`
+    (`exported.load_exported`: a SavedModel folder or a `.tflite` file) or a `ThresholdRule`
     JSON file (`models.threshold`)."""
     p = Path(path)
     if p.suffix == ".json" and p.is_file():
@@ -62,11 +62,11 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
 
     import stitchnet_tf.models.baselines  # noqa: F401  (registers the model classes)
     import stitchnet_tf.models.stitchnet  # noqa: F401
-    from stitchnet_tf import export
+    from stitchnet_tf import exported
 
-    if export.is_exported(p):
-        exported = export.load_exported(p)
-        return LoadedModel(exported, exported.size, exported.path)
+    if exported.is_exported(p):
+        model = exported.load_exported(p)
+        return LoadedModel(model, model.size, model.path)
     run = None
     if p.is_dir():
         run = p
@@ -287,7 +287,7 @@ class Predictor:
         if fixed is not None and fixed != self.size:
             raise DataError(None, f"the exported model takes {fixed} px slices, not {size}")
         if segmenter is None:
-            from stitchnet_tf.data.lungmask import default_segmenter
+            from stitchnet_tf.data.lung_unet import default_segmenter
 
             segmenter = default_segmenter()
         self.segmenter, self.samples, self.decision, self.margin = (

@@ -19,6 +19,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -49,6 +50,8 @@ from stitchnet_tf.fileio import (
 from stitchnet_tf.models.options import RECALIBRATION_STEPS
 
 MODELS = ("stitchnet", "unet", "segnet")
+#: Tests only: the process kills itself (SIGKILL) right after saving this epoch's checkpoint.
+KILL_AFTER_EPOCH_ENV = "STITCHNET_TF_TEST_KILL_AFTER_EPOCH"
 
 
 #: What runs written before these TrainConfig fields existed were trained with.
@@ -375,6 +378,8 @@ def _make_callbacks(
             _atomic_save(self.model, run / "last.keras")
             state["epochs_done"] = epoch + 1
             atomic_write_text(run / "state.json", json.dumps(state, indent=1) + "\n")
+            if os.environ.get(KILL_AFTER_EPOCH_ENV) == str(epoch + 1):  # tests: a crash here
+                os.kill(os.getpid(), signal.SIGKILL)
 
         def on_train_batch_end(self, batch, logs=None):
             if logs and not np.all(np.isfinite(logs.get("loss", 0.0))):

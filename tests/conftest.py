@@ -46,18 +46,18 @@ def write_ct_dicom():
 
 def pytest_addoption(parser):
     parser.addoption(
-        "--slow",
+        "--learning",
         action="store_true",
-        help="also run the slow tier (real-data learning guards; minutes each)",
+        help="also run the learning guards (short training runs on real data; minutes each)",
     )
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--slow"):
+    if config.getoption("--learning"):
         return
-    skip = pytest.mark.skip(reason="slow tier: run with --slow")
+    skip = pytest.mark.skip(reason="learning guard: run with --learning")
     for item in items:
-        if "slow" in item.keywords:
+        if "learning" in item.keywords:
             item.add_marker(skip)
 
 

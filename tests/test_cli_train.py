@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -33,6 +32,8 @@ TINY = [
     "0.35",
     "--eager",
     "--quiet",
+    "--recalibration-steps",
+    "1",
 ]
 
 
@@ -105,9 +106,19 @@ def test_train_writes_a_complete_run_folder(stitchnet_run):
     assert model.decision == chosen and config["choose_decision"] is True
     split = json.loads((stitchnet_run / "split.json").read_text())
     assert split["by"] == "patient" and split["val"]
-    # a finished run is not silently overwritten
-    r = run("train", "-l", "x", "-o", stitchnet_run, *TINY, expect=2)
-    assert "dataset folder not found" in error_line(r)
+
+
+def test_a_finished_run_is_neither_overwritten_nor_resumed_with_another_config(stitchnet_run, data):
+    """The same command on a finished run, and a changed one, are refused; nothing changes."""
+    same = [
+        "train", "-l", data / "labelled", "-u", data / "unlabelled", "-o", stitchnet_run,
+        "--epochs", 2, "--steps-per-epoch", 2, "--labelled-per-batch", 2, *TINY,
+    ]  # fmt: skip
+    before = {p.name: p.stat().st_mtime_ns for p in stitchnet_run.iterdir()}
+    assert "holds a finished run" in error_line(run(*same, expect=2))
+    changed = [*same[: -len(TINY)], "--learning-rate", "0.01", *TINY]
+    assert "another configuration" in error_line(run(*changed, expect=2))
+    assert {p.name: p.stat().st_mtime_ns for p in stitchnet_run.iterdir()} == before
 
 
 def test_evaluate_writes_table1_reports(stitchnet_run, data, tmp_path):
@@ -257,42 +268,36 @@ def test_bad_inputs(stitchnet_run, data, tmp_path):
     assert not (tmp_path / "p2").exists()
 
 
-def test_interrupted_training_resumes(data, tmp_path):
+def test_a_killed_run_resumes_with_its_weights_and_optimizer_state(data, tmp_path):
+    """kill -9 right after epoch 2's checkpoint (a test hook, no race): the rerun resumes from
+    last.keras, optimizer state included, and trains epochs 3 and 4 only."""
+    from stitchnet_tf.inference import load_model
+    from stitchnet_tf.training import KILL_AFTER_EPOCH_ENV
+
     out = tmp_path / "resumed"
     args = [
-        sys.executable,
-        "-m",
-        "stitchnet_tf_cli",
-        "train",
-        "-l",
-        str(data / "labelled"),
-        "-o",
-        str(out),
-        "--epochs",
-        "4",
-        "--steps-per-epoch",
-        "2",
-        *TINY,
-    ]
-    env = os.environ | {"TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 600
-    state = out / "state.json"
-    while time.time() < deadline:
-        if state.is_file() and json.loads(state.read_text()).get("epochs_done", 0) >= 1:
-            break
-        if proc.poll() is not None:
-            pytest.fail("training ended before it could be killed:\n" + proc.stdout.read().decode())
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = json.loads(state.read_text())["epochs_done"]
-    assert 1 <= done < 4
-    r = run(*args[3:])
-    assert f"resuming {out} after epoch {done}" in r.output
-    assert json.loads(state.read_text())["epochs_done"] == 4
+        "train", "-l", str(data / "labelled"), "-o", str(out), "--model", "unet",
+        "--epochs", "4", "--steps-per-epoch", "2", *TINY,
+    ]  # fmt: skip
+    script = "import sys\nfrom stitchnet_tf_cli.main import cli\ncli(sys.argv[1:])\n"
+    env = os.environ | {"TF_CPP_MIN_LOG_LEVEL": "3", KILL_AFTER_EPOCH_ENV: "2"}
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    assert json.loads((out / "state.json").read_text())["epochs_done"] == 2
+    saved = load_model(out / "last.keras").model
+    assert int(saved.optimizer.iterations) == 4
+    r = run(*args)
+    assert f"resuming {out} after epoch 2" in r.output
+    assert json.loads((out / "state.json").read_text())["epochs_done"] == 4
     rows = (out / "log.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == list(range(4))  # each epoch logged once
+    final = load_model(out / "last.keras").model
+    # 4 restored + 4 new steps (a fresh start would count 4): the optimizer state was restored,
+    # and with it the learning-rate schedule's position
+    assert int(final.optimizer.iterations) == 8
 
 
 def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(data, tmp_path):

@@ -488,9 +488,12 @@ def test_has_patients_and_labelled():
 # --------------------------------------------------------------------------- real data
 
 
-needs_data = pytest.mark.skipif(
-    not SHARED.is_dir(), reason=f"real data folder {SHARED} is absent (fresh clone)"
-)
+def needs_data(test):
+    """Marks a test that reads ../shared/data (`realdata`; skipped where it is absent)."""
+    absent = pytest.mark.skipif(
+        not SHARED.is_dir(), reason=f"real data folder {SHARED} is absent (fresh clone)"
+    )
+    return pytest.mark.realdata(absent(test))
 
 
 @needs_data

@@ -253,7 +253,7 @@ def corrupt_data(tmp_path_factory) -> Path:
 TRAIN_TINY = (
     "--size", "32", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4",
     "--width", "0.25", "--backbone-alpha", "0.35", "--eager", "--quiet",
-    "--fractions", "0.5,0.25,0.25",
+    "--fractions", "0.5,0.25,0.25", "--recalibration-steps", "1",
 )  # fmt: skip
 
 

@@ -1,4 +1,4 @@
-"""Slow tier: the default recipe must learn on real slices (`pytest --slow`).
+"""Learning guard: the default recipe must learn on real slices (`pytest --learning`).
 
 A short run of the cpu preset's U-Net on the MedSeg train slices of cross-validation fold 0
 (skipped without `../shared/data`). It catches a recipe that stops learning, without timing
@@ -17,7 +17,8 @@ MEDSEG = ROOT.parent / "shared" / "data" / "medseg-covid" / "labelled"
 FOLD = ROOT / "benchmarks" / "splits" / "medseg_cv5_fold0.json"
 
 pytestmark = [
-    pytest.mark.slow,
+    pytest.mark.learning,
+    pytest.mark.realdata,
     pytest.mark.skipif(not MEDSEG.is_dir(), reason=f"real data not present: {MEDSEG}"),
 ]
 

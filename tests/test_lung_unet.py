@@ -140,6 +140,7 @@ def test_thread_safe(seg: LearnedLungMask, slices) -> None:
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.realdata
 @pytest.mark.skipif(not ZENODO.is_dir(), reason=f"real data not available ({ZENODO})")
 def test_dice_on_held_out_patient(seg: LearnedLungMask) -> None:
     info = json.loads(MODEL_INFO.read_text())
@@ -161,6 +162,7 @@ def test_dice_on_held_out_patient(seg: LearnedLungMask) -> None:
 MEDSEG = DATA / "medseg-covid" / "labelled"
 
 
+@pytest.mark.realdata
 @pytest.mark.skipif(not MEDSEG.is_dir(), reason=f"real data not available ({MEDSEG})")
 def test_lung_field_keeps_the_lesions(seg: LearnedLungMask) -> None:
     """Lesions are lung: the shipped model leaves at most 7% of MedSeg's consolidation pixels

@@ -173,6 +173,7 @@ def _zenodo_sample() -> list[str]:
     return files
 
 
+@pytest.mark.realdata
 @pytest.mark.skipif(not ZENODO.is_dir(), reason=f"real data not present: {ZENODO}")
 def test_real_slices_against_radiologist_masks() -> None:
     seg = AutoLungMask()

@@ -14,7 +14,10 @@ from stitchnet_tf.data.splits import split_dataset
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MEDSEG, ZENODO = DATA / "medseg-covid", DATA / "zenodo20-lungs"
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"real data not present: {DATA}")
+pytestmark = [
+    pytest.mark.realdata,
+    pytest.mark.skipif(not DATA.is_dir(), reason=f"real data not present: {DATA}"),
+]
 
 
 def test_medseg_labelled_slices_become_exact_four_class_sets():

@@ -14,7 +14,8 @@ from stitchnet_tf.data.datasets import discover
 from stitchnet_tf.errors import DataError
 from stitchnet_tf.evaluation import SliceScorer
 from stitchnet_tf.inference import load_model
-from stitchnet_tf.models.threshold import ThresholdRule, grid_objective, threshold_grid
+from stitchnet_tf.models.threshold import ThresholdRule, threshold_grid
+from stitchnet_tf.threshold_fit import fit_threshold_rule, grid_objective
 
 
 def test_segment_on_a_hand_made_array():
@@ -48,7 +49,7 @@ def test_bad_cut_offs_and_shapes_are_refused():
 
 def test_fit_finds_the_cut_offs_between_the_grey_levels(tmp_path):
     data = write_folder(tmp_path / "d", *piecewise(), lungs=[LUNG] * 3)
-    rule = ThresholdRule.fit(discover(data), 64)
+    rule = fit_threshold_rule(discover(data), 64)
     # healthy x = 0.2, GGO 0.502, CON 0.8: any low in (0.2, 0.502], high in (0.502, 0.8]
     assert 0.2 < rule.low <= 0.5 < rule.high <= 0.8
     assert rule.size == 64 and rule.fit_info["train_slices"] == 3
@@ -66,7 +67,7 @@ def test_grid_objective_is_the_scorers_mean_lesion_dice(tmp_path):
     for lo, hi in ((0, 0), (4, 10), (7, 12), (9, 9), (10, 20), (20, 20)):
         exact = scorer.score(ThresholdRule(grid[lo], grid[hi]))["mean_lesion_dice"]
         assert objective[lo, hi] == pytest.approx(exact, abs=1e-12), (lo, hi)
-    rule = ThresholdRule.fit(discover(data), 64, step=0.05, refine=5)
+    rule = fit_threshold_rule(discover(data), 64, step=0.05, refine=5)
     assert rule.fit_info["train_mean_lesion_dice"] == pytest.approx(np.nanmax(objective))
 
 

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 import stitchnet_tf
-from stitchnet_tf.data.lungmask import AutoLungMask, LungSegmenter, _fill_holes
+from stitchnet_tf.data.lungmask import AutoLungMask, LungSegmenter, fill_holes
 
 #: The shipped model: `<repo>/saved_models/lung_unet/lung_unet.keras`.
 DEFAULT_MODEL = (
@@ -107,7 +107,7 @@ def keep_components(mask: np.ndarray, max_components: int, min_area: float) -> n
     keep = [i + 1 for i in order if areas[i] >= min_area * mask.size]
     if not keep:
         return np.zeros(mask.shape, bool)
-    return _fill_holes(np.isin(lab, keep))
+    return fill_holes(np.isin(lab, keep))
 
 
 def mask_from_probability(

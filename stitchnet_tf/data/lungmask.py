@@ -62,7 +62,7 @@ def _convex_fill(mask: np.ndarray) -> np.ndarray:
     return out.astype(bool)
 
 
-def _fill_holes(mask: np.ndarray) -> np.ndarray:
+def fill_holes(mask: np.ndarray) -> np.ndarray:
     """Fill the holes of a [H, W] bool mask (background not connected to the image border)."""
     padded = np.pad(mask.astype(np.uint8), 1)
     ff_mask = np.zeros((padded.shape[0] + 2, padded.shape[1] + 2), np.uint8)
@@ -291,7 +291,7 @@ class AutoLungMask:
         band_r = max(px(0.01), 1)
         cy, cx = int(round(center[0])), int(round(center[1]))
         for comp in comps:
-            lung = _fill_holes(_close(comp, rc))
+            lung = fill_holes(_close(comp, rc))
             n_lung = np.count_nonzero(lung)
             defect = _open(_convex_fill(lung) & ~lung, rf)
             n, lab, stats, _ = cv2.connectedComponentsWithStats(
@@ -306,7 +306,7 @@ class AutoLungMask:
                     lung |= d
             out |= lung
         out = _close(_open(out, rf), rf)
-        return _fill_holes(out)
+        return fill_holes(out)
 
 
 def lung_bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
@@ -319,13 +319,3 @@ def lung_bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
         return None
     cols = np.flatnonzero(m.any(axis=0))
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-
-
-def default_segmenter() -> LungSegmenter:
-    """The package's default lung segmenter: the learned lung U-Net in `saved_models/` when it
-    is present and loads, else the classical `AutoLungMask`."""
-    try:
-        from stitchnet_tf.data.lung_unet import default_segmenter as learned
-    except ImportError:
-        return AutoLungMask()
-    return learned()

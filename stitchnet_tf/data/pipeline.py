@@ -85,7 +85,7 @@ class SliceLoader:
         self.intensity = check_intensity(intensity)
         check_prepared_intensity(dataset, intensity)
         if segmenter is None:
-            from stitchnet_tf.data.lungmask import default_segmenter
+            from stitchnet_tf.data.lung_unet import default_segmenter
 
             segmenter = default_segmenter()
         self.segmenter = segmenter

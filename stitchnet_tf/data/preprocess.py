@@ -235,7 +235,7 @@ def prepare(
         raw: the slice as read.
         size: model size (a multiple of 32).
         segmenter: a `LungSegmenter` used when `raw.lung` is None (default: the package's,
-            see `lungmask.default_segmenter`).
+            see `lung_unet.default_segmenter`).
         margin: crop margin as a fraction of the lung field's larger side.
         already_cropped: the slice comes from `preprocess` output: its lung mask is the lung
             field and no further crop is made (only a resize if the size differs).
@@ -251,7 +251,7 @@ def prepare(
     lung = raw.lung
     if lung is None:
         if segmenter is None:
-            from stitchnet_tf.data.lungmask import default_segmenter
+            from stitchnet_tf.data.lung_unet import default_segmenter
 
             segmenter = default_segmenter()
         lung = segmenter(raw.image)
@@ -335,7 +335,7 @@ def preprocess_dataset(
     check_apart(output, {"--input": dataset.root})
     check_output_dir(output, overwrite, marker=DATASET_MARKER)
     if segmenter is None:
-        from stitchnet_tf.data.lungmask import default_segmenter
+        from stitchnet_tf.data.lung_unet import default_segmenter
 
         segmenter = default_segmenter()
     names = [output_name(s) for s in dataset.samples]
