@@ -34,9 +34,7 @@ from stitchnet_tf.errors import DataError
 from stitchnet_tf.fileio import (
     atomic_dir,
     atomic_write_text,
-    check_apart,
-    check_output_dir,
-    model_input,
+    check_model_output,
 )
 from stitchnet_tf.inference import (
     Predictor,
@@ -230,9 +228,8 @@ def evaluate(
     folder's lung masks, else `segmenter` (default: the package's). Returns the summary dict
     (with `mean_lesion_dice`).
     """
-    sources, nest_ok = model_input(model_path)
-    check_apart(output, sources | {"--data": data, "--split": split}, nest_ok)
-    check_output_dir(output, overwrite, marker=EVALUATION_MARKER)
+    inputs = {"--data": data, "--split": split}
+    check_model_output(output, model_path, inputs, overwrite=overwrite, marker=EVALUATION_MARKER)
     dataset = discover(
         data,
         mask_values=mask_values,

@@ -9,7 +9,7 @@ import numpy as np
 
 from stitchnet_tf.data import io
 from stitchnet_tf.errors import DataError
-from stitchnet_tf.fileio import atomic_dir, check_apart, check_output_dir, model_input
+from stitchnet_tf.fileio import atomic_dir, check_model_output
 from stitchnet_tf.inference import load_model, model_class
 from stitchnet_tf.models.options import SAMPLE_TEMPERATURE
 from stitchnet_tf.predict import LABEL_PALETTE, _inputs
@@ -78,9 +78,8 @@ def styles_figures(
     the segmentation side by side (`<name>_styles.png`), as the paper's Fig. 6b."""
     from stitchnet_tf.data.preprocess import RawSlice, prepare
 
-    sources, nest_ok = model_input(model_path)
-    check_apart(output, sources | {"--input": input_path}, nest_ok)
-    check_output_dir(output, overwrite, marker=STYLES_MARKER)
+    inputs = {"--input": input_path}
+    check_model_output(output, model_path, inputs, overwrite=overwrite, marker=STYLES_MARKER)
     _check_stitchnet(model_path)
     images = []  # (path, slice, image): all read before the model loads (seconds)
     for path in _inputs(Path(input_path)):
@@ -139,9 +138,7 @@ def sample_figure(
 
     if not 0 < temperature <= 2:
         raise ValueError(f"temperature must be in (0, 2], got {temperature}")
-    sources, nest_ok = model_input(model_path)
-    check_apart(output, sources, nest_ok)
-    check_output_dir(output, overwrite, marker=SAMPLES_MARKER)
+    check_model_output(output, model_path, overwrite=overwrite, marker=SAMPLES_MARKER)
     _check_stitchnet(model_path)
     loaded = _stitchnet(model_path)
     size = loaded.input_size(size)

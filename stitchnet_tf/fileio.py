@@ -104,6 +104,22 @@ def model_input(model_path: str | os.PathLike) -> tuple[dict, tuple[str, ...]]:
     return {"--model": model_path}, ("--model",) if Path(model_path).is_dir() else ()
 
 
+def check_model_output(
+    output: str | os.PathLike,
+    model_path: str | os.PathLike,
+    inputs: Mapping[str, str | os.PathLike | None] | None = None,
+    *,
+    overwrite: bool = False,
+    marker: str | None = None,
+) -> None:
+    """The checks of a command that reads `--model` (and `inputs`) and writes the folder
+    `output`, before anything slow: `check_apart` (the output may lie inside a run or export
+    folder, never be or contain the model) and `check_output_dir`."""
+    sources, nest_ok = model_input(model_path)
+    check_apart(output, sources | dict(inputs or {}), nest_ok)
+    check_output_dir(output, overwrite, marker)
+
+
 def check_parents(target: str | os.PathLike) -> None:
     """`target` can be created: none of the folders above it is a file."""
     target = Path(target)

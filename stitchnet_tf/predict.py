@@ -25,7 +25,7 @@ from stitchnet_tf.data import io
 from stitchnet_tf.data.classes import CON, GGO
 from stitchnet_tf.data.intensity import to_uint8
 from stitchnet_tf.errors import DataError
-from stitchnet_tf.fileio import atomic_dir, check_apart, check_output_dir, model_input
+from stitchnet_tf.fileio import atomic_dir, check_model_output
 from stitchnet_tf.inference import Predictor, load_model
 
 #: the lesion-burden table, written last: marks a folder written by `predict`
@@ -111,9 +111,8 @@ def predict_path(
 
     Returns counts of slices and volumes written and the burden CSV path.
     """
-    sources, nest_ok = model_input(model_path)
-    check_apart(output, sources | {"--input": input_path}, nest_ok)
-    check_output_dir(output, overwrite, marker=PREDICT_MARKER)
+    inputs = {"--input": input_path}
+    check_model_output(output, model_path, inputs, overwrite=overwrite, marker=PREDICT_MARKER)
     inputs = _inputs(Path(input_path))
     loaded = load_model(model_path)
     size = loaded.input_size(size)
