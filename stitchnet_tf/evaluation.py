@@ -38,6 +38,7 @@ from stitchnet_tf.fileio import (
 )
 from stitchnet_tf.inference import (
     Predictor,
+    check_stitchnet_options,
     load_model,
     model_intensity,
     prepare_inputs,
@@ -230,6 +231,7 @@ def evaluate(
     """
     inputs = {"--data": data, "--split": split}
     check_model_output(output, model_path, inputs, overwrite=overwrite, marker=EVALUATION_MARKER)
+    check_stitchnet_options(model_path, samples, decision)
     dataset = discover(
         data,
         mask_values=mask_values,

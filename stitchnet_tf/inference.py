@@ -126,6 +126,15 @@ def model_class(path: str | os.PathLike) -> str | None:
         return None
 
 
+def check_stitchnet_options(
+    model_path: str | os.PathLike, samples: int = 0, decision: str | None = None
+) -> None:
+    """Refuse `samples` / `decision` for a model that has neither, before it is loaded."""
+    kind = model_class(model_path)
+    if (samples or decision is not None) and kind not in (None, "StitchNet", "exported"):
+        raise DataError(None, f"--samples and --decision apply to StitchNet only, not to {kind}")
+
+
 def check_keras_archive(path: Path) -> None:
     """A `.keras` file is a zip archive holding `config.json`: say so when it is truncated or
     something else renamed (Keras itself reports "File not found" for both)."""

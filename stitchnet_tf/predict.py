@@ -26,7 +26,7 @@ from stitchnet_tf.data.classes import CON, GGO
 from stitchnet_tf.data.intensity import to_uint8
 from stitchnet_tf.errors import DataError
 from stitchnet_tf.fileio import atomic_dir, check_model_output
-from stitchnet_tf.inference import Predictor, load_model
+from stitchnet_tf.inference import Predictor, check_stitchnet_options, load_model
 
 #: the lesion-burden table, written last: marks a folder written by `predict`
 PREDICT_MARKER = "burden.csv"
@@ -113,6 +113,7 @@ def predict_path(
     """
     inputs = {"--input": input_path}
     check_model_output(output, model_path, inputs, overwrite=overwrite, marker=PREDICT_MARKER)
+    check_stitchnet_options(model_path, samples, decision)
     inputs = _inputs(Path(input_path))
     loaded = load_model(model_path)
     size = loaded.input_size(size)

@@ -308,6 +308,9 @@ def test_bad_options_are_one_line_naming_the_option(world, tmp_path):
         (("preprocess", "-i", lab, "-o", out, "--margin", -1), "--margin"),
         (("preprocess", "-i", lab, "-o", out, "--window-width", 0), "--window-width"),
         (("predict", "-m", rule, "-i", lab, "-o", out, "--window-width", -5), "--window-width"),
+        (("predict", "-m", rule, "-i", lab, "-o", out, "--decision", "posterior"), "--decision"),
+        (("predict", "-m", rule, "-i", lab, "-o", out, "--samples", 3), "--samples"),
+        (("evaluate", "-m", rule, "-d", lab, "-o", out, "--decision", "prior"), "--decision"),
         (("split", "-d", lab, "-o", out / "s.json", "--fractions", "nan,0.5,0.5"), "--fractions"),
         (("split", "-d", lab, "-o", out / "s.json", "--patient-pattern", "("), "--patient-pattern"),
         (

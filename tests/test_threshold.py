@@ -30,11 +30,15 @@ def test_segment_on_a_hand_made_array():
     np.testing.assert_array_equal(out["probabilities"].argmax(-1), out["labels"])
     np.testing.assert_array_equal(out["probabilities"].sum(-1), 1.0)
     assert out["entropy"].shape == (1, 2, 3) and not out["entropy"].any()
-    # without a lung field, x > 0 is the field; tensors, samples and decision are accepted
+    # without a lung field, x > 0 is the field; tensors are accepted
     import tensorflow as tf
 
-    out = rule.segment(tf.constant(x), samples=3, decision="prior")
+    out = rule.segment(tf.constant(x))
     assert out["labels"].tolist() == [[[BACKGROUND, HEALTHY, GGO], [GGO, CON, CON]]]
+    # the rule has no latent to sample and no decision rule: asking for them is an error
+    for kwargs in ({"samples": 3}, {"decision": "prior"}):
+        with pytest.raises(DataError, match="apply to StitchNet only, not to ThresholdRule"):
+            rule.segment(x, **kwargs)
 
 
 def test_bad_cut_offs_and_shapes_are_refused():

@@ -24,7 +24,6 @@ from keras import layers, ops
 from stitchnet_tf import likelihood as lik
 from stitchnet_tf.data.classes import BACKGROUND, CON, GGO, HEALTHY
 from stitchnet_tf.data.intensity import check_intensity
-from stitchnet_tf.errors import DataError
 from stitchnet_tf.models.backbone import scaled_filters, set_bn_momentum
 from stitchnet_tf.models.optim import (
     CompiledOnce,
@@ -33,7 +32,7 @@ from stitchnet_tf.models.optim import (
     skip_non_finite,
     update_if_finite,
 )
-from stitchnet_tf.models.options import DEFAULT_GLOBAL_CLIPNORM
+from stitchnet_tf.models.options import DEFAULT_GLOBAL_CLIPNORM, check_deterministic
 from stitchnet_tf.models.stitchnet import SetDice
 
 NUM_LESION_CLASSES = 3  # 0 no lesion, 1 GGO, 2 consolidation
@@ -282,16 +281,6 @@ class SetSupervisedMixin(CompiledOnce):
         probs = self.class_probabilities(self(x, training=False), lung)
         entropy = -ops.sum(probs * ops.log(ops.maximum(probs, 1e-12)), axis=-1)
         return {"probabilities": probs, "labels": ops.argmax(probs, -1), "entropy": entropy}
-
-
-def check_deterministic(model, samples: int = 0, decision: str | None = None) -> None:
-    """A deterministic model (no latent to sample, no decision rule) refuses `samples` and
-    `decision` with one line instead of ignoring them."""
-    if samples or decision is not None:
-        raise DataError(
-            None,
-            f"--samples and --decision apply to StitchNet only, not to {type(model).__name__}",
-        )
 
 
 # --------------------------------------------------------------------------- models

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from stitchnet_tf.errors import DataError
+
 #: Reconstruction terms: the exact stitch likelihood (the paper) or the authors' Jensen bound.
 LIKELIHOODS = ("exact", "jensen")
 #: Decision rules: softmax(π) alone, or the posterior r_k ∝ π_k Beta_k(x).
@@ -18,3 +20,13 @@ DEFAULT_GLOBAL_CLIPNORM = 20.0
 SAMPLE_TEMPERATURE = 1.0
 #: Batches over which BatchNorm statistics are re-estimated before each validation.
 RECALIBRATION_STEPS = 20
+
+
+def check_deterministic(model, samples: int = 0, decision: str | None = None) -> None:
+    """A deterministic model (no latent to sample, no decision rule) refuses `samples` and
+    `decision` with one line instead of ignoring them."""
+    if samples or decision is not None:
+        raise DataError(
+            None,
+            f"--samples and --decision apply to StitchNet only, not to {type(model).__name__}",
+        )

@@ -21,6 +21,7 @@ from stitchnet_tf.data.classes import BACKGROUND, CLASS_NAMES, CON, GGO, HEALTHY
 from stitchnet_tf.data.intensity import check_intensity
 from stitchnet_tf.errors import DataError
 from stitchnet_tf.fileio import atomic_write_text
+from stitchnet_tf.models.options import check_deterministic
 
 KIND = "threshold_rule"
 FILE_NAME = "threshold_rule.json"
@@ -98,7 +99,8 @@ class ThresholdRule:
     def segment(self, x, lung=None, samples: int = 0, decision: str | None = None) -> dict:
         """Segment x [B, H, W, 1] like `StitchNet.segment`: one-hot probabilities [B,H,W,4]
         (background, healthy, GGO, CON), labels [B,H,W] and entropy [B,H,W] (0: the rule is
-        certain). `samples` and `decision` are accepted for the common API and ignored."""
+        certain). `samples` and `decision` are refused: the rule has neither."""
+        check_deterministic(self, samples, decision)
         labels = self.labels(x, lung)
         probabilities = np.eye(NUM_CLASSES, dtype=np.float32)[labels]
         return {
