@@ -21,6 +21,11 @@ from PIL import Image
 
 from stitchnet_tf.data.synthetic import write_demo_dataset
 
+#: Each test here trains or loads models through the CLI (a minute or more): the full suite
+#: runs them, the fast tier (`-m "not slow"`) leaves them to tests/test_battery.py and
+#: tests/test_cli.py.
+pytestmark = pytest.mark.slow
+
 TINY = [
     "--size",
     "32",
@@ -220,7 +225,7 @@ def test_unet_baseline_trains_and_evaluates(data, tmp_path):
     assert "UNet" in (tmp_path / "eval" / "metrics.md").read_text()
     # styles need a generative model
     r = run("styles", "-m", out, "-i", data / "labelled" / "images", "-o", tmp_path / "s", expect=2)
-    assert "a StitchNet model is needed" in error_line(r)
+    assert "a StitchNet .keras model is needed" in error_line(r)
 
 
 def test_bad_inputs(stitchnet_run, data, tmp_path):

@@ -153,6 +153,7 @@ def _mirrored_vs_single() -> dict:
     }
 
 
+@pytest.mark.slow
 def test_mirrored_two_cpus_matches_one_device():
     out = _script("mirrored", timeout=300).stdout.strip().splitlines()[-1]
     r = json.loads(out)
@@ -213,6 +214,7 @@ def _worker(data: str, output: str, dump: str) -> None:
     assert (summary["run"] is not None) == distribute.is_chief()
 
 
+@pytest.mark.slow
 def test_two_workers_train_in_sync(tmp_path):
     from stitchnet_tf.data.synthetic import write_demo_dataset
 

@@ -80,6 +80,7 @@ def agreement(a, b) -> float:
     return float((np.asarray(a) == np.asarray(b)).mean())
 
 
+@pytest.mark.slow
 def test_savedmodel_layout_and_parity_with_keras(unet, stitchnet, slices):
     x, lung = slices
     for model, version in (unet, stitchnet):
@@ -161,6 +162,7 @@ def test_bytes_signature_preprocesses_in_the_graph_like_predictor(unet, data):
         assert agreement(out["labels_original"][0], labels) > 0.999
 
 
+@pytest.mark.slow
 def test_tflite_variants_agree_with_keras(unet, slices, tmp_path):
     x, lung = slices
     model, version = unet
@@ -190,6 +192,7 @@ def test_tflite_variants_agree_with_keras(unet, slices, tmp_path):
     assert sizes["float16"] < 0.6 * sizes["none"] and sizes["dynamic"] < 0.4 * sizes["none"]
 
 
+@pytest.mark.slow
 def test_stitchnet_tflite_matches_keras(stitchnet, slices, tmp_path):
     x, lung = slices
     model, version = stitchnet
@@ -209,6 +212,7 @@ def _digest(folder: Path) -> str:
     return h.hexdigest()
 
 
+@pytest.mark.slow
 def test_an_interrupted_export_leaves_the_previous_version_intact(unet, monkeypatch, tmp_path):
 
     model, version = unet
@@ -242,6 +246,7 @@ def test_an_interrupted_export_leaves_the_previous_version_intact(unet, monkeypa
     assert sorted(tmp_path.iterdir()) == [tflite, export.tflite_metadata(tflite)]
 
 
+@pytest.mark.slow
 def test_cli_mixed_precision_train_export_predict_evaluate(data, tmp_path):
     runs = tmp_path / "runs" / "unet"
     run(
@@ -298,6 +303,7 @@ def test_cli_mixed_precision_train_export_predict_evaluate(data, tmp_path):
     assert "cannot load TFLite model" in error_line(r)
 
 
+@pytest.mark.slow
 def test_tta_export_averages_flips_like_the_predictor(unet, slices, tmp_path):
     from stitchnet_tf.inference import flip_average
 

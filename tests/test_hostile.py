@@ -265,6 +265,7 @@ def test_train_checks_every_slice_before_the_first_step(corrupt_data, tmp_path):
     assert snapshot(corrupt_data) == before and not leftovers(tmp_path)
 
 
+@pytest.mark.slow
 def test_a_slice_that_fails_inside_the_pipeline_ends_the_run_with_one_line(corrupt_data, tmp_path):
     """Without the up-front check the bad slice is met inside tf.data: the run must still end
     with exit 2 and one line naming the file, never a hang or a TensorFlow traceback."""

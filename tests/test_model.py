@@ -50,7 +50,7 @@ def trained(batch):
     model = StitchNet(**GENERATIVE)
     model.compile(optimizer=keras.optimizers.Adam(3e-3))
     data = tf.data.Dataset.from_tensors({"x": x, "allowed": allowed}).repeat()
-    history = model.fit(data, epochs=8, steps_per_epoch=50, verbose=0)
+    history = model.fit(data, epochs=8, steps_per_epoch=20, verbose=0)
     return model, history.history
 
 
@@ -72,6 +72,7 @@ def test_table2_shapes():
         assert tuple(out["kl"].shape) == (1, 5)
 
 
+@pytest.mark.slow
 def test_any_multiple_of_32_and_heads():
     model = StitchNet(**TINY)
     out = model(np.random.rand(2, 64, 96, 1).astype("float32"))
@@ -159,6 +160,7 @@ def test_analytic_kl_equals_mean_of_mc_estimates():
 # --------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow
 def test_overfits_one_batch(trained, batch):
     model, history = trained
     losses = history["loss"]
@@ -172,6 +174,7 @@ def test_overfits_one_batch(trained, batch):
         assert name in history
 
 
+@pytest.mark.slow
 def test_keras_save_and_safe_mode_load_agree(trained, batch, tmp_path):
     model, _ = trained
     x, _ = batch
@@ -184,6 +187,7 @@ def test_keras_save_and_safe_mode_load_agree(trained, batch, tmp_path):
         np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_inference_outputs(trained, batch):
     model, _ = trained
     x, _ = batch
@@ -219,6 +223,7 @@ def test_inference_outputs(trained, batch):
     assert tuple(plain["labels"].shape) == (1, 32, 32)
 
 
+@pytest.mark.slow
 def test_mixed_bfloat16_training_step_is_finite(batch):
     x, allowed = batch
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
@@ -237,6 +242,7 @@ def test_mixed_bfloat16_training_step_is_finite(batch):
     assert np.isfinite(out["pi_logits"].numpy()).all()
 
 
+@pytest.mark.slow
 def test_authors_objective_and_options():
     model = StitchNet.authors(**TINY)
     assert model.likelihood == "jensen" and model.supervised_weight == 100.0
@@ -282,6 +288,7 @@ def test_mixed_precision_policy_follows_the_device():
         assert set_precision(False) == "float32"
 
 
+@pytest.mark.slow
 def test_batchnorm_recalibration_makes_inference_match_training(trained, batch):
     from stitchnet_tf.models.optim import recalibrate_batchnorm
 
@@ -294,6 +301,7 @@ def test_batchnorm_recalibration_makes_inference_match_training(trained, batch):
     assert lesion_dice(model, x, allowed, training=False) > 0.7
 
 
+@pytest.mark.slow
 def test_group_norm_default_has_no_batchnorm_in_the_ladder(trained):
     model, _ = trained
     assert model.norm == "group"
@@ -303,6 +311,7 @@ def test_group_norm_default_has_no_batchnorm_in_the_ladder(trained):
     assert StitchNet.from_config(model.get_config()).get_config()["norm"] == "group"
 
 
+@pytest.mark.slow
 def test_inference_mode_matches_training_mode_after_training(trained, batch):
     """The shared mapping (b) normalises each use on its own (GroupNorm): inference-mode KL and
     π equal training-mode ones (z at the posterior mean in both), level by level."""
@@ -342,6 +351,7 @@ def test_initial_kl_is_small_and_gradients_are_balanced(batch):
     assert max(norms.values()) <= 100 * norms["head"]
 
 
+@pytest.mark.slow
 def test_compute_terms_equals_a_hand_computation(trained):
     """recon, supervised and KL in nats per lung pixel, computed again with NumPy/SciPy."""
     from scipy import special, stats
@@ -418,6 +428,7 @@ def test_global_norm_clipping_and_gradient_monitor():
     assert bool(finite) and np.array_equal(kept[0], grads[0])
 
 
+@pytest.mark.slow
 def test_styles_have_bounded_beta_parameters(trained, batch):
     from stitchnet_tf.likelihood import CONCENTRATION_MAX, CONCENTRATION_MIN
 
