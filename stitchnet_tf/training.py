@@ -331,8 +331,8 @@ def _make_callbacks(
 
     class RunState(keras.callbacks.Callback):
         """Each epoch: re-estimate BatchNorm statistics, validate (loss terms from `val_data`,
-        the mean lesion Dice per image from the scorer) into the logs, save last/best `.keras`
-        and state.json; NaN-safe."""
+        the mean lesion Dice per image from the scorer) into the logs, save best.keras; NaN-safe.
+        `Commit` then saves last.keras and state.json."""
 
         def _validate(self, logs: dict, finite: bool) -> float:
             """Validation logs and the epoch's score (what picks the best epoch)."""
@@ -375,6 +375,15 @@ def _make_callbacks(
                         kind = " (EMA weights)" if ema.on else ""
                         note = f"epoch {epoch + 1}: best so far, val mean lesion Dice {score:.4f}"
                         log(note + kind)
+            state["finished_epoch"] = epoch + 1  # committed by `Commit`, after the log row
+
+    class Commit(keras.callbacks.Callback):
+        """Last of the epoch's callbacks, after the CSV log has its row: save last.keras, then
+        state.json, so that a resumed run never lacks the log row of an epoch it skips."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            if state.pop("finished_epoch", None) != epoch + 1:
+                return
             _atomic_save(self.model, run / "last.keras")
             state["epochs_done"] = epoch + 1
             atomic_write_text(run / "state.json", json.dumps(state, indent=1) + "\n")
@@ -386,11 +395,12 @@ def _make_callbacks(
                 self.model.stop_training = True
 
     if not chief:  # a worker's own folder (thrown away) gets only the checkpoints
-        return [RunState()]
+        return [RunState(), Commit()]
     return [
         RunState(),
         keras.callbacks.CSVLogger(str(run / "log.csv"), append=True),
         keras.callbacks.TensorBoard(str(run / "tensorboard"), write_graph=False),
+        Commit(),
     ]
 
 

@@ -249,19 +249,3 @@ def test_failed_overwrite_keeps_the_previous_output(demo, tmp_path):
     _corrupt(data, sorted((data / "images").iterdir())[-1].name)
     run("preprocess", "-i", data, "-o", out, "--size", 32, "--overwrite", expect=2)
     assert sorted(p.name for p in (out / "images").iterdir()) == before
-
-
-@pytest.mark.slow
-def test_demo_runs_end_to_end_at_a_tiny_size(tmp_path):
-    """The README's main job, shrunk to one step per model: every part it promises is written."""
-    import json
-
-    out = tmp_path / "demo"
-    run("demo", "-o", out, "--size", 32, "--epochs", 1, "--steps-per-epoch", 1)
-    report = json.loads((out / "demo.json").read_text())
-    assert set(report) == {"stitchnet", "unet"}
-    assert (out / "REPORT.md").is_file() and (out / "samples" / "samples.png").is_file()
-    assert list((out / "styles").glob("*_styles.png"))
-    for name in ("stitchnet", "unet"):
-        assert (out / "runs" / name / "best.keras").is_file()
-        assert (out / "eval" / name / "metrics.md").is_file()

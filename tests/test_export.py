@@ -124,7 +124,7 @@ def test_bytes_signature_preprocesses_in_the_graph_like_predictor(unet, data):
     the Predictor's do: probabilities mapped back before the argmax, lung classes in the field."""
     import tensorflow as tf
 
-    from stitchnet_tf.data.lungmask import default_segmenter
+    from stitchnet_tf.data.lung_unet import default_segmenter
     from stitchnet_tf.data.preprocess import Geometry, prepare
     from stitchnet_tf.inference import labels_to_original
 

@@ -198,9 +198,13 @@ def test_an_interrupted_command_exits_cleanly_and_leaves_no_temporaries(
     out = tmp_path / "big"
     args = ["demo-data", "-o", str(out), "--labelled-patients", "40", "--size", "256"]
     script = "import sys\nfrom stitchnet_tf_cli.main import cli\ncli(sys.argv[1:])\n"
+    import signal
+
     child = subprocess.Popen(
         [sys.executable, "-c", script, *args], stderr=subprocess.PIPE, text=True,
         env=os.environ | {"TF_CPP_MIN_LOG_LEVEL": "3"},
+        # a test runner's worker may ignore SIGINT, and a child inherits that: undo it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     deadline = time.time() + 120
     while not leftovers(tmp_path) and child.poll() is None and time.time() < deadline:
