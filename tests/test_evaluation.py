@@ -102,16 +102,18 @@ def test_the_best_epoch_is_chosen_by_the_per_image_scorer(tmp_path):
     run_dir = (tmp_path / "run").resolve()
     run_dir.mkdir()
     state = {"epochs_done": 0, "best_score": None, "best_epoch": None}
-    (callback,) = _make_callbacks(
+    callback, commit = _make_callbacks(
         run_dir, state, "ggo_con", print, None, "val", 0, chief=False,
         val_set=discover(data), size=64,
     )  # fmt: skip
     model = Checkpoints()
     callback.set_model(model)
+    commit.set_model(model)
     logs = [{"loss": 0.5}, {"loss": 0.4}]
     for epoch in (0, 1):
         model.epoch = epoch
         callback.on_epoch_end(epoch, logs[epoch])
+        commit.on_epoch_end(epoch, logs[epoch])
     first, second = logs
     assert first["val_mean_lesion_dice"] == 1.0 and first["val_dice_ggo_image"] == 1.0
     assert first["val_dice_con_image"] == 1.0 and first["val_kl"] == 0.1
@@ -123,5 +125,6 @@ def test_the_best_epoch_is_chosen_by_the_per_image_scorer(tmp_path):
     # a NaN loss stops training without scoring or saving
     nan_logs = {"loss": math.nan}
     callback.on_epoch_end(2, nan_logs)
+    commit.on_epoch_end(2, nan_logs)
     assert model.stop_training and state["nan_epoch"] == 3 and state["epochs_done"] == 2
     assert nan_logs["val_mean_lesion_dice"] == 0.0
