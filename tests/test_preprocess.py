@@ -49,8 +49,20 @@ def test_geometry_round_trip_of_shapes_at_model_size(size):
     assert model.shape == (size, size) and model.dtype == np.uint8
     back = g.to_original(model, "nearest")
     assert back.shape == labels.shape
-    # only pixels on a shape's edge may move, by less than one model pixel
-    assert (back != labels).mean() < 0.02 * 352 / size
+    # only pixels within one model pixel of a shape's edge may change: a shift of the whole
+    # mask by a model pixel or more would change pixels outside that band
+    import cv2
+
+    r = int(np.ceil(g.side / size)) + 1  # one model pixel in original pixels, plus rounding
+    kernel = np.ones((2 * r + 1, 2 * r + 1), np.uint8)
+    band = np.zeros(labels.shape, bool)
+    for k in np.unique(labels):
+        m = (labels == k).astype(np.uint8)
+        band |= (cv2.dilate(m, kernel) > 0) & ~(cv2.erode(m, kernel) > 0)
+    changed = back != labels
+    assert not (changed & ~band).any(), int((changed & ~band).sum())
+    shifted = np.roll(labels, r + 2, axis=1)  # the check can fail: a shifted mask does
+    assert ((shifted != labels) & ~band).any()
     # probabilities map back with linear interpolation and keep their channels
     probs = np.stack([labels == k for k in range(3)], -1).astype(np.float32)
     pback = g.to_original(g.to_model(probs, "linear"), "linear")
