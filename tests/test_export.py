@@ -168,7 +168,11 @@ def test_tflite_variants_agree_with_keras(unet, slices, tmp_path):
     model, version = unet
     reference = export.float32_model(model).segment(x, lung)["labels"]
     sizes = {}
-    for quantize, needed in (("none", 0.995), ("float16", 0.995), ("dynamic", 0.995), ("int8", 0)):
+    # int8 on this untrained model (class gaps of ~1e-4) agreed on 79.5% of pixels when the
+    # floor was set; a trained U-Net agrees on 99.8% (benchmarks/results/speed.md)
+    for quantize, needed in (
+        ("none", 0.995), ("float16", 0.995), ("dynamic", 0.995), ("int8", 0.7)
+    ):  # fmt: skip
         path = export.export_tflite(
             None,
             tmp_path / f"unet-{quantize}.tflite",
