@@ -69,12 +69,8 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         return LoadedModel(model, model.size, model.path)
     run = None
     if p.is_dir():
-        run = p
-        for name in ("best.keras", "last.keras"):
-            if (p / name).is_file():
-                p = p / name
-                break
-        else:
+        run, p = p, _checkpoint(p)
+        if p is None:
             raise DataError(path, "not a run folder: no best.keras or last.keras inside")
     elif not p.exists():
         raise DataError(path, "model not found")
@@ -99,6 +95,11 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     return LoadedModel(model, size, p, run)
 
 
+def _checkpoint(run: Path) -> Path | None:
+    """The model a run folder stands for: its best.keras, else last.keras (None if neither)."""
+    return next((run / n for n in ("best.keras", "last.keras") if (run / n).is_file()), None)
+
+
 def model_class(path: str | os.PathLike) -> str | None:
     """The class name of the model at `path` (as `load_model` finds it), read without loading
     any weights: `ThresholdRule`, a Keras class name such as `StitchNet`, `exported` for a
@@ -106,14 +107,12 @@ def model_class(path: str | os.PathLike) -> str | None:
     p = Path(path)
     if p.suffix == ".json" and p.is_file():
         return "ThresholdRule"
-    if (
-        p.suffix == ".tflite"
-        or (p / "saved_model.pb").is_file()
-        or any((v / "saved_model.pb").is_file() for v in p.glob("[0-9]*"))
-    ):
+    from stitchnet_tf.exported import is_exported
+
+    if is_exported(p):
         return "exported"
     if p.is_dir():
-        p = next((p / n for n in ("best.keras", "last.keras") if (p / n).is_file()), p)
+        p = _checkpoint(p) or p
     if p.suffix != ".keras" or not p.is_file():
         return None
     import zipfile
@@ -130,8 +129,10 @@ def check_stitchnet_options(
     model_path: str | os.PathLike, samples: int = 0, decision: str | None = None
 ) -> None:
     """Refuse `samples` / `decision` for a model that has neither, before it is loaded."""
+    if not samples and decision is None:
+        return
     kind = model_class(model_path)
-    if (samples or decision is not None) and kind not in (None, "StitchNet", "exported"):
+    if kind not in (None, "StitchNet", "exported"):
         raise DataError(None, f"--samples and --decision apply to StitchNet only, not to {kind}")
 
 
