@@ -69,7 +69,7 @@ def main() -> int:
     from stitchnet_tf.data.datasets import discover
     from stitchnet_tf.data.pipeline import SliceLoader, training_batches
     from stitchnet_tf.data.splits import split_dataset
-    from stitchnet_tf.models.optim import recalibrate_batchnorm
+    from stitchnet_tf.models.base import recalibrate_batchnorm
     from stitchnet_tf.models.stitchnet import StitchNet
 
     keras.utils.set_random_seed(args.seed)

@@ -67,25 +67,6 @@ QUANTIZE = ("none", "float16", "dynamic", "int8")
 #: Where a SavedModel export keeps its description (TF Serving ignores assets.extra/).
 
 
-def _entropy(probs):
-    import tensorflow as tf
-
-    # The floor is a normal float16 number (1e-12 underflows to 0 and log 0 = -inf gives NaN in
-    # float16 inference and an unquantizable range in int8); below it p log p is under 1e-3.
-    return -tf.reduce_sum(probs * tf.math.log(tf.maximum(probs, 1e-4)), axis=-1)
-
-
-def _outputs(probs) -> dict:
-    import tensorflow as tf
-
-    probs = tf.cast(probs, tf.float32)
-    return {
-        "probabilities": probs,
-        "labels": tf.argmax(probs, axis=-1, output_type=tf.int32),
-        "entropy": _entropy(probs),
-    }
-
-
 class _InGraphPreprocess:
     """The training preprocessing of one decoded slice [H, W, 1] in [0, 1], in TF ops.
 
@@ -258,9 +239,11 @@ def _serving_functions(
     image_spec = tf.TensorSpec([None, size, size, 1], tf.float32, name="image")
     lung_spec = tf.TensorSpec([None, size, size, 1], tf.float32, name="lung")
 
+    from stitchnet_tf.models.base import segmentation_output
+
     def segment(image, lung):
         if not tta:
-            return _outputs(model.segmentation_probabilities(image, lung, decision))
+            return segmentation_output(model.segmentation_probabilities(image, lung, decision))
         from stitchnet_tf.inference import FLIPS  # the Predictor's flips, in the graph
 
         total = 0.0
@@ -268,7 +251,7 @@ def _serving_functions(
             flip = (lambda t, a=list(axes): tf.reverse(t, a)) if axes else (lambda t: t)
             probs = model.segmentation_probabilities(flip(image), flip(lung), decision)
             total = total + flip(tf.cast(probs, tf.float32))
-        return _outputs(total / len(FLIPS))
+        return segmentation_output(total / len(FLIPS))
 
     @tf.function(input_signature=[image_spec, lung_spec])
     def serving_lung(image, lung):

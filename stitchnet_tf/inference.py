@@ -232,13 +232,10 @@ def flip_average(segment: Callable, x: np.ndarray, lung: np.ndarray) -> dict:
     for axes in FLIPS:
         out = segment(np.flip(x, axes).copy(), np.flip(lung, axes).copy())
         total = total + np.flip(np.asarray(out["probabilities"], np.float32), axes)
-    probabilities = total / len(FLIPS)
-    entropy = -np.sum(probabilities * np.log(np.maximum(probabilities, 1e-4)), -1)
-    return {
-        "probabilities": probabilities,
-        "labels": np.argmax(probabilities, -1).astype(np.int32),
-        "entropy": entropy.astype(np.float32),
-    }
+    from stitchnet_tf.models.base import segmentation_output
+
+    out = segmentation_output(total / len(FLIPS))
+    return {k: np.asarray(v) for k, v in out.items()}
 
 
 @dataclass

@@ -294,7 +294,7 @@ def _make_callbacks(
     import keras
     import numpy as np
 
-    from stitchnet_tf.models.optim import recalibrate_batchnorm
+    from stitchnet_tf.models.base import recalibrate_batchnorm
 
     scorer = None
     if val_set is not None and size is not None:

@@ -290,7 +290,7 @@ def test_mixed_precision_policy_follows_the_device():
 
 @pytest.mark.slow
 def test_batchnorm_recalibration_makes_inference_match_training(trained, batch):
-    from stitchnet_tf.models.optim import recalibrate_batchnorm
+    from stitchnet_tf.models.base import recalibrate_batchnorm
 
     model, _ = trained
     x, allowed = batch
@@ -402,7 +402,7 @@ def test_compute_terms_equals_a_hand_computation(trained):
 
 
 def test_global_norm_clipping_and_gradient_monitor():
-    from stitchnet_tf.models.optim import GradientMonitor, clip_gradients, skip_non_finite
+    from stitchnet_tf.models.gradients import GradientMonitor, clip_gradients, skip_non_finite
 
     grads = [tf.constant([3.0, 4.0]), None, tf.constant([12.0])]
     monitor = GradientMonitor(["a", "b"])

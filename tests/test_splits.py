@@ -107,3 +107,49 @@ def test_kfold_tests_every_slice_once_without_leakage(patients):
     assert kfold_splits(ds, k=5, seed=3) == splits  # seeded
     with pytest.raises(DataError):
         kfold_splits(_dataset(n_patients=4), k=5)
+
+
+def test_leaking_splits_are_caught(tmp_path):
+    """A hand-edited split that puts a slice, or one patient's slices, in two parts is refused
+    with one line naming the split file."""
+    ds = _dataset()
+    good = split_dataset(ds, seed=0)
+    good.check(ds)
+    twice = Split(good.train, good.val, good.test + good.train[:1])
+    twice.save(tmp_path / "twice.json")
+    with pytest.raises(DataError, match=r"twice\.json: slice .* in both 'train' and 'test'"):
+        Split.load(tmp_path / "twice.json").check(ds)
+    by_id = {s.id: s.patient for s in ds.samples}
+    moved = good.train[0]  # one slice of a training patient moves to test; the rest stay
+    leaky = Split([i for i in good.train if i != moved], good.val, good.test + [moved])
+    assert sum(by_id[i] == by_id[moved] for i in leaky.train) > 0
+    with pytest.raises(DataError, match=rf"patient {by_id[moved]} has slices in both 'train'"):
+        leaky.check(ds)
+    # without patient ids a split by slice is all one can check
+    Split(leaky.train, leaky.val, leaky.test).check(_dataset(patients=False))
+
+
+def test_train_and_evaluate_refuse_a_leaking_split(tiny_data, tmp_path):
+    from helpers import error_line, run
+
+    from stitchnet_tf.data.datasets import discover
+    from stitchnet_tf.models.threshold import ThresholdRule
+
+    labelled = tiny_data / "labelled"
+    ds = discover(labelled)
+    assert ds.has_patients
+    good = split_dataset(ds, (0.5, 0.25, 0.25), seed=0)
+    by_id = {s.id: s.patient for s in ds.samples}
+    moved = good.train[0]
+    Split([i for i in good.train if i != moved], good.val, good.test + [moved]).save(
+        tmp_path / "leaky.json"
+    )
+    out = tmp_path / "run"
+    result = run("train", "-l", labelled, "-o", out, "--split", tmp_path / "leaky.json",
+                 "--epochs", 1, "--steps-per-epoch", 1, "--size", 32, expect=2)  # fmt: skip
+    line = error_line(result)
+    assert "leaky.json" in line and f"patient {by_id[moved]}" in line and not out.exists()
+    rule = ThresholdRule(0.3, 0.6, 64).save(tmp_path / "rule.json")
+    result = run("evaluate", "-m", rule, "-d", labelled, "--split", tmp_path / "leaky.json",
+                 "-o", tmp_path / "eval", expect=2)  # fmt: skip
+    assert "leaky.json" in error_line(result) and not (tmp_path / "eval").exists()

@@ -59,6 +59,8 @@ class Split:
     fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
     unlabelled: list[str] = field(default_factory=list)
     patients: dict[str, list[str]] = field(default_factory=dict)
+    #: the file it was loaded from (named in errors), None when made in memory
+    source: Path | None = field(default=None, compare=False, repr=False)
 
     def part(self, name: str) -> list[str]:
         if name not in PARTS:
@@ -98,6 +100,7 @@ class Split:
                 fractions=tuple(d.get("fractions", (0.6, 0.2, 0.2))),
                 unlabelled=list(d.get("unlabelled", [])),
                 patients={k: list(v) for k, v in d.get("patients", {}).items()},
+                source=Path(path),
             )
         except FileNotFoundError:
             raise DataError(path, "split file not found") from None
@@ -105,16 +108,37 @@ class Split:
             raise DataError(path, f"not a valid split file ({type(e).__name__}: {e})") from None
 
     def check(self, dataset: Dataset) -> None:
-        """Every listed id must be in `dataset` (the split was made for it)."""
+        """The split must fit `dataset` and keep its parts apart: every listed id is in it (the
+        split was made for it), no slice is in two parts, and, when the dataset has patient
+        ids, no patient's slices are in two parts (neighbouring slices would leak)."""
+        where = self.source or dataset.root
         ids = {s.id for s in dataset.samples}
         for part in PARTS:
             missing = [i for i in self.part(part) if i not in ids]
             if missing:
                 raise DataError(
-                    dataset.root,
+                    where,
                     f"{len(missing)} '{part}' samples of the split are not in this dataset "
                     f"(e.g. {missing[0]}): was the split made for another folder?",
                 )
+        seen: dict[str, str] = {}
+        for part in PARTS:
+            for i in self.part(part):
+                if seen.setdefault(i, part) != part:
+                    raise DataError(where, f"slice {i} is in both '{seen[i]}' and '{part}'")
+        if not dataset.has_patients:
+            return
+        patient_of = {s.id: s.patient for s in dataset.samples}
+        owner: dict[str, str] = {}
+        for part in PARTS:
+            for i in self.part(part):
+                patient = patient_of[i]
+                if owner.setdefault(patient, part) != part:
+                    raise DataError(
+                        where,
+                        f"patient {patient} has slices in both '{owner[patient]}' and '{part}' "
+                        f"(e.g. {i}): the split leaks between parts",
+                    )
 
 
 def _group_split(groups: np.ndarray, test_fraction: float, seed: int, tries: int = 64):

@@ -25,15 +25,14 @@ from stitchnet_tf import likelihood as lik
 from stitchnet_tf.data.classes import BACKGROUND, CON, GGO, HEALTHY
 from stitchnet_tf.data.intensity import check_intensity
 from stitchnet_tf.models.backbone import scaled_filters, set_bn_momentum
-from stitchnet_tf.models.optim import (
-    CompiledOnce,
+from stitchnet_tf.models.base import SegmentationModel, SetDice
+from stitchnet_tf.models.gradients import (
     clip_gradients,
     replica_loss,
     skip_non_finite,
     update_if_finite,
 )
-from stitchnet_tf.models.options import DEFAULT_GLOBAL_CLIPNORM, check_deterministic
-from stitchnet_tf.models.stitchnet import SetDice
+from stitchnet_tf.models.options import DEFAULT_GLOBAL_CLIPNORM
 
 NUM_LESION_CLASSES = 3  # 0 no lesion, 1 GGO, 2 consolidation
 LOSSES = ("ce_dice", "focal", "ce")
@@ -159,7 +158,7 @@ class MaxUnpool(layers.Layer):
 # --------------------------------------------------------------------------- shared behaviour
 
 
-class SetSupervisedMixin(CompiledOnce):
+class SetSupervisedMixin(SegmentationModel):
     """Loss, training, metrics and inference shared by the baselines.
 
     The model maps x [B, H, W, 1] to logits [B, H, W, 3] (no lesion, GGO, CON). Training
@@ -264,23 +263,9 @@ class SetSupervisedMixin(CompiledOnce):
 
     def segmentation_probabilities(self, x, lung, decision: str | None = None):
         """x [B,H,W,1], lung field [B,H,W,1] -> class probabilities [B,H,W,4] (BatchNorm in
-        inference mode), as exported for serving; `decision` is accepted for a common API."""
+        inference mode), as exported for serving; `decision` is accepted for a common API
+        (`segment` refuses it)."""
         return self.class_probabilities(self(ops.cast(x, "float32"), training=False), lung)
-
-    def segment(self, x, lung=None, samples: int = 0, decision: str | None = None) -> dict:
-        """Segment x [B, H, W, 1] (BatchNorm in inference mode), like `StitchNet.segment`.
-
-        The lung field is `lung` [B, H, W, 1] when given, else x > 0 (preprocessing zeroes
-        everything outside it). Returns probabilities [B,H,W,4] (background, healthy, GGO,
-        CON), labels [B,H,W] and the predictive entropy [B,H,W]. `samples` and `decision`
-        are StitchNet's: asking a baseline for them is a `DataError`.
-        """
-        check_deterministic(self, samples, decision)
-        x = ops.convert_to_tensor(x, "float32")
-        lung = ops.cast(x > 0, "float32") if lung is None else lung
-        probs = self.class_probabilities(self(x, training=False), lung)
-        entropy = -ops.sum(probs * ops.log(ops.maximum(probs, 1e-12)), axis=-1)
-        return {"probabilities": probs, "labels": ops.argmax(probs, -1), "entropy": entropy}
 
 
 # --------------------------------------------------------------------------- models

@@ -16,16 +16,16 @@ from stitchnet_tf import likelihood as lik
 from stitchnet_tf.data.classes import BACKGROUND, CON, GGO, NUM_CLASSES
 from stitchnet_tf.data.intensity import check_intensity
 from stitchnet_tf.models.backbone import Backbone
-from stitchnet_tf.models.ladder import SVAELadder
-from stitchnet_tf.models.layers import LightSmooth, Upsample
-from stitchnet_tf.models.optim import (
-    CompiledOnce,
+from stitchnet_tf.models.base import SegmentationModel, SetDice
+from stitchnet_tf.models.gradients import (
     GradientMonitor,
     clip_gradients,
     replica_loss,
     skip_non_finite,
     update_if_finite,
 )
+from stitchnet_tf.models.ladder import SVAELadder
+from stitchnet_tf.models.layers import LightSmooth, Upsample
 from stitchnet_tf.models.options import (
     DECISIONS,
     DEFAULT_GLOBAL_CLIPNORM,
@@ -33,9 +33,6 @@ from stitchnet_tf.models.options import (
     LIKELIHOODS,
     SUPERVISED,
 )
-
-STYLE_NAMES = ("background", "healthy", "ggo", "con")
-
 
 #: sigmoid⁻¹ of the fixed background style mean (about 0.001)
 BACKGROUND_MEAN_LOGIT = -7.0
@@ -143,46 +140,8 @@ class StitchHead(layers.Layer):
         }
 
 
-class SetDice(keras.metrics.Metric):
-    """Dice of a class (or a union of classes) over the labelled pixels seen, over batches.
-
-    A pixel is positive when its allowed set lies inside `classes`, negative when it is disjoint
-    from them, and ignored otherwise (e.g. a GGO-or-consolidation pixel for GGO alone, or an
-    unlabelled lung pixel).
-    """
-
-    def __init__(self, classes, name: str | None = None, **kwargs):
-        classes = (classes,) if isinstance(classes, int) else tuple(classes)
-        super().__init__(name=name or "dice_" + "_".join(STYLE_NAMES[c] for c in classes), **kwargs)
-        self.classes = classes
-        self.intersection = self.add_variable((), initializer="zeros", name="intersection")
-        self.total = self.add_variable((), initializer="zeros", name="total")
-
-    def update_state(self, allowed, predicted):
-        """allowed [B,H,W,4] sets; predicted [B,H,W] class ids."""
-        inside = ops.convert_to_tensor([float(k in self.classes) for k in range(NUM_CLASSES)])
-        n_in = ops.sum(allowed * inside, -1)
-        n_out = ops.sum(allowed * (1.0 - inside), -1)
-        truth = ops.cast((n_in > 0) & (n_out == 0), "float32")
-        scored = truth + ops.cast(n_in == 0, "float32")
-        hit = ops.zeros_like(truth, dtype="bool")
-        for k in self.classes:
-            hit = hit | (predicted == k)
-        pred = ops.cast(hit, "float32") * scored
-        self.intersection.assign_add(ops.sum(truth * pred))
-        self.total.assign_add(ops.sum(truth) + ops.sum(pred))
-
-    def result(self):
-        return ops.where(
-            self.total > 0, 2.0 * self.intersection / ops.maximum(self.total, 1.0), 0.0
-        )
-
-    def get_config(self):
-        return super().get_config() | {"classes": list(self.classes)}
-
-
 @keras.saving.register_keras_serializable(package="stitchnet_tf")
-class StitchNet(CompiledOnce, keras.Model):
+class StitchNet(SegmentationModel, keras.Model):
     """StitchNet (Zammit et al. 2022) as a Keras model with a semi-supervised `train_step`.
 
     Call it on x [B, H, W, 1] in [0, 1] (H, W multiples of 32) to get a dict of pi_logits,
@@ -231,6 +190,8 @@ class StitchNet(CompiledOnce, keras.Model):
         intensity: the preprocessing the model was trained with, `none` or `standardise`
             (`data.intensity.standardise`); `Predictor`, `evaluate` and the exports follow it.
     """
+
+    stochastic = True  # z can be sampled, and two decision rules
 
     def __init__(
         self,
@@ -559,23 +520,13 @@ class StitchNet(CompiledOnce, keras.Model):
         posterior mean (as at inference)."""
         return self.forward(x, training=True, sample=False, kl=False)
 
-    def segment(self, x, lung=None, samples: int = 0, decision: str | None = None) -> dict:
-        """Segment x [B, H, W, 1] in inference mode.
-
-        z at the posterior mean (`samples=0`), or the average over `samples` posterior samples.
-        Returns probabilities [B,H,W,4], labels [B,H,W] and the predictive entropy [B,H,W].
-        """
-        x = ops.convert_to_tensor(x, "float32")
-        if samples <= 0:
-            probs = self.class_probabilities(x, self.infer(x), lung, decision)
-        else:
-            total = 0.0
-            for _ in range(samples):
-                outputs = self.forward(x, training=False, sample=True, kl=False)
-                total = total + self.class_probabilities(x, outputs, lung, decision)
-            probs = total / samples
-        entropy = -ops.sum(probs * ops.log(ops.maximum(probs, 1e-12)), axis=-1)
-        return {"probabilities": probs, "labels": ops.argmax(probs, -1), "entropy": entropy}
+    def sampled_probabilities(self, x, lung, samples: int, decision: str | None = None):
+        """Class probabilities [B,H,W,4] averaged over `samples` posterior draws of z."""
+        total = 0.0
+        for _ in range(samples):
+            outputs = self.forward(x, training=False, sample=True, kl=False)
+            total = total + self.class_probabilities(x, outputs, lung, decision)
+        return total / samples
 
     def styles(self, x, lung=None, decision: str | None = None) -> dict:
         """The four style images E[Beta_k] = α_k/(α_k+β_k) [B,H,W,4], the segmentation, and the

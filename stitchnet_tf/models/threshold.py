@@ -99,9 +99,10 @@ class ThresholdRule:
     def segment(self, x, lung=None, samples: int = 0, decision: str | None = None) -> dict:
         """Segment x [B, H, W, 1] like `StitchNet.segment`: one-hot probabilities [B,H,W,4]
         (background, healthy, GGO, CON), labels [B,H,W] and entropy [B,H,W] (0: the rule is
-        certain). `samples` and `decision` are refused: the rule has neither."""
+        certain: `models.base.segmentation_output` of these one-hot probabilities, computed
+        here in NumPy). `samples` and `decision` are refused: the rule has neither."""
         check_deterministic(self, samples, decision)
-        labels = self.labels(x, lung)
+        labels = self.labels(x, lung).astype(np.int32)
         probabilities = np.eye(NUM_CLASSES, dtype=np.float32)[labels]
         return {
             "probabilities": probabilities,

@@ -1,0 +1,202 @@
+"""What every segmentation model shares: the `segment` contract and its output dict, the
+compile/step plumbing, the training Dice metric and BatchNorm re-estimation.
+
+Every model (StitchNet, the U-Net, SegNet; the threshold rule and the exported models follow the
+same contract) maps a prepared slice x [B, S, S, 1] in [0, 1] and its lung field [B, S, S, 1] to
+four-class probabilities (background, healthy, GGO, consolidation). `lung=None` means the same for
+every model: the field is x > 0, since preprocessing zeroes everything outside it.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from stitchnet_tf.data.classes import CLASS_NAMES, NUM_CLASSES
+from stitchnet_tf.models.options import check_deterministic
+
+#: Probability floor inside the entropy's log: a normal float16 number (1e-12 underflows to 0,
+#: and log 0 = -inf gives NaN in float16 inference and an unquantizable range in int8); below it
+#: p log p is under 1e-3 nats.
+ENTROPY_FLOOR = 1e-4
+
+
+def default_lung(x, lung=None):
+    """The lung field [B, S, S, 1] float32: `lung` when given, else x > 0."""
+    return ops.cast(x > 0 if lung is None else lung, "float32")
+
+
+def segmentation_output(probabilities) -> dict:
+    """Class probabilities [..., 4] -> the output every model returns: probabilities float32,
+    labels int32 [...] (argmax) and the predictive entropy [...] in nats."""
+    probabilities = ops.cast(probabilities, "float32")
+    log_p = ops.log(ops.maximum(probabilities, ENTROPY_FLOOR))
+    return {
+        "probabilities": probabilities,
+        "labels": ops.cast(ops.argmax(probabilities, axis=-1), "int32"),
+        "entropy": -ops.sum(probabilities * log_p, axis=-1),
+    }
+
+
+class SetDice(keras.metrics.Metric):
+    """Dice of a class (or a union of classes) over the labelled pixels seen, over batches.
+
+    A pixel is positive when its allowed set lies inside `classes`, negative when it is disjoint
+    from them, and ignored otherwise (e.g. a GGO-or-consolidation pixel for GGO alone, or an
+    unlabelled lung pixel).
+    """
+
+    def __init__(self, classes, name: str | None = None, **kwargs):
+        classes = (classes,) if isinstance(classes, int) else tuple(classes)
+        super().__init__(name=name or "dice_" + "_".join(CLASS_NAMES[c] for c in classes), **kwargs)
+        self.classes = classes
+        self.intersection = self.add_variable((), initializer="zeros", name="intersection")
+        self.total = self.add_variable((), initializer="zeros", name="total")
+
+    def update_state(self, allowed, predicted):
+        """allowed [B,H,W,4] sets; predicted [B,H,W] class ids."""
+        inside = ops.convert_to_tensor([float(k in self.classes) for k in range(NUM_CLASSES)])
+        n_in = ops.sum(allowed * inside, -1)
+        n_out = ops.sum(allowed * (1.0 - inside), -1)
+        truth = ops.cast((n_in > 0) & (n_out == 0), "float32")
+        scored = truth + ops.cast(n_in == 0, "float32")
+        hit = ops.zeros_like(truth, dtype="bool")
+        for k in self.classes:
+            hit = hit | (predicted == k)
+        pred = ops.cast(hit, "float32") * scored
+        self.intersection.assign_add(ops.sum(truth * pred))
+        self.total.assign_add(ops.sum(truth) + ops.sum(pred))
+
+    def result(self):
+        return ops.where(
+            self.total > 0, 2.0 * self.intersection / ops.maximum(self.total, 1.0), 0.0
+        )
+
+    def get_config(self):
+        return super().get_config() | {"classes": list(self.classes)}
+
+
+class SegmentationModel:
+    """Mixin of every Keras segmentation model (before `keras.Model` in the bases).
+
+    Owns `segment` (the one inference entry point: `segmentation_probabilities`, traced once
+    per decision rule, or `sampled_probabilities` when `samples` > 0) and the compile plumbing:
+    the optimizer's variables are built at once (Keras builds them lazily inside the first
+    traced step when no distribution strategy is set, which makes TensorFlow trace that large
+    step twice); XLA is off by default (slower on CPU for these models).
+
+    A subclass implements `segmentation_probabilities(x, lung, decision)`; a model with a latent
+    to sample or a decision rule sets `stochastic = True` and implements
+    `sampled_probabilities(x, lung, samples, decision)`.
+    """
+
+    #: whether `samples` and `decision` mean anything for this model
+    stochastic = False
+
+    def segmentation_probabilities(self, x, lung, decision: str | None = None):
+        """x [B,S,S,1], lung field [B,S,S,1] -> class probabilities [B,S,S,4], inference mode
+        (the path exported for serving)."""
+        raise NotImplementedError
+
+    def sampled_probabilities(self, x, lung, samples: int, decision: str | None = None):
+        """Class probabilities [B,S,S,4] averaged over `samples` latent draws."""
+        raise NotImplementedError
+
+    def segment(self, x, lung=None, samples: int = 0, decision: str | None = None) -> dict:
+        """Segment x [B, S, S, 1] in inference mode: probabilities [B,S,S,4], labels [B,S,S]
+        and entropy [B,S,S] (`segmentation_output`). The lung field is `lung` [B,S,S,1], or
+        x > 0 when None. `samples` > 0 averages over latent draws and `decision` picks the
+        decision rule: a deterministic model refuses both with a `DataError`."""
+        if not self.stochastic:
+            check_deterministic(self, samples, decision)
+        x = ops.convert_to_tensor(x, "float32")
+        lung = default_lung(x, lung)
+        if samples > 0:
+            return segmentation_output(self.sampled_probabilities(x, lung, samples, decision))
+        return segmentation_output(self._traced_probabilities(decision)(x, lung))
+
+    def _traced_probabilities(self, decision: str | None):
+        """`segmentation_probabilities` for one decision rule, traced once and reused (an eager
+        call of StitchNet's graph costs seconds)."""
+        cache = self.__dict__.get("_probability_fns")
+        if cache is None:
+            cache = {}
+            object.__setattr__(self, "_probability_fns", cache)  # not tracked by Keras
+        if decision not in cache:
+            cache[decision] = tf.function(
+                lambda x, lung: self.segmentation_probabilities(x, lung, decision),
+                reduce_retracing=True,
+            )
+        return cache[decision]
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def compile(self, optimizer="adam", **kwargs):
+        kwargs.setdefault("jit_compile", False)
+        super().compile(optimizer=optimizer, **kwargs)
+        self.optimizer.build(self.trainable_variables)
+
+    def step_logs(self, logs: dict) -> dict:
+        """A train/test step's logs; [1]-shaped under a multi-worker strategy.
+
+        Keras 3 averages step logs over the workers along axis 0, which scalars lack
+        (tensorflow/tensorflow#72388).
+        """
+        strategy = tf.distribute.get_strategy()
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return {k: tf.reshape(v, [1]) for k, v in logs.items()}
+        return logs
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Skip Keras' symbolic build when model and optimizer are built (after `compile`).
+
+        Under a strategy Keras first reduces a batch over the replicas, which fails for dict
+        batches under MultiWorkerMirroredStrategy (Keras 3.15).
+        """
+        built = self.optimizer is not None and self.optimizer.built
+        if built and all(layer.built for layer in self._flatten_layers()):
+            return
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    def compile_from_config(self, config):
+        """Recompile a loaded model with its saved optimizer (used by `load_model`)."""
+        import keras
+
+        self.compile(**keras.saving.deserialize_keras_object(config))
+
+
+def recalibrate_batchnorm(model, batches, steps: int = 20, momentum: float = 0.9) -> int:
+    """Re-estimate every BatchNorm layer's moving statistics under inference conditions.
+
+    Moving averages gathered during training lag the weights and, in StitchNet, were gathered
+    on sampled z while inference uses the posterior mean: inference-mode predictions can then
+    fall far behind training-mode ones. This runs `steps` batches of `batches` (dicts with `x`)
+    forward in training mode without gradients, through the model's `calibration_forward`
+    (z at the posterior mean) when it has one: the first batch sets the statistics outright,
+    the others are averaged in with `momentum`. Returns the number of batches used.
+    """
+    norms = [
+        la for la in model._flatten_layers() if isinstance(la, keras.layers.BatchNormalization)
+    ]
+    if not norms:
+        return 0
+    forward = getattr(model, "calibration_forward", None) or (lambda x: model(x, training=True))
+    saved = [layer.momentum for layer in norms]
+    used = 0
+    try:
+        for batch in batches.take(steps):
+            # the momentum is read when the function is traced: one function per momentum
+            m = 0.0 if used == 0 else momentum
+            for layer in norms:
+                layer.momentum = m
+            if used <= 1:
+                step = tf.function(forward, reduce_retracing=True)
+            step(batch["x"])
+            used += 1
+    finally:
+        for layer, m in zip(norms, saved, strict=True):
+            layer.momentum = m
+    return used
