@@ -14,8 +14,8 @@ import os
 import tensorflow as tf
 
 from stitchnet_tf.errors import DataError
+from stitchnet_tf.options import STRATEGIES
 
-STRATEGIES = ("auto", "one-device", "mirrored", "multi-worker")
 _TRAINING_TASKS = ("chief", "worker")
 
 

@@ -61,9 +61,9 @@ from stitchnet_tf.fileio import (
     temp_prefix,
 )
 from stitchnet_tf.inference import model_intensity, run_config
+from stitchnet_tf.options import EXPORT_FORMATS as FORMATS
+from stitchnet_tf.options import QUANTIZE
 
-FORMATS = ("savedmodel", "tflite")
-QUANTIZE = ("none", "float16", "dynamic", "int8")
 #: Where a SavedModel export keeps its description (TF Serving ignores assets.extra/).
 
 

@@ -11,7 +11,7 @@ from stitchnet_tf.data import io
 from stitchnet_tf.errors import DataError
 from stitchnet_tf.fileio import atomic_dir, check_model_output
 from stitchnet_tf.inference import load_model, model_class
-from stitchnet_tf.models.options import SAMPLE_TEMPERATURE
+from stitchnet_tf.options import SAMPLE_TEMPERATURE
 from stitchnet_tf.predict import LABEL_PALETTE, _inputs
 
 #: files that mark the folders written by `styles` and `sample` (what --overwrite may replace)

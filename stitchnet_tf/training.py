@@ -47,9 +47,17 @@ from stitchnet_tf.fileio import (
     sweep_leftovers,
     temp_prefix,
 )
-from stitchnet_tf.models.options import RECALIBRATION_STEPS
+from stitchnet_tf.options import (
+    LR_SCHEDULES,
+    MODELS,
+    OPTIMIZERS,
+    PAPER_SIZE,
+    PRESETS,
+    RECALIBRATION_STEPS,
+    TRAIN_DEFAULTS,
+    model_options,
+)
 
-MODELS = ("stitchnet", "unet", "segnet")
 #: Tests only: the process kills itself (SIGKILL) right after saving this epoch's checkpoint.
 KILL_AFTER_EPOCH_ENV = "STITCHNET_TF_TEST_KILL_AFTER_EPOCH"
 
@@ -66,32 +74,34 @@ class TrainConfig:
     output: str
     unlabelled: str | None = None
     model: str = "stitchnet"
-    size: int = 352
+    size: int = PAPER_SIZE
     epochs: int = 80
     steps_per_epoch: int = 100
     batch_size: int = 8
     labelled_per_batch: int | None = None
-    learning_rate: float = 1e-3
-    optimizer: str = "adamw"  # adamw | adam
-    weight_decay: float = 1e-2  # AdamW's decoupled decay (not on biases, norms and gains)
+    learning_rate: float = TRAIN_DEFAULTS["learning_rate"]
+    optimizer: str = TRAIN_DEFAULTS["optimizer"]  # OPTIMIZERS
+    # AdamW's decoupled decay (not on biases, norms and gains)
+    weight_decay: float = TRAIN_DEFAULTS["weight_decay"]
     ema: float | None = None  # momentum of an exponential moving average of the weights
-    lr_schedule: str = "cosine"  # "cosine": linear warm-up, then cosine decay to 0; "constant"
+    # "cosine": linear warm-up, then cosine decay to 0; "constant"
+    lr_schedule: str = TRAIN_DEFAULTS["lr_schedule"]
     warmup_steps: int | None = None  # default: 5% of the budget
     global_clipnorm: float | None = None  # None: the model's default (StitchNet: 20)
     clipnorm: float | None = None  # the paper's per-variable clipping: 1.0
     clipvalue: float | None = None  # and 0.5
     seed: int = 0
     split: str | None = None
-    fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    fractions: tuple[float, float, float] = TRAIN_DEFAULTS["fractions"]
     max_labelled: int | None = None
     label_fraction: float | None = None
     mixed_precision: bool = False
     augment: bool = True
-    augmentation: str = "recipe"  # recipe | paper | none (see data.pipeline)
+    augmentation: str = TRAIN_DEFAULTS["augmentation"]  # recipe | paper | none (see data.pipeline)
     intensity: str = "none"  # none | standardise (data.intensity.standardise), kept by the model
     cache: bool = False
     run_eagerly: bool = False  # no graph tracing: for debugging and tiny runs
-    strategy: str = "auto"  # tf.distribute strategy (see stitchnet_tf.distribute)
+    strategy: str = TRAIN_DEFAULTS["strategy"]  # tf.distribute strategy (stitchnet_tf.distribute)
     sync_batchnorm: bool = True  # with several replicas: BatchNorm on global-batch statistics
     recalibration_steps: int = RECALIBRATION_STEPS  # BatchNorm re-estimation before validation
     # data reading
@@ -147,18 +157,6 @@ def build_model(
     raise DataError(None, f"unknown model {name!r}: use one of {', '.join(MODELS)}")
 
 
-#: Size, widths and budget. `paper`: the paper's 352 px, widths and 80 x 100 steps (more than
-#: a day on a 2-core CPU). `cpu`: what reached the best accuracy within about an hour on a
-#: 2-core CPU (docs/MEDSEG.md: StitchNet 1200 steps at 128 px in 48 min). Model widths not
-#: named keep the model's default (StitchNet width 0.5; U-Net and SegNet 1.0).
-PRESETS = {
-    "cpu": dict(size=128, epochs=12, steps_per_epoch=100, batch_size=8, backbone_alpha=0.5),
-    "paper": dict(
-        size=352, epochs=80, steps_per_epoch=100, batch_size=8, width=1.0, backbone_alpha=1.0
-    ),
-}
-
-
 def resolve_preset(name: str | None = None) -> tuple[str, str]:
     """(preset, why): `name` if given, else `paper` with a GPU and `cpu` without."""
     if name not in (None, "auto"):
@@ -175,16 +173,8 @@ def resolve_preset(name: str | None = None) -> tuple[str, str]:
 def preset_options(name: str, model: str) -> tuple[dict, dict]:
     """A preset as (TrainConfig fields, model options) for `model`."""
     values = dict(PRESETS[name])
-    options = {}
-    if "width" in values:
-        options["width"] = values.pop("width")
-    alpha = values.pop("backbone_alpha", None)
-    if alpha is not None and model in ("stitchnet", "unet"):
-        options["backbone_alpha" if model == "stitchnet" else "alpha"] = alpha
-    return values, options
-
-
-LR_SCHEDULES = ("cosine", "constant")
+    widths = {k: values.pop(k) for k in ("width", "backbone_alpha") if k in values}
+    return values, model_options(model, widths)
 
 
 def learning_rate_schedule(config: TrainConfig):
@@ -207,7 +197,6 @@ def learning_rate_schedule(config: TrainConfig):
     )
 
 
-OPTIMIZERS = ("adamw", "adam")
 #: An epoch with a larger share of steps skipped for non-finite gradients stops training.
 MAX_SKIPPED = 0.5
 
@@ -309,7 +298,7 @@ def _make_callbacks(
         (0 prior, 1 posterior)."""
         rules = [None]
         if choose_decision and getattr(model, "decision", None) is not None:
-            from stitchnet_tf.models.options import DECISIONS
+            from stitchnet_tf.options import DECISIONS
 
             rules = list(DECISIONS)
         out, best = {}, None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-FOUNDATIONS = {"errors", "precision", "fileio", "likelihood", "models.options"}
+FOUNDATIONS = {"errors", "precision", "fileio", "likelihood", "options"}
 INFERENCE = {"inference", "exported", "distribute", "evaluation"}
 COMMANDS = {"training", "predict", "figures", "export", "threshold_fit", "demo"}
 

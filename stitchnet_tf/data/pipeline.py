@@ -29,6 +29,7 @@ from stitchnet_tf.data.preprocess import (
     read_sample,
 )
 from stitchnet_tf.errors import DataError
+from stitchnet_tf.options import AUGMENTATIONS
 
 AUTOTUNE = tf.data.AUTOTUNE
 KEYS = ("x", "allowed", "lung")
@@ -152,7 +153,7 @@ RECIPE_AUGMENTATION = dict(
 scale in 0.85–1.25 and rotation within ±15° on half the slices, a third of labelled slices
 zoomed onto a lesion pixel, and nnU-Net's intensity transforms inside the lung field."""
 
-AUGMENTATIONS = {"recipe": RECIPE_AUGMENTATION, "paper": PAPER_AUGMENTATION}
+AUGMENTATION_SPECS = {"recipe": RECIPE_AUGMENTATION, "paper": PAPER_AUGMENTATION}
 
 
 def _affine(images, centre, scale, angle, interpolation: str):
@@ -323,12 +324,12 @@ def augmentation_options(augmentation: str | dict | bool) -> dict | None:
         return None
     if isinstance(augmentation, dict):
         return augmentation
-    if augmentation not in AUGMENTATIONS:
+    if augmentation not in AUGMENTATION_SPECS:
         raise DataError(
             None,
-            f"unknown augmentation {augmentation!r}: use one of {', '.join(AUGMENTATIONS)}, none",
+            f"unknown augmentation {augmentation!r}: use one of {', '.join(AUGMENTATIONS)}",
         )
-    return dict(AUGMENTATIONS[augmentation])
+    return dict(AUGMENTATION_SPECS[augmentation])
 
 
 @keras.saving.register_keras_serializable(package="stitchnet_tf")

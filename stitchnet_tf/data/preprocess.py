@@ -31,19 +31,13 @@ from stitchnet_tf.data.datasets import Dataset, Sample
 from stitchnet_tf.data.intensity import check_intensity, standardise, to_uint8
 from stitchnet_tf.errors import DataError
 from stitchnet_tf.fileio import atomic_dir, check_apart, check_output_dir
+from stitchnet_tf.options import CROP_MARGIN, PAPER_SIZE, check_model_size  # noqa: F401 (re-exported)
 
 #: the file that marks a folder written by `preprocess` (what --overwrite may replace)
 DATASET_MARKER = "dataset.json"
 
-DEFAULT_SIZE = 352
-DEFAULT_MARGIN = 0.05
-
-
-def check_model_size(size: int) -> int:
-    """The model size must be a positive multiple of 32 (five stride-2 levels)."""
-    if size < 32 or size % 32:
-        raise DataError(None, f"image size {size} is not a positive multiple of 32")
-    return int(size)
+DEFAULT_SIZE = PAPER_SIZE
+DEFAULT_MARGIN = CROP_MARGIN
 
 
 def _resize(arr: np.ndarray, shape: tuple[int, int], interpolation: str) -> np.ndarray:

@@ -18,8 +18,7 @@ from sklearn.model_selection import GroupShuffleSplit
 from stitchnet_tf.data.datasets import Dataset, Sample
 from stitchnet_tf.errors import DataError
 from stitchnet_tf.fileio import atomic_write_text, check_apart
-
-PARTS = ("train", "val", "test")
+from stitchnet_tf.options import PARTS
 
 
 def check_split_output(

@@ -14,7 +14,7 @@ import tensorflow as tf
 from keras import ops
 
 from stitchnet_tf.data.classes import CLASS_NAMES, NUM_CLASSES
-from stitchnet_tf.models.options import check_deterministic
+from stitchnet_tf.options import check_deterministic
 
 #: Probability floor inside the entropy's log: a normal float16 number (1e-12 underflows to 0,
 #: and log 0 = -inf gives NaN in float16 inference and an unquantizable range in int8); below it

@@ -32,10 +32,10 @@ from stitchnet_tf.models.gradients import (
     skip_non_finite,
     update_if_finite,
 )
-from stitchnet_tf.models.options import DEFAULT_GLOBAL_CLIPNORM
+from stitchnet_tf.options import BASELINE_LOSSES as LOSSES
+from stitchnet_tf.options import DEFAULT_GLOBAL_CLIPNORM
 
 NUM_LESION_CLASSES = 3  # 0 no lesion, 1 GGO, 2 consolidation
-LOSSES = ("ce_dice", "focal", "ce")
 #: MobileNetV2 activations at strides 2, 4, 8, 16 (the U-Net skips) and the stride-32 bottleneck.
 UNET_SKIPS = (
     "block_1_expand_relu",

@@ -16,8 +16,7 @@ from keras import layers, ops
 
 from stitchnet_tf.likelihood import gaussian_kl, gaussian_kl_mc
 from stitchnet_tf.models.layers import RESIDUAL_GAIN, LatentParams, LatentToFeatures, TopDown
-
-KL_ESTIMATORS = ("analytic", "mc")
+from stitchnet_tf.options import KL_ESTIMATORS
 
 
 def precision_weighted_merge(mu_q, sigma_q, mu_p, sigma_p):

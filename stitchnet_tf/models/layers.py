@@ -21,6 +21,8 @@ import math
 import keras
 from keras import layers, ops
 
+from stitchnet_tf.options import NORMS, UPSAMPLE_MODES
+
 BOTTLENECK_ABOVE = 64  # the paper: linear bottleneck convolutions where filters > 64
 SIGMA_FLOOR = 1e-2
 #: initial gain of residual branches (ResBlock, the (c) branch added to the top-down stream)
@@ -29,9 +31,6 @@ RESIDUAL_GAIN = 0.1
 
 def _register(cls):
     return keras.saving.register_keras_serializable(package="stitchnet_tf")(cls)
-
-
-NORMS = ("batch", "group")
 
 
 @_register
@@ -198,9 +197,6 @@ class Smooth(layers.Layer):
 def LightSmooth(filters: int, **kwargs) -> Smooth:  # noqa: N802 (a block name from the paper)
     """The paper's LightSmooth: a Smooth with one ResBlock."""
     return Smooth(filters, n_res=1, **kwargs)
-
-
-UPSAMPLE_MODES = ("resize", "transpose")
 
 
 @_register

@@ -26,12 +26,14 @@ from stitchnet_tf.models.gradients import (
 )
 from stitchnet_tf.models.ladder import SVAELadder
 from stitchnet_tf.models.layers import LightSmooth, Upsample
-from stitchnet_tf.models.options import (
+from stitchnet_tf.options import (
     DECISIONS,
     DEFAULT_GLOBAL_CLIPNORM,
     DEFAULT_HEAD_SKIPS,
     LIKELIHOODS,
+    STITCHNET_DEFAULTS,
     SUPERVISED,
+    check_model_size,
 )
 
 #: sigmoid⁻¹ of the fixed background style mean (about 0.001)
@@ -201,23 +203,23 @@ class StitchNet(SegmentationModel, keras.Model):
         backbone_rgb: bool = False,
         head_filters: int | None = None,
         light_c: bool = True,
-        style_pool: int = 1,
-        kl: str = "analytic",
-        likelihood: str = "exact",
-        supervised: str = "ce_dice",
-        supervised_weight: float = 1.0,
-        generative_weight: float = 0.0,
-        focal_gamma: float = 2.0,
+        style_pool: int = STITCHNET_DEFAULTS["style_pool"],
+        kl: str = STITCHNET_DEFAULTS["kl"],
+        likelihood: str = STITCHNET_DEFAULTS["likelihood"],
+        supervised: str = STITCHNET_DEFAULTS["supervised"],
+        supervised_weight: float = STITCHNET_DEFAULTS["supervised_weight"],
+        generative_weight: float = STITCHNET_DEFAULTS["generative_weight"],
+        focal_gamma: float = STITCHNET_DEFAULTS["focal_gamma"],
         kl_weight: float = 1.0,
-        kl_warmup_steps: int = 0,
-        free_bits: float = 0.0,
+        kl_warmup_steps: int = STITCHNET_DEFAULTS["kl_warmup_steps"],
+        free_bits: float = STITCHNET_DEFAULTS["free_bits"],
         eps: float = lik.DEFAULT_EPS,
-        decision: str = "prior",
+        decision: str = STITCHNET_DEFAULTS["decision"],
         global_clipnorm: float | None = DEFAULT_GLOBAL_CLIPNORM,
         clipnorm: float | None = None,
         clipvalue: float | None = None,
         seed: int | None = None,
-        norm: str = "group",
+        norm: str = STITCHNET_DEFAULTS["norm"],
         head_skips: int = DEFAULT_HEAD_SKIPS,
         upsample: str = "resize",
         intensity: str = "none",
@@ -555,8 +557,7 @@ class StitchNet(SegmentationModel, keras.Model):
         scales the prior σ of every level.
         Returns x [n,size,size,1], labels [n,size,size], styles [n,size,size,4].
         """
-        if size % 32:
-            raise ValueError(f"size must be a multiple of 32, got {size}")
+        check_model_size(size)
         features, _ = self.ladder.generate((n, size // 32, size // 32, 1), temperature=temperature)
         if self.head_skips and not self.generative_weight:
             # p(y | z) was not trained: π needs an image, so stitch the style means by a

@@ -21,7 +21,7 @@ from stitchnet_tf.data.classes import BACKGROUND, CLASS_NAMES, CON, GGO, HEALTHY
 from stitchnet_tf.data.intensity import check_intensity
 from stitchnet_tf.errors import DataError
 from stitchnet_tf.fileio import atomic_write_text
-from stitchnet_tf.models.options import check_deterministic
+from stitchnet_tf.options import check_deterministic
 
 KIND = "threshold_rule"
 FILE_NAME = "threshold_rule.json"

@@ -1,0 +1,327 @@
+"""Commands on a trained model: `evaluate`, `predict`, `styles`, `sample`, `export`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from stitchnet_tf.data.intensity import LUNG_WINDOW_LEVEL, LUNG_WINDOW_WIDTH
+from stitchnet_tf.metrics import ABSENT_POLICIES
+from stitchnet_tf.options import (
+    DECISIONS,
+    EXPORT_FORMATS,
+    PARTS,
+    QUANTIZE,
+    SAMPLE_TEMPERATURE,
+)
+from stitchnet_tf_cli.options import (
+    SEED,
+    data_options,
+    model_options,
+    tta_option,
+)
+
+
+@click.command()
+@model_options
+@click.option(
+    "--data", "-d", required=True, type=click.Path(path_type=Path), help="Labelled dataset folder."
+)
+@click.option(
+    "--output",
+    "-o",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for metrics.md/.csv/.json and metrics_per_image.csv.",
+)
+@click.option(
+    "--split",
+    "split_file",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Split file; default: all slices (or the run's own split "
+    "when the run was trained on --data).",
+)
+@click.option(
+    "--part",
+    default=None,
+    type=click.Choice(PARTS),
+    help="Part of the split to score (default test).",
+)
+@click.option(
+    "--absent",
+    default="exclude",
+    show_default=True,
+    type=click.Choice(ABSENT_POLICIES),
+    help="Images where a class is absent from the truth: left out of that class's "
+    "mean, scored 0 (authors' code), or 1 when nothing is predicted either.",
+)
+@click.option(
+    "--samples",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="StitchNet: average this many posterior samples (0 = posterior mean).",
+)
+@click.option(
+    "--decision",
+    default=None,
+    type=click.Choice(DECISIONS),
+    help="StitchNet decision rule (default: the model's).",
+)
+@tta_option
+@click.option(
+    "--overwrite", is_flag=True, help="Replace an earlier evaluation in the output folder."
+)
+@data_options
+def evaluate(
+    model_path,
+    size,
+    data,
+    output,
+    split_file,
+    part,
+    absent,
+    samples,
+    decision,
+    tta,
+    overwrite,
+    mask_values,
+    patient_pattern,
+    masks_subdir,
+    lungs_subdir,
+):
+    """Score a model on labelled slices: IoU, F1 (Dice), recall, precision per class (Table 1).
+
+    Predictions are mapped back onto each original slice; binary lesion masks are scored as
+    lesion vs no lesion.
+
+    Example: stitchnet-tf evaluate --model runs/demo --data data/demo/labelled -o runs/demo/eval
+    """
+    from stitchnet_tf.evaluation import evaluate as run_evaluation
+
+    result = run_evaluation(
+        model_path,
+        data,
+        output,
+        split=split_file,
+        part=part,
+        size=size,
+        absent=absent,
+        samples=samples,
+        decision=decision,
+        tta=tta,
+        mask_values=mask_values,
+        patient_pattern=patient_pattern,
+        masks_subdir=masks_subdir,
+        lungs_subdir=lungs_subdir,
+        overwrite=overwrite,
+        log=click.echo,
+    )
+    click.echo((Path(output) / "metrics.md").read_text())
+    click.echo(f"scored {result['slices']} slices ({result['scheme']}) -> {output}")
+
+
+@click.command()
+@model_options
+@click.option(
+    "--input",
+    "-i",
+    "input_",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="A slice, a NIfTI volume, a DICOM file or series folder, or a folder of them.",
+)
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--uncertainty", is_flag=True, help="Also write predictive-entropy maps.")
+@click.option(
+    "--samples",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="StitchNet: average this many posterior samples (0 = posterior mean).",
+)
+@click.option("--decision", default=None, type=click.Choice(DECISIONS))
+@tta_option
+@click.option("--window-level", default=LUNG_WINDOW_LEVEL, show_default=True)
+@click.option(
+    "--window-width",
+    default=LUNG_WINDOW_WIDTH,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+)
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+def predict(
+    model_path,
+    size,
+    input_,
+    output,
+    uncertainty,
+    samples,
+    decision,
+    tta,
+    window_level,
+    window_width,
+    overwrite,
+):
+    """Segment new slices or volumes: label masks in the input's geometry, overlays, burden CSV.
+
+    Example: stitchnet-tf predict --model runs/demo --input data/demo/unlabelled -o preds
+    """
+    from stitchnet_tf.data.io import Window
+    from stitchnet_tf.predict import predict_path
+
+    result = predict_path(
+        model_path,
+        input_,
+        output,
+        size=size,
+        samples=samples,
+        decision=decision,
+        tta=tta,
+        uncertainty=uncertainty,
+        window=Window(window_level, window_width),
+        overwrite=overwrite,
+    )
+    click.echo(
+        f"segmented {result['slices']} slices ({result['volumes']} volumes) -> {output}; "
+        f"lesion burden in {result['burden']}"
+    )
+
+
+@click.command()
+@model_options
+@click.option("--input", "-i", "input_", required=True, type=click.Path(path_type=Path))
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--overwrite", is_flag=True)
+def styles(model_path, size, input_, output, overwrite):
+    """Show StitchNet's four style images and the stitched reconstruction (paper Fig. 6b).
+
+    Example: stitchnet-tf styles --model runs/demo --input data/demo/labelled/images -o styles
+    """
+    from stitchnet_tf.figures import styles_figures
+
+    result = styles_figures(model_path, input_, output, size=size, overwrite=overwrite)
+    mae = result["lung_mae_mean"]
+    error = "" if mae is None else f"; stitched reconstruction MAE inside the lung {mae:.3f}"
+    click.echo(f"wrote {result['figures']} style figures -> {output}{error}")
+
+
+@click.command()
+@model_options
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--n", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=0, show_default=True, type=SEED)
+@click.option(
+    "--temperature",
+    default=SAMPLE_TEMPERATURE,
+    show_default=True,
+    type=click.FloatRange(0, 2, min_open=True),
+    help="Scale of every prior σ (below 1: more typical, less varied slices).",
+)
+@click.option("--overwrite", is_flag=True)
+def sample(model_path, size, output, n, seed, temperature, overwrite):
+    """Draw new slices with their segmentations from StitchNet's prior.
+
+    Example: stitchnet-tf sample --model runs/demo --n 8 -o samples
+    """
+    from stitchnet_tf.figures import sample_figure
+
+    sample_figure(
+        model_path, output, n=n, size=size, seed=seed, temperature=temperature, overwrite=overwrite
+    )
+    click.echo(f"drew {n} samples at temperature {temperature:g} -> {output}")
+
+
+@click.command()
+@model_options
+@click.option(
+    "--format",
+    "fmt",
+    default="savedmodel",
+    show_default=True,
+    type=click.Choice(EXPORT_FORMATS),
+)
+@click.option(
+    "--quantize",
+    default="none",
+    show_default=True,
+    type=click.Choice(QUANTIZE),
+    help="TFLite weights/activations (int8 calibrates on --data or the run's training data).",
+)
+@click.option(
+    "--output",
+    "-o",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="SavedModel: the model's base folder (default saved_models/<run>); "
+    "TFLite: the .tflite file (default saved_models/<run>-<quantize>.tflite).",
+)
+@click.option(
+    "--version",
+    "version_",
+    default=None,
+    type=click.IntRange(1),
+    help="SavedModel version folder (default: the next free number).",
+)
+@click.option(
+    "--data",
+    "-d",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Dataset folder of representative slices for int8.",
+)
+@click.option(
+    "--count",
+    default=100,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Representative slices for int8.",
+)
+@click.option("--decision", default=None, type=click.Choice(DECISIONS))
+@click.option("--no-bytes", is_flag=True, help="SavedModel: no encoded-image signature.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing version or file.")
+@tta_option
+def export(
+    model_path,
+    size,
+    fmt,
+    quantize,
+    output,
+    version_,
+    data,
+    count,
+    decision,
+    no_bytes,
+    overwrite,
+    tta,
+):
+    """Export the segmentation path: SavedModel (TensorFlow Serving layout) or TFLite.
+
+    SavedModel signatures: serving_default (image [B,S,S,1] in [0,1], preprocessed),
+    serving_lung (image + lung field) and serving_bytes (encoded PNG/JPEG, preprocessing
+    in the graph). Written atomically.
+
+    Example: stitchnet-tf export --model runs/demo --format tflite --quantize float16
+    """
+    from stitchnet_tf.export import export as run_export
+
+    result = run_export(
+        model_path,
+        fmt,
+        quantize=quantize,
+        output=output,
+        version=version_,
+        size=size,
+        data=data,
+        count=count,
+        decision=decision,
+        bytes_signature=not no_bytes,
+        overwrite=overwrite,
+        tta=tta,
+    )
+    click.echo(
+        f"exported {fmt}{'' if fmt == 'savedmodel' else ' (' + quantize + ')'} at "
+        f"{result['size']} px -> {result['path']} ({result['bytes'] / 1e6:.1f} MB)"
+    )

@@ -1,0 +1,147 @@
+"""Options and checks shared by the commands: how a dataset folder is read, model sizes,
+seeds, split fractions, warnings."""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from pathlib import Path
+
+import click
+
+from stitchnet_tf import options
+from stitchnet_tf.data.intensity import INTENSITY_MODES
+from stitchnet_tf.errors import DataError
+
+
+def warn(message: str) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
+def intensity_option(f):
+    """`--intensity`, shared by `preprocess` and `train`."""
+    return click.option(
+        "--intensity",
+        type=click.Choice(INTENSITY_MODES),
+        default="none",
+        show_default=True,
+        help="standardise: map each slice so that its aerated lung and the soft tissue around "
+        "the lung field land on fixed values (other windows and scanners then look alike).",
+    )(f)
+
+
+tta_option = click.option(
+    "--tta", is_flag=True, help="Average the probabilities over the four flips of each slice."
+)
+
+
+def check_patient_pattern(ctx, param, value: str | None) -> str | None:
+    """A regex with at least one group (the patient id), checked before any file is read."""
+    if value is None:
+        return None
+    try:
+        compiled = re.compile(value)
+    except re.error as e:
+        raise click.BadParameter(f"not a regular expression ({e})") from None
+    if compiled.groups < 1:
+        raise click.BadParameter("needs a group for the patient id, e.g. 'P(\\d+)_'")
+    return value
+
+
+def check_model_size(ctx, param, value: int | None) -> int | None:
+    """A model size: a positive multiple of 32 (five stride-2 levels), or None."""
+    if value is None:
+        return None
+    try:
+        return options.check_model_size(value)
+    except DataError:
+        raise click.BadParameter(f"{value} is not a positive multiple of 32") from None
+
+
+#: Seeds of NumPy, TensorFlow and Keras must fit in 32 bits.
+SEED = click.IntRange(0, 2**32 - 1)
+
+
+def data_options(f):
+    """Options saying how to read a dataset folder."""
+
+    @click.option(
+        "--mask-values",
+        default=None,
+        metavar="SPEC",
+        help="What stored mask values mean: a preset (medseg, binary, fourclass, bits) or "
+        "pairs like 0:none,1:ggo,2:con (classes: background, healthy, ggo, con, lesion, lung, "
+        "none, unknown). Default: the folder's dataset.json, else medseg.",
+    )
+    @click.option(
+        "--patient-pattern",
+        default=None,
+        metavar="REGEX",
+        callback=check_patient_pattern,
+        help="Regex on file names whose first group is the patient id (when there is no "
+        "manifest column or patients.csv), e.g. 'Data-1_(.+)_\\d+\\.jpg'.",
+    )
+    @click.option(
+        "--masks-subdir", default="masks", show_default=True, help="Folder of lesion masks."
+    )
+    @click.option(
+        "--lungs-subdir", default="lungs", show_default=True, help="Folder of lung masks."
+    )
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        return f(*args, **kwargs)
+
+    return wrapper
+
+
+def discover_dataset(
+    path, mask_values, patient_pattern, masks_subdir, lungs_subdir, skip_bad=False
+):
+    from stitchnet_tf.data.datasets import discover
+
+    return discover(
+        path,
+        mask_values=mask_values,
+        patient_pattern=patient_pattern,
+        masks_subdir=masks_subdir,
+        lungs_subdir=lungs_subdir,
+        skip_bad=skip_bad,
+        warn=warn,
+    )
+
+
+def parse_fractions(ctx, param, value: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter("expected three numbers like 0.6,0.2,0.2") from None
+    if len(parts) != 3:
+        raise click.BadParameter("expected three numbers like 0.6,0.2,0.2")
+    if not all(math.isfinite(v) and v >= 0 for v in parts) or sum(parts) <= 0:
+        raise click.BadParameter("the three fractions must be finite, >= 0 and not all 0")
+    return parts
+
+
+def model_options(f):
+    @click.option(
+        "--model",
+        "-m",
+        "model_path",
+        required=True,
+        type=click.Path(path_type=Path),
+        help="Run folder (uses best.keras), a .keras file, or an export (SavedModel folder, "
+        ".tflite file).",
+    )
+    @click.option(
+        "--size",
+        default=None,
+        type=int,
+        callback=check_model_size,
+        help="Model size (default: the run's config.json).",
+    )
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        return f(*args, **kwargs)
+
+    return wrapper
