@@ -13,7 +13,6 @@ from stitchnet_tf_cli.options import (
     SEED,
     check_model_size,
     data_options,
-    discover_dataset,
     intensity_option,
     parse_fractions,
     warn,
@@ -125,10 +124,7 @@ def preprocess(
     intensity,
     skip_bad,
     overwrite,
-    mask_values,
-    patient_pattern,
-    masks_subdir,
-    lungs_subdir,
+    reading,
 ):
     """Crop a dataset to the lung field at model size and write it with a manifest.
 
@@ -137,9 +133,7 @@ def preprocess(
     from stitchnet_tf.data.io import Window
     from stitchnet_tf.data.preprocess import preprocess_dataset
 
-    dataset = discover_dataset(
-        input_, mask_values, patient_pattern, masks_subdir, lungs_subdir, skip_bad
-    )
+    dataset = reading(input_).discover(skip_bad=skip_bad, warn=warn)
     with click.progressbar(length=len(dataset), label="preprocess", file=sys.stderr) as bar:
         summary = preprocess_dataset(
             dataset,
@@ -201,10 +195,7 @@ def split(
     max_labelled,
     label_fraction,
     overwrite,
-    mask_values,
-    patient_pattern,
-    masks_subdir,
-    lungs_subdir,
+    reading,
 ):
     """Split a dataset train/val/test by patient (by slice, with a warning, without ids).
 
@@ -214,7 +205,7 @@ def split(
     from stitchnet_tf.data.splits import check_split_output, split_dataset, withhold_labels
 
     check_split_output(output, data, overwrite)
-    dataset = discover_dataset(data, mask_values, patient_pattern, masks_subdir, lungs_subdir)
+    dataset = reading(data).discover(warn=warn)
     check_samples(dataset, dataset.samples)  # a corrupt slice is named now, not at training
     result = split_dataset(dataset, fractions, seed, warn=warn)
     if max_labelled is not None or label_fraction is not None:

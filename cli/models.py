@@ -87,10 +87,7 @@ def evaluate(
     decision,
     tta,
     overwrite,
-    mask_values,
-    patient_pattern,
-    masks_subdir,
-    lungs_subdir,
+    reading,
 ):
     """Score a model on labelled slices: IoU, F1 (Dice), recall, precision per class (Table 1).
 
@@ -103,7 +100,7 @@ def evaluate(
 
     result = run_evaluation(
         model_path,
-        data,
+        reading(data),
         output,
         split=split_file,
         part=part,
@@ -112,10 +109,6 @@ def evaluate(
         samples=samples,
         decision=decision,
         tta=tta,
-        mask_values=mask_values,
-        patient_pattern=patient_pattern,
-        masks_subdir=masks_subdir,
-        lungs_subdir=lungs_subdir,
         overwrite=overwrite,
         log=click.echo,
     )
@@ -283,6 +276,7 @@ def sample(model_path, size, output, n, seed, temperature, overwrite):
 @click.option("--no-bytes", is_flag=True, help="SavedModel: no encoded-image signature.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing version or file.")
 @tta_option
+@data_options
 def export(
     model_path,
     size,
@@ -296,6 +290,7 @@ def export(
     no_bytes,
     overwrite,
     tta,
+    reading,
 ):
     """Export the segmentation path: SavedModel (TensorFlow Serving layout) or TFLite.
 
@@ -314,7 +309,7 @@ def export(
         output=output,
         version=version_,
         size=size,
-        data=data,
+        data=reading(data),
         count=count,
         decision=decision,
         bytes_signature=not no_bytes,

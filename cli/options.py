@@ -64,7 +64,8 @@ SEED = click.IntRange(0, 2**32 - 1)
 
 
 def data_options(f):
-    """Options saying how to read a dataset folder."""
+    """Options saying how to read a dataset folder; the command gets `reading`, which turns a
+    folder into a `DatasetSpec` with them."""
 
     @click.option(
         "--mask-values",
@@ -89,26 +90,18 @@ def data_options(f):
         "--lungs-subdir", default="lungs", show_default=True, help="Folder of lung masks."
     )
     @functools.wraps(f)
-    def wrapper(*args, **kwargs):
-        return f(*args, **kwargs)
+    def wrapper(*args, mask_values, patient_pattern, masks_subdir, lungs_subdir, **kwargs):
+        def reading(path):
+            """The dataset folder `path` as a `DatasetSpec` with these options (None: None)."""
+            from stitchnet_tf.data.datasets import DatasetSpec
+
+            if path is None:
+                return None
+            return DatasetSpec(path, mask_values, patient_pattern, masks_subdir, lungs_subdir)
+
+        return f(*args, reading=reading, **kwargs)
 
     return wrapper
-
-
-def discover_dataset(
-    path, mask_values, patient_pattern, masks_subdir, lungs_subdir, skip_bad=False
-):
-    from stitchnet_tf.data.datasets import discover
-
-    return discover(
-        path,
-        mask_values=mask_values,
-        patient_pattern=patient_pattern,
-        masks_subdir=masks_subdir,
-        lungs_subdir=lungs_subdir,
-        skip_bad=skip_bad,
-        warn=warn,
-    )
 
 
 def parse_fractions(ctx, param, value: str) -> tuple[float, float, float]:

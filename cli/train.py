@@ -355,10 +355,7 @@ def train(
     per_replica_batchnorm,
     recalibration_steps,
     quiet,
-    mask_values,
-    patient_pattern,
-    masks_subdir,
-    lungs_subdir,
+    reading,
 ):
     """Train StitchNet (labelled + unlabelled) or a baseline (labelled only).
 
@@ -402,6 +399,7 @@ def train(
         ),
     )
     options |= preset_model | given
+    spec = reading(labelled)
     config = TrainConfig(
         labelled=str(labelled),
         unlabelled=None if unlabelled is None else str(unlabelled),
@@ -430,11 +428,11 @@ def train(
         augmentation=augmentation,
         intensity=intensity,
         cache=cache,
-        mask_values=mask_values,
-        patient_pattern=patient_pattern,
+        mask_values=spec.mask_values,
+        patient_pattern=spec.patient_pattern,
         unlabelled_patient_pattern=unlabelled_patient_pattern,
-        masks_subdir=masks_subdir,
-        lungs_subdir=lungs_subdir,
+        masks_subdir=spec.masks_subdir,
+        lungs_subdir=spec.lungs_subdir,
         model_options=options,
         preset=preset,
         choose_decision=decision == "auto",

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from stitchnet_tf.data.classes import CON, GGO, bits
-from stitchnet_tf.data.datasets import Dataset, discover
+from stitchnet_tf.data.datasets import Dataset, DatasetSpec
 from stitchnet_tf.data.intensity import check_intensity
 from stitchnet_tf.data.preprocess import (
     DEFAULT_MARGIN,
@@ -200,7 +200,7 @@ def lung_field_source(dataset: Dataset) -> str:
 
 def evaluate(
     model_path: str | os.PathLike,
-    data: str | os.PathLike,
+    data: str | os.PathLike | DatasetSpec,
     output: str | os.PathLike,
     *,
     split: str | os.PathLike | None = None,
@@ -211,16 +211,13 @@ def evaluate(
     samples: int = 0,
     decision: str | None = None,
     tta: bool = False,
-    mask_values: str | None = None,
-    patient_pattern: str | None = None,
-    masks_subdir: str = "masks",
-    lungs_subdir: str = "lungs",
     segmenter=None,
     overwrite: bool = False,
     progress=None,
     log=print,
 ) -> dict:
-    """Score a model on the labelled slices of `data`; write the reports into the folder
+    """Score a model on the labelled slices of `data` (a folder, or a `DatasetSpec` saying how
+    to read it); write the reports into the folder
     `output` (atomically; a non-empty folder only with `overwrite` and only when it holds an
     earlier evaluation.json).
 
@@ -229,17 +226,12 @@ def evaluate(
     folder's lung masks, else `segmenter` (default: the package's). Returns the summary dict
     (with `mean_lesion_dice`).
     """
+    spec = DatasetSpec.of(data)
+    data = spec.path
     inputs = {"--data": data, "--split": split}
     check_model_output(output, model_path, inputs, overwrite=overwrite, marker=EVALUATION_MARKER)
     check_stitchnet_options(model_path, samples, decision)
-    dataset = discover(
-        data,
-        mask_values=mask_values,
-        patient_pattern=patient_pattern,
-        masks_subdir=masks_subdir,
-        lungs_subdir=lungs_subdir,
-        require_labels=True,
-    )
+    dataset = spec.discover(require_labels=True)
     loaded = load_model(model_path)
     size = loaded.input_size(size)
     chosen = None

@@ -38,6 +38,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -63,6 +64,9 @@ from stitchnet_tf.fileio import (
 from stitchnet_tf.inference import model_intensity, run_config
 from stitchnet_tf.options import EXPORT_FORMATS as FORMATS
 from stitchnet_tf.options import QUANTIZE
+
+if TYPE_CHECKING:
+    from stitchnet_tf.data.datasets import DatasetSpec
 
 #: Where a SavedModel export keeps its description (TF Serving ignores assets.extra/).
 
@@ -547,14 +551,14 @@ def _convert_isolated(saved, quantize: str, representative, work: Path, path: Pa
 # --------------------------------------------------------------------------- the command
 
 
-def representative_samples(dataset_dir, count: int = 100, seed: int = 0, **discover_kw):
-    """Up to `count` samples of a dataset folder drawn at random (seeded), every one read once
-    to check it: the representative dataset of int8 quantization, checked before the model is
-    loaded. Returns (dataset, samples)."""
-    from stitchnet_tf.data.datasets import discover
+def representative_samples(data, count: int = 100, seed: int = 0):
+    """Up to `count` samples of a dataset folder (a path or a `DatasetSpec`) drawn at random
+    (seeded), every one read once to check it: the representative dataset of int8
+    quantization, checked before the model is loaded. Returns (dataset, samples)."""
+    from stitchnet_tf.data.datasets import DatasetSpec
     from stitchnet_tf.data.preprocess import check_samples
 
-    dataset = discover(dataset_dir, **discover_kw)
+    dataset = DatasetSpec.of(data).discover()
     order = np.random.default_rng(seed).permutation(len(dataset.samples))[:count]
     samples = [dataset.samples[i] for i in order]
     check_samples(dataset, samples)
@@ -579,7 +583,7 @@ def export(
     output: str | os.PathLike | None = None,
     version: int | None = None,
     size: int | None = None,
-    data: str | os.PathLike | None = None,
+    data: str | os.PathLike | DatasetSpec | None = None,
     count: int = 100,
     decision: str | None = None,
     bytes_signature: bool = True,
@@ -599,7 +603,11 @@ def export(
     if fmt == "savedmodel" and quantize != "none":
         raise DataError(None, "--quantize applies to --format tflite only")
     sources, nest_ok = model_input(model_path)
-    sources |= {"--data": data}
+    if data is not None:
+        from stitchnet_tf.data.datasets import DatasetSpec
+
+        data = DatasetSpec.of(data)
+    sources |= {"--data": None if data is None else data.path}
     if output is not None:
         check_apart(output, sources, nest_ok)
         if fmt == "tflite":
@@ -610,17 +618,14 @@ def export(
                 raise DataError(output, "export folder is a file")
     chosen = None
     if fmt == "tflite" and quantize == "int8":  # the slices are checked before the model loads
-        kw = {}
-        if data is None and Path(model_path).is_dir():
-            config = run_config(model_path) or {}
-            data = config.get("unlabelled") or config.get("labelled")
-            if data is not None and data == config.get("unlabelled"):
-                kw["patient_pattern"] = config.get("unlabelled_patient_pattern")
-            else:
-                kw["mask_values"] = config.get("mask_values")
-        if data is None:
-            raise DataError(model_path, "int8 needs representative slices: give --data")
-        chosen = representative_samples(data, count, **kw)
+        if data is None and Path(model_path).is_dir():  # the run's own training slices
+            from stitchnet_tf.training import TrainConfig
+
+            config = run_config(model_path)
+            if config is not None:
+                config = TrainConfig.from_dict(config)
+                data = config.unlabelled_spec() or config.labelled_spec()
+        chosen = representative_samples(data, count)
     loaded = load_model(model_path)
     if decision is not None and not hasattr(loaded.model, "decision"):
         raise DataError(

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from stitchnet_tf import __version__
 from stitchnet_tf.data.classes import CON, GGO, bits
-from stitchnet_tf.data.datasets import Dataset, discover
+from stitchnet_tf.data.datasets import Dataset, DatasetSpec
 from stitchnet_tf.data.intensity import INTENSITY_MODES
 from stitchnet_tf.data.pipeline import (
     SliceLoader,
@@ -119,12 +119,38 @@ class TrainConfig:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
 
+    def labelled_spec(self) -> DatasetSpec:
+        """How to read the labelled folder."""
+        return DatasetSpec(
+            Path(self.labelled),
+            self.mask_values,
+            self.patient_pattern,
+            self.masks_subdir,
+            self.lungs_subdir,
+        )
+
+    def unlabelled_spec(self) -> DatasetSpec | None:
+        """How to read the unlabelled folder (its own patient pattern; no masks)."""
+        if self.unlabelled is None:
+            return None
+        return DatasetSpec(
+            Path(self.unlabelled),
+            patient_pattern=self.unlabelled_patient_pattern,
+            masks_subdir=self.masks_subdir,
+            lungs_subdir=self.lungs_subdir,
+        )
+
     @classmethod
     def from_json(cls, text: str) -> TrainConfig:
         """A config from its JSON; fields it lacks (written by an older version) take the
         values that version used, so that resuming such a run with today's defaults is
         refused rather than silently trained on with another recipe."""
-        d = LEGACY_DEFAULTS | json.loads(text)
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        """As `from_json`, from the parsed dict."""
+        d = LEGACY_DEFAULTS | values
         d["fractions"] = tuple(d.get("fractions", (0.6, 0.2, 0.2)))
         return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
 
@@ -628,17 +654,10 @@ def train(
     chief, multi_worker = distribute.is_chief(), distribute.is_multi_worker(strategy)
     if multi_worker and config.run_eagerly:
         raise DataError(None, "--eager does not work with a multi-worker strategy")
-    labelled = discover(
-        config.labelled,
-        mask_values=config.mask_values,
-        patient_pattern=config.patient_pattern,
-        masks_subdir=config.masks_subdir,
-        lungs_subdir=config.lungs_subdir,
-        require_labels=True,
-    )
+    labelled = config.labelled_spec().discover(require_labels=True)
     unlabelled = None
     if config.unlabelled and config.model == "stitchnet":
-        unlabelled = discover(config.unlabelled, patient_pattern=config.unlabelled_patient_pattern)
+        unlabelled = config.unlabelled_spec().discover()
     elif config.unlabelled:
         warn(f"{config.model} is supervised: the unlabelled data is not used")
 

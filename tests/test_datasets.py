@@ -444,6 +444,33 @@ def test_masks_subdir_and_lungs_subdir(tmp_path):
     assert not discover(tmp_path).labelled  # the default "masks" folder is absent
 
 
+def test_dataset_spec_carries_the_reading_whole(tmp_path):
+    import dataclasses
+
+    from stitchnet_tf.data.datasets import DatasetSpec
+    from stitchnet_tf.training import TrainConfig
+
+    png(tmp_path / "images" / "a.png")
+    png(tmp_path / "infection" / "a.png", 255)
+    png(tmp_path / "lungfield" / "a.png", 255)
+    spec = DatasetSpec(str(tmp_path), "binary", None, "infection", "lungfield")
+    (s,) = spec.discover(require_labels=True).samples
+    assert s.lung == str(tmp_path / "lungfield" / "a.png")
+    assert spec.discover().mask_map.name == "binary"
+    assert DatasetSpec.of(spec) is spec and DatasetSpec.of(tmp_path) == DatasetSpec(tmp_path)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.path = tmp_path
+    config = TrainConfig(
+        labelled=str(tmp_path), output="run", unlabelled=str(tmp_path / "u"),
+        mask_values="binary", masks_subdir="infection", lungs_subdir="lungfield",
+        unlabelled_patient_pattern=r"(p\d+)_",
+    )  # fmt: skip
+    assert config.labelled_spec() == spec
+    unlabelled = config.unlabelled_spec()  # its own patients, the same sub-folders, no masks
+    assert unlabelled.patient_pattern == r"(p\d+)_" and unlabelled.lungs_subdir == "lungfield"
+    assert unlabelled.mask_values is None
+
+
 # --------------------------------------------------------------------------- Dataset / Sample
 
 

@@ -224,6 +224,47 @@ def _index_by_stem(folder: Path | None) -> dict[str, Path]:
     return index
 
 
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where a dataset folder is and how to read it, handed over whole (CLI -> evaluation,
+    training, int8 export) instead of as separate arguments.
+
+    Args:
+        path: the dataset folder.
+        mask_values: what stored mask values mean (see `discover`); None: the folder's
+            dataset.json, else medseg.
+        patient_pattern: a regex on file names whose first group is the patient id.
+        masks_subdir, lungs_subdir: the sub-folders of lesion masks and lung masks.
+    """
+
+    path: Path
+    mask_values: str | None = None
+    patient_pattern: str | None = None
+    masks_subdir: str = "masks"
+    lungs_subdir: str = "lungs"
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", Path(self.path))
+
+    @classmethod
+    def of(cls, data: str | os.PathLike | DatasetSpec) -> DatasetSpec:
+        """`data` as a spec: a spec as it is, a path with the default reading."""
+        return data if isinstance(data, DatasetSpec) else cls(Path(data))
+
+    def discover(self, *, require_labels: bool = False, skip_bad: bool = False, warn=None):
+        """The folder's `Dataset` (see `discover`)."""
+        return discover(
+            self.path,
+            mask_values=self.mask_values,
+            patient_pattern=self.patient_pattern,
+            masks_subdir=self.masks_subdir,
+            lungs_subdir=self.lungs_subdir,
+            require_labels=require_labels,
+            skip_bad=skip_bad,
+            warn=warn,
+        )
+
+
 def discover(
     root: str | os.PathLike,
     *,

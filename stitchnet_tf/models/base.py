@@ -29,13 +29,17 @@ def default_lung(x, lung=None):
 
 def segmentation_output(probabilities) -> dict:
     """Class probabilities [..., 4] -> the output every model returns: probabilities float32,
-    labels int32 [...] (argmax) and the predictive entropy [...] in nats."""
-    probabilities = ops.cast(probabilities, "float32")
-    log_p = ops.log(ops.maximum(probabilities, ENTROPY_FLOOR))
+    labels int32 [...] (argmax) and the predictive entropy [...] in nats.
+
+    Plain TensorFlow ops: this also runs inside the exported graphs, and Keras' `ops.argmax`
+    adds a BitwiseAnd (its −0.0 handling) that TFLite cannot convert.
+    """
+    probabilities = tf.cast(probabilities, tf.float32)
+    log_p = tf.math.log(tf.maximum(probabilities, ENTROPY_FLOOR))
     return {
         "probabilities": probabilities,
-        "labels": ops.cast(ops.argmax(probabilities, axis=-1), "int32"),
-        "entropy": -ops.sum(probabilities * log_p, axis=-1),
+        "labels": tf.argmax(probabilities, axis=-1, output_type=tf.int32),
+        "entropy": -tf.reduce_sum(probabilities * log_p, axis=-1),
     }
 
 
