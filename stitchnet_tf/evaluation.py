@@ -42,9 +42,9 @@ from stitchnet_tf.inference import (
     load_model,
     model_intensity,
     prepare_inputs,
-    run_config,
 )
 from stitchnet_tf.metrics import Table1, lesion_dice, mean_lesion_dice
+from stitchnet_tf.run import Run
 
 #: the summary written last: marks a folder written by `evaluate` (what --overwrite may replace)
 EVALUATION_MARKER = "evaluation.json"
@@ -237,10 +237,10 @@ def evaluate(
     chosen = None
     if split is not None:
         chosen = Split.load(split)
-    elif loaded.run is not None and (loaded.run / "split.json").is_file():
-        config = run_config(loaded.run) or {}
-        if Path(config.get("labelled", "")).resolve() == Path(data).resolve():
-            chosen = Split.load(loaded.run / "split.json")
+    elif loaded.run is not None and Run(loaded.run).split_path.is_file():
+        config = Run(loaded.run).config()
+        if config is not None and Path(config.labelled).resolve() == Path(data).resolve():
+            chosen = Split.load(Run(loaded.run).split_path)
             part = part or ("test" if chosen.test else "val")
             log(f"using the run's split: its {part} part")
     if chosen is None and part is not None:

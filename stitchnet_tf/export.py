@@ -61,9 +61,10 @@ from stitchnet_tf.fileio import (
     sweep_leftovers,
     temp_prefix,
 )
-from stitchnet_tf.inference import model_intensity, run_config
+from stitchnet_tf.inference import model_intensity
 from stitchnet_tf.options import EXPORT_FORMATS as FORMATS
 from stitchnet_tf.options import QUANTIZE
+from stitchnet_tf.run import Run
 
 if TYPE_CHECKING:
     from stitchnet_tf.data.datasets import DatasetSpec
@@ -619,11 +620,8 @@ def export(
     chosen = None
     if fmt == "tflite" and quantize == "int8":  # the slices are checked before the model loads
         if data is None and Path(model_path).is_dir():  # the run's own training slices
-            from stitchnet_tf.training import TrainConfig
-
-            config = run_config(model_path)
+            config = Run(model_path).config()
             if config is not None:
-                config = TrainConfig.from_dict(config)
                 data = config.unlabelled_spec() or config.labelled_spec()
         chosen = representative_samples(data, count)
     loaded = load_model(model_path)

@@ -28,6 +28,7 @@ from stitchnet_tf.data.preprocess import (
     prepare,
 )
 from stitchnet_tf.errors import DataError
+from stitchnet_tf.run import Run
 
 
 @dataclass
@@ -69,7 +70,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         return LoadedModel(model, model.size, model.path)
     run = None
     if p.is_dir():
-        run, p = p, _checkpoint(p)
+        run, p = p, Run(p).checkpoint()
         if p is None:
             raise DataError(path, "not a run folder: no best.keras or last.keras inside")
     elif not p.exists():
@@ -85,19 +86,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         raise DataError(p, f"cannot load model ({type(e).__name__}: {str(e)[:200]})") from None
     if not hasattr(model, "segment"):
         raise DataError(p, "not a stitchnet-tf segmentation model")
-    size = None
-    config = run_config(run or p.parent)
-    if config is not None:
-        try:
-            size = int(config.get("size"))
-        except (ValueError, TypeError):
-            size = None
-    return LoadedModel(model, size, p, run)
-
-
-def _checkpoint(run: Path) -> Path | None:
-    """The model a run folder stands for: its best.keras, else last.keras (None if neither)."""
-    return next((run / n for n in ("best.keras", "last.keras") if (run / n).is_file()), None)
+    return LoadedModel(model, Run(run or p.parent).size(), p, run)
 
 
 def model_class(path: str | os.PathLike) -> str | None:
@@ -112,7 +101,7 @@ def model_class(path: str | os.PathLike) -> str | None:
     if is_exported(p):
         return "exported"
     if p.is_dir():
-        p = _checkpoint(p) or p
+        p = Run(p).checkpoint() or p
     if p.suffix != ".keras" or not p.is_file():
         return None
     import zipfile
@@ -155,21 +144,6 @@ def check_keras_archive(path: Path) -> None:
         raise DataError(path, f"damaged Keras model archive: {damaged} fails its checksum")
     if "config.json" not in names:
         raise DataError(path, "not a Keras model archive (no config.json inside)")
-
-
-def run_config(folder: str | os.PathLike) -> dict | None:
-    """The `config.json` of a run folder as a dict, None when there is none; a file that is not
-    a JSON object is a `DataError` naming it."""
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(path, f"not a valid config.json ({type(e).__name__}: {e})") from None
-    if not isinstance(config, dict):
-        raise DataError(path, "not a valid config.json (not a JSON object)")
-    return config
 
 
 #: Class probabilities where nothing was predicted (outside the crop box): background.

@@ -1,20 +1,10 @@
-"""Training runs: data, split, model, callbacks, and a run directory that can be resumed.
-
-A run directory holds
-- `config.json`: the full `TrainConfig` (enough to reproduce the run) and library versions;
-- `split.json`: the split used (made on the fly, by patient, unless one was given);
-- `last.keras` / `best.keras`: the model after the last good epoch and at the best validation
-  mean lesion Dice (full `.keras` files: weights, optimizer state, config);
-- `state.json`: completed epochs and the best score, for resuming;
-- `log.csv`, `tensorboard/`, `curves.png`.
-Rerunning the same command on the same run directory continues from the last completed epoch.
+"""Training runs: data, split, model, callbacks, and a run folder (`run.Run`) that can be
+resumed: rerunning the same command on the same folder continues from the last completed epoch.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import math
 import os
 import platform
@@ -24,12 +14,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from stitchnet_tf import __version__
 from stitchnet_tf.data.classes import CON, GGO, bits
-from stitchnet_tf.data.datasets import Dataset, DatasetSpec
+from stitchnet_tf.data.datasets import Dataset
 from stitchnet_tf.data.intensity import INTENSITY_MODES
 from stitchnet_tf.data.pipeline import (
     SliceLoader,
@@ -41,7 +30,6 @@ from stitchnet_tf.data.preprocess import check_model_size, check_samples
 from stitchnet_tf.data.splits import Split, split_dataset, withhold_labels
 from stitchnet_tf.errors import DataError, TrainingError
 from stitchnet_tf.fileio import (
-    atomic_write_text,
     check_apart,
     check_parents,
     sweep_leftovers,
@@ -51,108 +39,13 @@ from stitchnet_tf.options import (
     LR_SCHEDULES,
     MODELS,
     OPTIMIZERS,
-    PAPER_SIZE,
     PRESETS,
-    RECALIBRATION_STEPS,
-    TRAIN_DEFAULTS,
     model_options,
 )
+from stitchnet_tf.run import Run, TrainConfig, run_inputs  # noqa: F401 (TrainConfig re-exported)
 
 #: Tests only: the process kills itself (SIGKILL) right after saving this epoch's checkpoint.
 KILL_AFTER_EPOCH_ENV = "STITCHNET_TF_TEST_KILL_AFTER_EPOCH"
-
-
-#: What runs written before these TrainConfig fields existed were trained with.
-LEGACY_DEFAULTS = {"optimizer": "adam", "augmentation": "paper", "choose_decision": False}
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on (saved as the run's `config.json`)."""
-
-    labelled: str
-    output: str
-    unlabelled: str | None = None
-    model: str = "stitchnet"
-    size: int = PAPER_SIZE
-    epochs: int = 80
-    steps_per_epoch: int = 100
-    batch_size: int = 8
-    labelled_per_batch: int | None = None
-    learning_rate: float = TRAIN_DEFAULTS["learning_rate"]
-    optimizer: str = TRAIN_DEFAULTS["optimizer"]  # OPTIMIZERS
-    # AdamW's decoupled decay (not on biases, norms and gains)
-    weight_decay: float = TRAIN_DEFAULTS["weight_decay"]
-    ema: float | None = None  # momentum of an exponential moving average of the weights
-    # "cosine": linear warm-up, then cosine decay to 0; "constant"
-    lr_schedule: str = TRAIN_DEFAULTS["lr_schedule"]
-    warmup_steps: int | None = None  # default: 5% of the budget
-    global_clipnorm: float | None = None  # None: the model's default (StitchNet: 20)
-    clipnorm: float | None = None  # the paper's per-variable clipping: 1.0
-    clipvalue: float | None = None  # and 0.5
-    seed: int = 0
-    split: str | None = None
-    fractions: tuple[float, float, float] = TRAIN_DEFAULTS["fractions"]
-    max_labelled: int | None = None
-    label_fraction: float | None = None
-    mixed_precision: bool = False
-    augment: bool = True
-    augmentation: str = TRAIN_DEFAULTS["augmentation"]  # recipe | paper | none (see data.pipeline)
-    intensity: str = "none"  # none | standardise (data.intensity.standardise), kept by the model
-    cache: bool = False
-    run_eagerly: bool = False  # no graph tracing: for debugging and tiny runs
-    strategy: str = TRAIN_DEFAULTS["strategy"]  # tf.distribute strategy (stitchnet_tf.distribute)
-    sync_batchnorm: bool = True  # with several replicas: BatchNorm on global-batch statistics
-    recalibration_steps: int = RECALIBRATION_STEPS  # BatchNorm re-estimation before validation
-    # data reading
-    mask_values: str | None = None
-    patient_pattern: str | None = None
-    unlabelled_patient_pattern: str | None = None
-    masks_subdir: str = "masks"
-    lungs_subdir: str = "lungs"
-    # model options (see StitchNet / UNet / SegNet)
-    model_options: dict = field(default_factory=dict)
-    preset: str | None = None  # the preset that filled size, widths and budget (see PRESETS)
-    # StitchNet: choose the decision rule (prior / posterior) on the val slices with the epoch
-    choose_decision: bool = True
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1)
-
-    def labelled_spec(self) -> DatasetSpec:
-        """How to read the labelled folder."""
-        return DatasetSpec(
-            Path(self.labelled),
-            self.mask_values,
-            self.patient_pattern,
-            self.masks_subdir,
-            self.lungs_subdir,
-        )
-
-    def unlabelled_spec(self) -> DatasetSpec | None:
-        """How to read the unlabelled folder (its own patient pattern; no masks)."""
-        if self.unlabelled is None:
-            return None
-        return DatasetSpec(
-            Path(self.unlabelled),
-            patient_pattern=self.unlabelled_patient_pattern,
-            masks_subdir=self.masks_subdir,
-            lungs_subdir=self.lungs_subdir,
-        )
-
-    @classmethod
-    def from_json(cls, text: str) -> TrainConfig:
-        """A config from its JSON; fields it lacks (written by an older version) take the
-        values that version used, so that resuming such a run with today's defaults is
-        refused rather than silently trained on with another recipe."""
-        return cls.from_dict(json.loads(text))
-
-    @classmethod
-    def from_dict(cls, values: dict) -> TrainConfig:
-        """As `from_json`, from the parsed dict."""
-        d = LEGACY_DEFAULTS | values
-        d["fractions"] = tuple(d.get("fractions", (0.6, 0.2, 0.2)))
-        return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
 
 
 def build_model(
@@ -385,7 +278,7 @@ def _make_callbacks(
                 best = state.get("best_score")
                 if best is None or score > best:
                     state["best_score"], state["best_epoch"] = float(score), epoch + 1
-                    _atomic_save(self.model, run / "best.keras")
+                    _atomic_save(self.model, Run(run).best)
                     if chief:
                         kind = " (EMA weights)" if ema.on else ""
                         note = f"epoch {epoch + 1}: best so far, val mean lesion Dice {score:.4f}"
@@ -399,9 +292,9 @@ def _make_callbacks(
         def on_epoch_end(self, epoch, logs=None):
             if state.pop("finished_epoch", None) != epoch + 1:
                 return
-            _atomic_save(self.model, run / "last.keras")
+            _atomic_save(self.model, Run(run).last)
             state["epochs_done"] = epoch + 1
-            atomic_write_text(run / "state.json", json.dumps(state, indent=1) + "\n")
+            Run(run).write_state(state)
             if os.environ.get(KILL_AFTER_EPOCH_ENV) == str(epoch + 1):  # tests: a crash here
                 os.kill(os.getpid(), signal.SIGKILL)
 
@@ -528,15 +421,6 @@ class _PipelineWatchdog:
 PIPELINE_GRACE = 60.0
 
 
-def run_inputs(config: TrainConfig) -> dict:
-    """What a run reads, by option name (for `fileio.check_apart`)."""
-    return {
-        "--labelled": config.labelled,
-        "--unlabelled": config.unlabelled,
-        "--split": config.split,
-    }
-
-
 def prepare_run(config: TrainConfig, overwrite: bool = False, warn=None) -> tuple[Path, dict]:
     """Create (or reopen, to resume) the run directory; returns it and its state.
 
@@ -546,24 +430,22 @@ def prepare_run(config: TrainConfig, overwrite: bool = False, warn=None) -> tupl
     """
 
     run = Path(config.output)
-    state_path = run / "state.json"
+    folder = Run(run)
     check_apart(run, run_inputs(config))
     check_parents(run)
     if run.exists() and not run.is_dir():
         raise DataError(run, "output exists and is not a folder")
     sweep_leftovers(run)  # temporaries of a killed earlier run
     if run.exists() and any(run.iterdir()):
-        if not (state_path.is_file() and (run / "config.json").is_file()):
+        if not folder.is_run():
             raise DataError(
                 run, "output folder exists and is not a run of this tool (choose another --output)"
             )
         try:
-            state = json.loads(state_path.read_text())
-            saved = TrainConfig.from_json((run / "config.json").read_text())
-            readable = isinstance(state, dict)
-        except (ValueError, TypeError, KeyError):
-            readable = False
-        if not (overwrite or readable):
+            state, saved = folder.state(), folder.config()
+        except DataError:
+            state = saved = None
+        if not (overwrite or state is not None):
             raise DataError(
                 run, "the run's config.json or state.json is unreadable (use --overwrite)"
             )
@@ -580,16 +462,16 @@ def prepare_run(config: TrainConfig, overwrite: bool = False, warn=None) -> tupl
                 raise DataError(run, "run folder holds a finished run (use --overwrite)")
             return run, state
     run.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run / "config.json", config.to_json() + "\n")
-    atomic_write_text(run / "versions.json", json.dumps(_versions(), indent=1) + "\n")
+    folder.write_config(config)
+    folder.write_versions(_versions())
     state = {"epochs_done": 0, "best_score": None, "best_epoch": None}
-    atomic_write_text(state_path, json.dumps(state, indent=1) + "\n")
+    folder.write_state(state)
     return run, state
 
 
 def _run_split(config: TrainConfig, run: Path, labelled, warn) -> Split:
     """The run's split: its split.json when resuming, else the given or a new one (saved)."""
-    split_path = run / "split.json"
+    split_path = Run(run).split_path
     if split_path.is_file():
         return Split.load(split_path)
     if config.split:
@@ -611,26 +493,8 @@ def _run_split(config: TrainConfig, run: Path, labelled, warn) -> Split:
     return split
 
 
-def train(
-    config: TrainConfig,
-    *,
-    overwrite: bool = False,
-    verbose: int | str = "auto",
-    log: Callable[[str], None] = print,
-    warn: Callable[[str], None] | None = None,
-) -> dict:
-    """Train a model as `config` says; returns a summary (run folder, epochs, best score, time).
-
-    Raises `DataError` for bad input and `TrainingError` when the loss became NaN (the last
-    good checkpoint is kept).
-    """
-    import keras
-    import tensorflow as tf
-
-    from stitchnet_tf import distribute
-    from stitchnet_tf.precision import set_precision
-
-    warn = warn or log
+def check_config(config: TrainConfig) -> None:
+    """The options a run cannot start with, refused before any file is read."""
     check_model_size(config.size)
     if config.intensity not in INTENSITY_MODES:
         raise DataError(
@@ -643,49 +507,61 @@ def train(
         and not 0 < config.labelled_per_batch <= config.batch_size
     ):
         raise DataError(None, f"--labelled-per-batch must be in 1..{config.batch_size}")
-    strategy = distribute.make_strategy(config.strategy)  # before any other TensorFlow work
-    replicas = distribute.num_replicas(strategy)
-    if config.batch_size % replicas:
-        raise DataError(
-            None,
-            f"--batch-size {config.batch_size} (the global batch) must be a multiple of the "
-            f"{replicas} replicas",
-        )
-    chief, multi_worker = distribute.is_chief(), distribute.is_multi_worker(strategy)
-    if multi_worker and config.run_eagerly:
-        raise DataError(None, "--eager does not work with a multi-worker strategy")
+
+
+def _read_datasets(config: TrainConfig, warn) -> tuple[Dataset, Dataset | None]:
+    """The labelled dataset and, for StitchNet, the unlabelled one."""
     labelled = config.labelled_spec().discover(require_labels=True)
     unlabelled = None
     if config.unlabelled and config.model == "stitchnet":
         unlabelled = config.unlabelled_spec().discover()
     elif config.unlabelled:
         warn(f"{config.model} is supervised: the unlabelled data is not used")
+    return labelled, unlabelled
 
-    scratch = None
-    fresh = not Path(config.output).exists()
-    if chief:
+
+def _open_run(config: TrainConfig, overwrite: bool, warn, strategy) -> tuple[Path, dict, bool]:
+    """(run folder, state, scratch): the chief's run folder, or a scratch folder thrown away
+    for the other workers of a multi-worker run, which write identical checkpoints."""
+    from stitchnet_tf import distribute
+
+    if distribute.is_chief():
         run, state = prepare_run(config, overwrite, warn)
-    else:  # other workers write their (identical) checkpoints to a folder thrown away
+        scratch = False
+    else:
         import tempfile
 
-        run = scratch = Path(tempfile.mkdtemp(prefix="stitchnet-worker-"))
+        run, scratch = Path(tempfile.mkdtemp(prefix="stitchnet-worker-")), True
         state = {"epochs_done": 0, "best_score": None, "best_epoch": None}
-    if multi_worker:  # the chief's folder decides where a resumed run starts
+    if distribute.is_multi_worker(strategy):  # the chief's folder decides where to resume
         (done,) = distribute.broadcast_from_chief(strategy, [float(state["epochs_done"])])
         state["epochs_done"] = round(float(done))
+    return run, state, scratch
+
+
+def _checked_split(config, run: Path, labelled, unlabelled, fresh: bool, log, warn) -> Split:
+    """The run's split, with every slice it reads opened once; a run folder this call created
+    is removed when that fails (a run that never started is not left behind)."""
+    from stitchnet_tf import distribute
+
     try:
         split = _run_split(config, run, labelled, warn)
         read = check_samples(labelled, labelled.subset([*split.train, *split.val]).samples)
         if unlabelled is not None:
             read += check_samples(unlabelled, unlabelled.samples)
     except BaseException:
-        if fresh and chief:  # a run that never started is not left behind
+        if fresh and distribute.is_chief():
             shutil.rmtree(run, ignore_errors=True)
         raise
     log(f"checked the {read} slices this run reads")
+    return split
 
-    keras.utils.set_random_seed(config.seed + state["epochs_done"])
-    policy = set_precision(config.mixed_precision)
+
+def _pipelines(config: TrainConfig, labelled, unlabelled, split: Split, epoch: int, replicas):
+    """(training batches, validation dataset, validation batches), seeded by the epoch a run
+    starts at so that a resumed run does not replay the first epochs' batches."""
+    import tensorflow as tf
+
     labelled_per_batch = config.labelled_per_batch
     if config.model != "stitchnet":
         labelled_per_batch = config.batch_size
@@ -697,97 +573,67 @@ def train(
         train_ids=split.train,
         withheld_ids=split.unlabelled,
         labelled_per_batch=labelled_per_batch,
-        seed=config.seed + state["epochs_done"],
+        seed=config.seed + epoch,
         augmentation=config.augmentation if config.augment else False,
         cache=config.cache,
         intensity=config.intensity,
     )
     val = labelled.subset(split.val)
     val_loader = SliceLoader(val, val.samples, config.size, intensity=config.intensity)
-    val_data = slice_dataset(val_loader, cache=config.cache)
-    val_data = val_data.batch(config.batch_size)
+    val_data = slice_dataset(val_loader, cache=config.cache).batch(config.batch_size)
     if replicas > 1:
         batches = batches.map(_replica_order(config.batch_size, replicas))
     # Every worker runs the same seeded pipeline and keeps its replicas' part of each batch.
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    batches, val_data = batches.with_options(options), val_data.with_options(options)
+    return batches.with_options(options), val, val_data.with_options(options)
 
-    watchdog = _PipelineWatchdog()
-    try:
-        with strategy.scope():
-            if state["epochs_done"] > 0 and (run / "last.keras").is_file():
-                from stitchnet_tf.inference import load_model
 
-                model = load_model(run / "last.keras").model
-                log(f"resuming {run} after epoch {state['epochs_done']}")
-            else:
-                model = build_model(
-                    config.model,
-                    config.model_options,
-                    config.clipnorm,
-                    config.clipvalue,
-                    config.seed,
-                    config.global_clipnorm,
-                    config.intensity,
-                )
-                model.compile(
-                    optimizer=make_optimizer(config),
-                    run_eagerly=config.run_eagerly,
-                )
-            if replicas > 1:
-                distribute.synchronize_batchnorm(model, config.sync_batchnorm)
-            if multi_worker and state["epochs_done"] > 0:
-                variables = [*model.variables, *model.optimizer.variables]
-                for v, value in zip(
-                    variables, distribute.broadcast_from_chief(strategy, variables), strict=True
-                ):
-                    v.assign(value)
-        start = time.time()
-        history = model.fit(
-            batches,
-            epochs=config.epochs,
-            initial_epoch=state["epochs_done"],
-            steps_per_epoch=config.steps_per_epoch,
-            callbacks=_make_callbacks(
-                run,
-                state,
-                _monitor_classes(labelled),
-                log,
-                batches,
-                val_data,
-                config.recalibration_steps,
-                chief,
-                val_set=val,
-                size=config.size,
-                choose_decision=config.choose_decision and config.model == "stitchnet",
-                intensity=config.intensity,
-            ),
-            verbose=verbose,
-        )
-        seconds = time.time() - start
-    except tf.errors.OpError:
-        if pipeline_errors.first is None:
-            raise
-        raise DataError(None, pipeline_errors.first) from None  # a slice failed in tf.data
-    finally:
-        watchdog.cancel()
-        set_precision(False)
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
-    if not chief:
-        return {"run": None, "epochs_done": state["epochs_done"], "seconds": seconds}
+def _model(config: TrainConfig, run: Path, state: dict, strategy, log):
+    """The compiled model, in `strategy`'s scope: from last.keras when resuming, else new."""
+    from stitchnet_tf import distribute
+
+    replicas = distribute.num_replicas(strategy)
+    with strategy.scope():
+        if state["epochs_done"] > 0 and Run(run).last.is_file():
+            from stitchnet_tf.inference import load_model
+
+            model = load_model(Run(run).last).model
+            log(f"resuming {run} after epoch {state['epochs_done']}")
+        else:
+            model = build_model(
+                config.model,
+                config.model_options,
+                config.clipnorm,
+                config.clipvalue,
+                config.seed,
+                config.global_clipnorm,
+                config.intensity,
+            )
+            model.compile(optimizer=make_optimizer(config), run_eagerly=config.run_eagerly)
+        if replicas > 1:
+            distribute.synchronize_batchnorm(model, config.sync_batchnorm)
+        if distribute.is_multi_worker(strategy) and state["epochs_done"] > 0:
+            variables = [*model.variables, *model.optimizer.variables]
+            for v, value in zip(
+                variables, distribute.broadcast_from_chief(strategy, variables), strict=True
+            ):
+                v.assign(value)
+    return model
+
+
+def _report(run: Path, state: dict, history, seconds: float, policy: str) -> dict:
+    """Finish the run folder (curves, state) and summarise; a NaN stop is a `TrainingError`."""
     if (run / "log.csv").is_file():
         plot_curves(run / "log.csv", run / "curves.png")
     state["train_seconds"] = state.get("train_seconds", 0.0) + seconds
     state["policy"] = policy
-    atomic_write_text(run / "state.json", json.dumps(state, indent=1) + "\n")
+    Run(run).write_state(state)
     if state.get("nan_epoch"):
-        kept = "last.keras" if (run / "last.keras").is_file() else "no checkpoint"
+        kept = Run.LAST if Run(run).last.is_file() else "no checkpoint"
         raise TrainingError(
             f"loss or gradients became NaN in epoch {state['nan_epoch']}; stopped, kept {kept} "
-            f"from epoch "
-            f"{state['epochs_done']} in {run} (try a lower --learning-rate)"
+            f"from epoch {state['epochs_done']} in {run} (try a lower --learning-rate)"
         )
     last = {k: v[-1] for k, v in history.history.items() if v} if history.history else {}
     return {
@@ -798,3 +644,88 @@ def train(
         "seconds": seconds,
         "last": {k: float(v) for k, v in last.items() if math.isfinite(float(v))},
     }
+
+
+def train(
+    config: TrainConfig,
+    *,
+    overwrite: bool = False,
+    verbose: int | str = "auto",
+    log: Callable[[str], None] = print,
+    warn: Callable[[str], None] | None = None,
+) -> dict:
+    """Train a model as `config` says; returns a summary (run folder, epochs, best score, time).
+
+    The steps: check the options, find the data, open the run folder, check the split and
+    every slice it reads, build the pipelines and the model, fit, report. Raises `DataError`
+    for bad input and `TrainingError` when the loss became NaN (the last good checkpoint is
+    kept).
+    """
+    import keras
+    import tensorflow as tf
+
+    from stitchnet_tf import distribute
+    from stitchnet_tf.precision import set_precision
+
+    warn = warn or log
+    check_config(config)
+    strategy = distribute.make_strategy(config.strategy)  # before any other TensorFlow work
+    replicas = distribute.num_replicas(strategy)
+    if config.batch_size % replicas:
+        raise DataError(
+            None,
+            f"--batch-size {config.batch_size} (the global batch) must be a multiple of the "
+            f"{replicas} replicas",
+        )
+    chief = distribute.is_chief()
+    if distribute.is_multi_worker(strategy) and config.run_eagerly:
+        raise DataError(None, "--eager does not work with a multi-worker strategy")
+    labelled, unlabelled = _read_datasets(config, warn)
+    fresh = not Path(config.output).exists()
+    run, state, scratch = _open_run(config, overwrite, warn, strategy)
+    split = _checked_split(config, run, labelled, unlabelled, fresh, log, warn)
+
+    keras.utils.set_random_seed(config.seed + state["epochs_done"])
+    policy = set_precision(config.mixed_precision)
+    batches, val, val_data = _pipelines(
+        config, labelled, unlabelled, split, state["epochs_done"], replicas
+    )
+    watchdog = _PipelineWatchdog()
+    try:
+        model = _model(config, run, state, strategy, log)
+        callbacks = _make_callbacks(
+            run,
+            state,
+            _monitor_classes(labelled),
+            log,
+            batches,
+            val_data,
+            config.recalibration_steps,
+            chief,
+            val_set=val,
+            size=config.size,
+            choose_decision=config.choose_decision and config.model == "stitchnet",
+            intensity=config.intensity,
+        )
+        start = time.time()
+        history = model.fit(
+            batches,
+            epochs=config.epochs,
+            initial_epoch=state["epochs_done"],
+            steps_per_epoch=config.steps_per_epoch,
+            callbacks=callbacks,
+            verbose=verbose,
+        )
+        seconds = time.time() - start
+    except tf.errors.OpError:
+        if pipeline_errors.first is None:
+            raise
+        raise DataError(None, pipeline_errors.first) from None  # a slice failed in tf.data
+    finally:
+        watchdog.cancel()
+        set_precision(False)
+        if scratch:
+            shutil.rmtree(run, ignore_errors=True)
+    if not chief:
+        return {"run": None, "epochs_done": state["epochs_done"], "seconds": seconds}
+    return _report(run, state, history, seconds, policy)

@@ -355,17 +355,17 @@ def test_a_config_json_that_is_not_an_object_is_named(world, tmp_path):
     import shutil
 
     from stitchnet_tf.errors import DataError
-    from stitchnet_tf.inference import run_config
+    from stitchnet_tf.run import Run
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     for text, problem in (("[1, 2]", "not a JSON object"), ("{", "JSONDecodeError")):
         (run_dir / "config.json").write_text(text)
         with pytest.raises(DataError, match=problem) as caught:
-            run_config(run_dir)
+            Run(run_dir).config_dict()
         assert "config.json" in str(caught.value)
     shutil.rmtree(run_dir)
-    assert run_config(tmp_path) is None
+    assert Run(tmp_path).config_dict() is None and Run(tmp_path).config() is None
 
 
 def test_a_baseline_refuses_stitchnet_options_with_one_line():

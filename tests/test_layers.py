@@ -2,8 +2,9 @@
 
 Every `import` of a `stitchnet_tf` module (module level and inside functions) is an edge.
 Layers, lowest first: foundations (errors, files, the likelihood's math, option constants),
-data, metrics, models, inference and evaluation, commands (training, prediction, export,
-figures, demo), and the CLI on top. A module may import its own layer or lower ones only.
+data, metrics and run folders, models, inference and evaluation, commands (training,
+prediction, export, figures, demo), and the CLI on top. A module may import its own layer or
+lower ones only.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ COMMANDS = {"training", "predict", "figures", "export", "threshold_fit", "demo"}
 
 
 def layer(module: str) -> int:
-    """0 foundations, 1 data, 2 metrics, 3 models, 4 inference, 5 commands, 6 CLI."""
+    """0 foundations, 1 data, 2 metrics and runs, 3 models, 4 inference, 5 commands, 6 CLI."""
     if module.startswith("cli"):
         return 6
     name = module.removeprefix("stitchnet_tf").lstrip(".")
@@ -27,7 +28,7 @@ def layer(module: str) -> int:
         return 0
     if name == "data" or name.startswith("data."):
         return 1
-    if name == "metrics":
+    if name in ("metrics", "run"):
         return 2
     if name == "models" or name.startswith("models."):
         return 3
