@@ -7,15 +7,15 @@ from pathlib import Path
 
 import click
 
-from stitchnet_tf.data.intensity import LUNG_WINDOW_LEVEL, LUNG_WINDOW_WIDTH
 from stitchnet_tf.options import CROP_MARGIN, PAPER_SIZE
 from stitchnet_tf_cli.options import (
     SEED,
     check_model_size,
     data_options,
     intensity_option,
-    parse_fractions,
+    split_options,
     warn,
+    window_options,
 )
 
 
@@ -90,19 +90,7 @@ def demo_data(output, labelled_patients, unlabelled_patients, slices, size, seed
     callback=check_model_size,
     help="Model size (a multiple of 32).",
 )
-@click.option(
-    "--window-level",
-    default=LUNG_WINDOW_LEVEL,
-    show_default=True,
-    help="CT window level (HU) for Hounsfield data.",
-)
-@click.option(
-    "--window-width",
-    default=LUNG_WINDOW_WIDTH,
-    show_default=True,
-    type=click.FloatRange(0, min_open=True),
-    help="CT window width (HU) for Hounsfield data.",
-)
+@window_options
 @click.option(
     "--margin",
     default=CROP_MARGIN,
@@ -165,26 +153,8 @@ def preprocess(
     type=click.Path(dir_okay=False, path_type=Path),
     help="Split file (JSON) to write.",
 )
-@click.option(
-    "--fractions",
-    default="0.6,0.2,0.2",
-    show_default=True,
-    callback=parse_fractions,
-    help="Train, val, test fractions of patients.",
-)
+@split_options
 @click.option("--seed", default=0, show_default=True, type=SEED)
-@click.option(
-    "--max-labelled",
-    default=None,
-    type=click.IntRange(0),
-    help="Keep labels on at most N train slices; the rest train unlabelled.",
-)
-@click.option(
-    "--label-fraction",
-    default=None,
-    type=click.FloatRange(0, 1),
-    help="Keep labels on this fraction of the train slices; the rest train unlabelled.",
-)
 @click.option("--overwrite", is_flag=True, help="Replace an existing split file.")
 @data_options
 def split(

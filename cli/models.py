@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from stitchnet_tf.data.intensity import LUNG_WINDOW_LEVEL, LUNG_WINDOW_WIDTH
 from stitchnet_tf.metrics import ABSENT_POLICIES
 from stitchnet_tf.options import (
     DECISIONS,
@@ -19,7 +18,9 @@ from stitchnet_tf_cli.options import (
     SEED,
     data_options,
     model_options,
+    stitchnet_options,
     tta_option,
+    window_options,
 )
 
 
@@ -57,19 +58,7 @@ from stitchnet_tf_cli.options import (
     help="Images where a class is absent from the truth: left out of that class's "
     "mean, scored 0 (authors' code), or 1 when nothing is predicted either.",
 )
-@click.option(
-    "--samples",
-    default=0,
-    show_default=True,
-    type=click.IntRange(0),
-    help="StitchNet: average this many posterior samples (0 = posterior mean).",
-)
-@click.option(
-    "--decision",
-    default=None,
-    type=click.Choice(DECISIONS),
-    help="StitchNet decision rule (default: the model's).",
-)
+@stitchnet_options
 @tta_option
 @click.option(
     "--overwrite", is_flag=True, help="Replace an earlier evaluation in the output folder."
@@ -128,22 +117,9 @@ def evaluate(
 )
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--uncertainty", is_flag=True, help="Also write predictive-entropy maps.")
-@click.option(
-    "--samples",
-    default=0,
-    show_default=True,
-    type=click.IntRange(0),
-    help="StitchNet: average this many posterior samples (0 = posterior mean).",
-)
-@click.option("--decision", default=None, type=click.Choice(DECISIONS))
+@stitchnet_options
 @tta_option
-@click.option("--window-level", default=LUNG_WINDOW_LEVEL, show_default=True)
-@click.option(
-    "--window-width",
-    default=LUNG_WINDOW_WIDTH,
-    show_default=True,
-    type=click.FloatRange(0, min_open=True),
-)
+@window_options
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 def predict(
     model_path,

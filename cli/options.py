@@ -138,3 +138,69 @@ def model_options(f):
         return f(*args, **kwargs)
 
     return wrapper
+
+
+def split_options(f):
+    """`--fractions`, `--max-labelled`, `--label-fraction`: how `split` and `train` split a
+    dataset and withhold labels."""
+    for option in reversed(
+        (
+            click.option(
+                "--fractions",
+                default=",".join(str(v) for v in options.TRAIN_DEFAULTS["fractions"]),
+                show_default=True,
+                callback=parse_fractions,
+                help="Train, val, test fractions of patients (of slices without patient ids).",
+            ),
+            click.option(
+                "--max-labelled",
+                default=None,
+                type=click.IntRange(0),
+                help="Keep labels on at most N train slices; the rest train unlabelled.",
+            ),
+            click.option(
+                "--label-fraction",
+                default=None,
+                type=click.FloatRange(0, 1),
+                help="Keep labels on this fraction of the train slices; the rest train unlabelled.",
+            ),
+        )
+    ):
+        f = option(f)
+    return f
+
+
+def stitchnet_options(f):
+    """`--samples` and `--decision`: how StitchNet segments (other models refuse them)."""
+    f = click.option(
+        "--decision",
+        default=None,
+        type=click.Choice(options.DECISIONS),
+        help="StitchNet decision rule (default: the model's own).",
+    )(f)
+    return click.option(
+        "--samples",
+        default=0,
+        show_default=True,
+        type=click.IntRange(0),
+        help="StitchNet: average this many posterior samples (0 = posterior mean).",
+    )(f)
+
+
+def window_options(f):
+    """`--window-level` and `--window-width`: the CT window for Hounsfield data."""
+    from stitchnet_tf.data.intensity import LUNG_WINDOW_LEVEL, LUNG_WINDOW_WIDTH
+
+    f = click.option(
+        "--window-width",
+        default=LUNG_WINDOW_WIDTH,
+        show_default=True,
+        type=click.FloatRange(0, min_open=True),
+        help="CT window width (HU) for Hounsfield data.",
+    )(f)
+    return click.option(
+        "--window-level",
+        default=LUNG_WINDOW_LEVEL,
+        show_default=True,
+        help="CT window level (HU) for Hounsfield data.",
+    )(f)

@@ -31,7 +31,7 @@ from stitchnet_tf_cli.options import (
     check_model_size,
     data_options,
     intensity_option,
-    parse_fractions,
+    split_options,
     warn,
 )
 
@@ -145,25 +145,7 @@ from stitchnet_tf_cli.options import (
     type=click.Path(dir_okay=False, path_type=Path),
     help="Split file from `split` (default: split on the fly).",
 )
-@click.option(
-    "--fractions",
-    default=",".join(str(f) for f in TRAIN_DEFAULTS["fractions"]),
-    show_default=True,
-    callback=parse_fractions,
-    help="Train/val/test fractions when splitting on the fly.",
-)
-@click.option(
-    "--max-labelled",
-    default=None,
-    type=click.IntRange(0),
-    help="Keep labels on at most N train slices; the rest train unlabelled.",
-)
-@click.option(
-    "--label-fraction",
-    default=None,
-    type=click.FloatRange(0, 1),
-    help="Keep labels on this fraction of the train slices.",
-)
+@split_options
 @click.option(
     "--mixed-precision",
     is_flag=True,
