@@ -87,6 +87,25 @@ def test_stitchnet_samples_and_decisions_share_the_contract(models, batch):
         assert (out["labels"].numpy()[x[..., 0] == 0] == BACKGROUND).all()
 
 
+def test_a_changed_decision_rule_is_followed(models, batch):
+    """Training may switch `model.decision` (chosen on the val slices) after `segment` traced."""
+    x, _ = batch
+    model = models["stitchnet"]
+    saved, bias = model.decision, model.head.style_mean.bias.numpy()
+    model.head.style_mean.bias.assign([0.0, -2.0, 0.0, 2.0])  # styles differ: the rules differ
+    try:
+        model.decision = "prior"
+        prior = model.segment(x)["probabilities"].numpy()
+        model.decision = "posterior"
+        now = model.segment(x)["probabilities"].numpy()
+        posterior = model.segment(x, decision="posterior")["probabilities"].numpy()
+    finally:
+        model.decision = saved
+        model.head.style_mean.bias.assign(bias)
+    np.testing.assert_allclose(now, posterior, atol=1e-6)
+    assert not np.allclose(now, prior, atol=1e-4)
+
+
 def test_set_dice_by_hand():
     """Positive: the set lies inside the classes; negative: disjoint; mixed sets are ignored."""
     allowed = np.zeros((1, 1, 6, 4), np.float32)

@@ -114,6 +114,8 @@ class SegmentationModel:
         decision rule: a deterministic model refuses both with a `DataError`."""
         if not self.stochastic:
             check_deterministic(self, samples, decision)
+        else:  # resolved now: the traced function is keyed by it, and `decision` may change
+            decision = decision or self.decision
         x = ops.convert_to_tensor(x, "float32")
         lung = default_lung(x, lung)
         if samples > 0:
