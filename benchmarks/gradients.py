@@ -107,7 +107,7 @@ def main() -> int:
     from stitchnet_tf.data.splits import split_dataset
     from stitchnet_tf.data.synthetic import write_demo_dataset
     from stitchnet_tf.inference import load_model
-    from stitchnet_tf.models.options import DEFAULT_GLOBAL_CLIPNORM
+    from stitchnet_tf.options import DEFAULT_GLOBAL_CLIPNORM
     from stitchnet_tf.training import TrainConfig, build_model, train
 
     work = Path(tempfile.mkdtemp(prefix="gradients-"))
