@@ -93,8 +93,9 @@ def unet(tmp_path_factory):
 def stitchnet(tmp_path_factory):
     from stitchnet_tf.models.stitchnet import StitchNet
 
+    # untrained (a train step's trace costs a minute here): its parity is checked on the
+    # probabilities themselves (max |dp|), which near-tied classes do not excuse
     model = StitchNet(width=0.25, backbone_alpha=0.35, seed=0)
-    _train_briefly(model, steps=15)
     root = tmp_path_factory.mktemp("sm") / "stitchnet"
     return model, export.export_savedmodel(model, root, SIZE, lung_model=False)
 
@@ -112,7 +113,8 @@ def test_savedmodel_layout_and_parity_with_keras(unet, stitchnet, slices):
         assert loaded.path == version and loaded.size == SIZE
         assert loaded.intensity == loaded.metadata["intensity"] == "none"
         reference = export.float32_model(model).segment(x, lung)
-        assert top_two_gap(reference["probabilities"]) > 1e-2  # trained: labels are decided
+        if model is unet[0]:  # trained: its labels are decided, so label agreement means something
+            assert top_two_gap(reference["probabilities"]) > 1e-2
         out = loaded.segment(x, lung)
         diff = np.abs(out["probabilities"] - np.asarray(reference["probabilities"])).max()
         print(f"{type(model).__name__}: SavedModel vs Keras max |dp| = {diff:.2e}")
