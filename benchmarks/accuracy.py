@@ -9,6 +9,8 @@ Usage (from the repository root):
     python benchmarks/accuracy.py --lung-models DIR       # each fold scored with its own lung
                                                           # model (DIR/medseg_cv5_fold<k>.keras)
     python benchmarks/accuracy.py --intensity standardise # models and rule on standardised x
+    python benchmarks/accuracy.py --labelled 10 --contenders threshold unet unet-cons \
+        stitchnet-image stitchnet-semi stitchnet-semi-cons   # label efficiency (issue 12)
 
 Folds: `benchmarks/splits/<dataset>_cv5_fold<k>.json` (`stitchnet_tf.data.splits.kfold_splits`,
 k = 5, seed 0; MedSeg by slice: 30 train / 10 val / 10 test per fold, every labelled slice
@@ -21,6 +23,14 @@ tested once; zenodo20 by patient). Contenders, all at 128 px on the same train s
 - `unet`, `segnet`, `stitchnet`: the project's models through `stitchnet_tf.training.train` at
   the cpu preset's size and widths with the default recipe, labelled slices only; the epoch
   with the best validation mean lesion Dice is scored.
+- label efficiency (`--labelled N`: N labelled train slices per fold, chosen by the seed as
+  `train --max-labelled N` does; the other train slices are withheld and, for the semi-supervised
+  contenders, join the 1600 unlabelled MedSeg slices; the rule is fitted on the N slices):
+  `unet-cons` (U-Net + weak-to-strong consistency), `stitchnet-image` (StitchNet with the
+  informative stitch likelihood: one Beta per class per image, ordered means; labelled only),
+  `stitchnet-semi` (the same + unlabelled slices through the stitch likelihood),
+  `stitchnet-semi-cons` (+ consistency). Every run sees 8 labelled slices per step; the semi runs
+  add 8 unlabelled ones (`--unlabelled-per-batch`).
 Budgets: `short` (3 x 100 steps of 8, about 10 min a StitchNet run alone on a 2-core CPU)
 compares contenders cheaply; `full` is the cpu preset (12 x 100 steps of 8). The reference
 U-Net gets the same number of steps and batch size.
@@ -55,12 +65,37 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
-CONTENDERS = ("threshold", "reference", "unet", "segnet", "stitchnet")
-PROJECT_MODELS = ("unet", "segnet", "stitchnet")
+#: The informative stitch likelihood (issue 12) and the consistency term of the semi contenders.
+STYLES = {"style_mode": "image", "ordered_styles": True}
+CONSISTENCY = {"consistency_weight": 1.0, "consistency_rampup": 100}
+#: project contender -> (model, model options, trains on unlabelled slices)
+PROJECT = {
+    "unet": ("unet", {}, False),
+    "segnet": ("segnet", {}, False),
+    "stitchnet": ("stitchnet", {}, False),
+    "unet-cons": ("unet", CONSISTENCY, True),
+    "stitchnet-image": ("stitchnet", STYLES, False),
+    "stitchnet-semi": ("stitchnet", STYLES, True),
+    "stitchnet-semi-cons": ("stitchnet", STYLES | CONSISTENCY, True),
+}
+CONTENDERS = ("threshold", "reference", *PROJECT)
+#: The labelled-only contender each semi-supervised one is paired with in the report.
+PAIRED_BASE = {
+    "unet-cons": "unet",
+    "stitchnet-semi": "stitchnet-image",
+    "stitchnet-semi-cons": "stitchnet-image",
+    "stitchnet-image": "stitchnet",
+}
+PROJECT_MODELS = tuple(PROJECT)
 BUDGETS = {"short": (3, 100), "full": (12, 100)}  # epochs x steps, batch 8
 BATCH = 8
 DATASETS = {
-    "medseg": dict(folder="medseg-covid/labelled", read={}, classes=("ggo", "con")),
+    "medseg": dict(
+        folder="medseg-covid/labelled",
+        read={},
+        classes=("ggo", "con"),
+        unlabelled=("medseg-covid/unlabelled", r"Data-1_(.+)_\d+\.jpg"),
+    ),
     "zenodo": dict(
         folder="zenodo20-lungs",
         read={"mask_values": "binary", "masks_subdir": "infection"},
@@ -81,6 +116,8 @@ def protocol(args) -> str:
         name += "+foldlung"
     if args.intensity != "none":
         name += "+std"
+    if args.labelled is not None:
+        name += f"+n{args.labelled}"
     return name
 
 
@@ -130,19 +167,25 @@ def train_project_model(args, contender: str, fold: int, seed: int, labelled: Pa
     from stitchnet_tf.training import TrainConfig, preset_options, train
 
     epochs, steps = BUDGETS[args.budget]
-    budget, options = preset_options("cpu", contender)
+    model, extra, semi = PROJECT[contender]
+    budget, options = preset_options("cpu", model)
+    unlabelled = DATASETS[args.dataset].get("unlabelled")
     config = TrainConfig(
         labelled=str(labelled),
+        unlabelled=str(args.data / unlabelled[0]) if semi and unlabelled else None,
+        unlabelled_patient_pattern=unlabelled[1] if semi and unlabelled else None,
+        unlabelled_per_batch=None if semi else 0,
+        max_labelled=args.labelled,
         output=str(args.runs / args.dataset / protocol(args) / f"{contender}-f{fold}-s{seed}"),
         intensity=args.intensity,
-        model=contender,
+        model=model,
         size=size,
         epochs=epochs,
         steps_per_epoch=steps,
         batch_size=BATCH,
         seed=seed,
         split=str(fold_file(args.dataset, fold)),
-        model_options=options,
+        model_options=options | extra,
         preset="cpu",
         choose_decision=False,  # StitchNet's `prior` rule in every fold (runs made before auto)
         **DATASETS[args.dataset]["read"],
@@ -174,6 +217,13 @@ def run_one(args, contender: str, fold: int, seed: int) -> dict:
     dataset = discover(labelled, require_labels=True, **spec["read"])
     split = Split.load(fold_file(args.dataset, fold))
     split.check(dataset)
+    if args.labelled is not None:  # the same N labelled slices as `train --max-labelled N`
+        from stitchnet_tf.data.splits import withhold_labels
+
+        withheld = set(withhold_labels(split, dataset, args.labelled, seed=seed).unlabelled)
+        fit_ids = [i for i in split.train if i not in withheld]
+    else:
+        fit_ids = split.train
     lung_model = use_lung_model(args, fold)
     segmenter = default_segmenter()
     test = SliceScorer(dataset.subset(split.test), args.size, segmenter, intensity=args.intensity)
@@ -183,7 +233,7 @@ def run_one(args, contender: str, fold: int, seed: int) -> dict:
         from stitchnet_tf.threshold_fit import fit_threshold_rule
 
         model = fit_threshold_rule(
-            dataset.subset(split.train), args.size, segmenter, intensity=args.intensity
+            dataset.subset(fit_ids), args.size, segmenter, intensity=args.intensity
         )
         info |= {"low": model.low, "high": model.high}
     elif contender == "reference":
@@ -193,7 +243,7 @@ def run_one(args, contender: str, fold: int, seed: int) -> dict:
 
         epochs, steps = BUDGETS[args.budget]
         by_id = {s.id: s for s in dataset.samples}
-        raws = [read_sample(by_id[i], dataset.mask_map) for i in split.train]
+        raws = [read_sample(by_id[i], dataset.mask_map) for i in fit_ids]
         images = [r.image for r in raws]
         labels = [ref.lesion_index(r.allowed) for r in raws]
         net, seconds, loss = ref.train(
@@ -310,7 +360,12 @@ def report(results: Path) -> None:
             budget = group[0]["budget"]
             rule = {
                 r["fold"]: r["mean_lesion_dice"] for r in group if r["contender"] == "threshold"
+            } | {
+                (r["fold"], r["seed"]): r["mean_lesion_dice"]
+                for r in group
+                if r["contender"] == "threshold"
             }
+            by_run = {(r["contender"], r["fold"], r["seed"]): r for r in group}
             epochs, steps = BUDGETS[budget]
             if "+foldlung" in name:
                 lung = "each fold's own lung model"
@@ -325,8 +380,8 @@ def report(results: Path) -> None:
                 "",
                 "| contender | runs | folds | "
                 + " | ".join(f"{c.upper()} Dice | {c.upper()} pooled" for c in classes)
-                + " | mean lesion Dice | Δ rule (paired) | train min |",
-                "|---" * (6 + 2 * len(classes)) + "|",
+                + " | mean lesion Dice | Δ rule (paired) | Δ base (paired) | train min |",
+                "|---" * (7 + 2 * len(classes)) + "|",
             ]
             variants = []
             for contender in CONTENDERS:
@@ -349,17 +404,29 @@ def report(results: Path) -> None:
                 m = stats([r["mean_lesion_dice"] for r in runs])
                 entry["mean_lesion_dice"] = m
                 paired = [
-                    r["mean_lesion_dice"] - rule[r["fold"]] for r in runs if r["fold"] in rule
+                    r["mean_lesion_dice"] - rule.get((r["fold"], r["seed"]), rule[r["fold"]])
+                    for r in runs
+                    if r["fold"] in rule
                 ]
                 d = stats(paired)
                 entry["delta_rule"] = d
                 delta = f"{d['mean']:+.3f} ({d['sem']:.3f})" if d["n"] else "n/a"
+                base = PAIRED_BASE.get(contender.removesuffix(" + TTA"))
+                pairs = [
+                    r["mean_lesion_dice"] - b["mean_lesion_dice"]
+                    for r in runs
+                    if (b := by_run.get((base, r["fold"], r["seed"])))
+                ]
+                b = stats(pairs)
+                entry["delta_base"] = b | {"base": base}
+                delta_base = f"{b['mean']:+.3f} ({b['sem']:.3f}) vs {base}" if b["n"] else "-"
                 minutes = [r["train_seconds"] / 60 for r in runs if r.get("train_seconds")]
                 train = f"{sum(minutes) / len(minutes):.1f}" if minutes else "-"
                 lines.append(
                     f"| {contender} | {len(runs)} | {len(entry['folds'])} | "
                     + " | ".join(cells)
-                    + f" | {m['mean']:.3f} ± {m['std']:.3f} ({m['sem']:.3f}) | {delta} | {train} |"
+                    + f" | {m['mean']:.3f} ± {m['std']:.3f} ({m['sem']:.3f}) | {delta} | "
+                    f"{delta_base} | {train} |"
                 )
                 table.setdefault(dataset, {}).setdefault(name, {})[contender] = entry
             lines.append("")
@@ -396,6 +463,12 @@ def main(argv: list[str] | None = None) -> int:
         help="folder of per-fold lung models <dataset>_cv5_fold<k>.keras (default: the shipped)",
     )
     parser.add_argument("--intensity", choices=("none", "standardise"), default="none")
+    parser.add_argument(
+        "--labelled",
+        type=int,
+        default=None,
+        help="labelled train slices per fold (label efficiency; default: all)",
+    )
     parser.add_argument("--report", action="store_true", help="only rebuild the report")
     parser.add_argument(
         "--add-tta", action="store_true", help="score finished runs with flip TTA, then report"
@@ -418,8 +491,9 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         for fold in args.folds:
             for contender in contenders:
-                if contender == "threshold" and seed != args.seeds[0]:
-                    continue  # no randomness: one run per fold
+                if contender == "threshold" and seed != args.seeds[0] and args.labelled is None:
+                    continue  # no randomness: one run per fold (with --labelled the seed
+                    # chooses the N slices it is fitted on)
                 path = result_path(args, contender, fold, seed)
                 if path.is_file():
                     continue

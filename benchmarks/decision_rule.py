@@ -2,7 +2,7 @@
 
 Usage (from the repository root; about 30-40 minutes on a 2-core CPU with the defaults):
     python benchmarks/decision_rule.py [--data ../shared/data/medseg-covid] [--size 128]
-        [--steps 1000] [--norm batch|group] [--batch 8] [--labelled-per-batch 4] [--seed 0]
+        [--steps 1000] [--norm batch|group] [--batch 8] [--unlabelled-per-batch 4] [--seed 0]
 
 Trains one StitchNet on the MedSeg labelled slices (a fixed 40/10 split by slice: the slices have
 no patient ids) plus the 1600 unlabelled slices, then scores both rules on the 10 validation
@@ -52,7 +52,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--norm", default="batch", choices=["batch", "group"])
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--labelled-per-batch", type=int, default=4)
+    parser.add_argument("--unlabelled-per-batch", type=int, default=4)
     parser.add_argument("--width", type=float, default=0.5)
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
@@ -82,7 +82,7 @@ def main() -> int:
         args.size,
         args.batch,
         train_ids=split.train,
-        labelled_per_batch=args.labelled_per_batch,
+        unlabelled_per_batch=args.unlabelled_per_batch,
         seed=args.seed,
         cache=True,
     )
@@ -141,7 +141,7 @@ def main() -> int:
         "# Decision rule: prior π(z) vs posterior r ∝ π·Beta(x)\n\n"
         f"StitchNet width {args.width} ({args.norm} norm), MobileNetV2 alpha {args.alpha}, "
         f"{args.size}×{args.size}, "
-        f"{args.steps} steps of batch {args.batch} ({args.labelled_per_batch} labelled), "
+        f"{args.steps} steps of batch {args.batch} (+ {args.unlabelled_per_batch} unlabelled), "
         f"trained in {train_seconds / 60:.1f} min on {out['machine']['cpu']} "
         f"({out['machine']['cores']} cores). MedSeg: 40 labelled training slices + 1600 "
         "unlabelled, scored on 10 held-out labelled slices (split by slice, seed "

@@ -14,9 +14,10 @@ Usage (from the repository root):
 Contenders, all with the same budget (steps, batch size, image size, widths):
 - `unet`: U-Net (MobileNetV2 encoder), labelled slices only;
 - `stitchnet-lab`: StitchNet on the same labelled slices only (no unlabelled image at all);
-- `stitchnet-semi`: StitchNet with the same labelled slices (`--labelled-per-batch` of each
-  batch) plus, as unlabelled images, the train slices whose labels were withheld and the 1600
-  unlabelled MedSeg slices.
+- `stitchnet-semi`: StitchNet with the same labelled slices plus, added to each batch
+  (`--unlabelled-per-batch`; runs before 2026-12-03 swapped them in with `--labelled-per-batch`),
+  as unlabelled images, the train slices whose labels were withheld and the 1600 unlabelled
+  MedSeg slices.
 
 MedSeg: the committed split benchmarks/splits/medseg_seed0.json (30 train / 10 val / 10 test, by
 slice: no patient ids). The N labelled slices are `withhold_labels(split, N, seed)`: nested over
@@ -151,7 +152,7 @@ def train_config(args, run: Run, split_file: Path):
         epochs=args.epochs,
         steps_per_epoch=args.steps,
         batch_size=args.batch,
-        labelled_per_batch=args.labelled_per_batch if semi else None,
+        unlabelled_per_batch=args.unlabelled_per_batch if semi else 0,
         seed=run.seed,
         split=str(split_file),
         unlabelled_patient_pattern=UNLABELLED_PATTERN if semi else None,
@@ -175,8 +176,8 @@ def cli_lines(config, split_file: Path, output: Path, read: dict) -> dict[str, s
     train += ["--model", config.model, "--output", shown(config.output)]
     train += ["--split", shown(split_file), "--size", config.size, "--epochs", config.epochs]
     train += ["--steps-per-epoch", config.steps_per_epoch, "--batch-size", config.batch_size]
-    if config.labelled_per_batch:
-        train += ["--labelled-per-batch", config.labelled_per_batch]
+    if config.unlabelled_per_batch is not None:
+        train += ["--unlabelled-per-batch", config.unlabelled_per_batch]
     alpha = o["alpha"] if config.model == "unet" else o["backbone_alpha"]
     train += ["--width", o["width"], "--backbone-alpha", alpha, "--seed", config.seed, *reading]
     evaluate = ["stitchnet-tf", "evaluate", "--model", shown(config.output)]
@@ -421,7 +422,15 @@ def report(results: Path) -> None:
     m = found[0]["machine"]
     alpha = c["model_options"].get("alpha", c["model_options"].get("backbone_alpha"))
     semi = next(
-        (r["config"]["labelled_per_batch"] for r in found if r["config"]["unlabelled"]), "-"
+        (
+            f"{r['config']['batch_size']} labelled + {r['config']['unlabelled_per_batch']} "
+            "unlabelled"
+            if "unlabelled_per_batch" in r["config"]
+            else f"{r['config'].get('labelled_per_batch')} labelled"
+            for r in found
+            if r["config"]["unlabelled"]
+        ),
+        "-",
     )
     lines = [
         "# Accuracy on real data and label efficiency",
@@ -430,7 +439,7 @@ def report(results: Path) -> None:
         f"of batch {c['batch_size']} at {c['size']}x{c['size']} px, width "
         f"{c['model_options']['width']}, MobileNetV2 encoder alpha {alpha}; the checkpoint with "
         "the best validation mean lesion Dice is scored on the test part. `stitchnet-semi` "
-        f"batches hold {semi} labelled slices; the other contenders see labelled slices only "
+        f"batches hold {semi} slices; the other contenders see labelled slices only "
         "(the same N per seed: nested, seeded subsets of the train part). Mean lesion Dice = "
         "mean of the lesion classes' mean F1 (GGO and CON, or lesion). Machine: "
         f"{m['cpu']}, {m['cores']} cores (shared), TensorFlow {m['tensorflow']}. Command: "
@@ -528,7 +537,7 @@ def main() -> int:
     parser.add_argument("--width", type=float, default=0.5)
     parser.add_argument("--alpha", type=float, default=0.5, help="MobileNetV2 encoder width")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--labelled-per-batch", type=int, default=4, help="stitchnet-semi")
+    parser.add_argument("--unlabelled-per-batch", type=int, default=8, help="stitchnet-semi")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--steps", type=int, default=100, help="steps per epoch")
     parser.add_argument(

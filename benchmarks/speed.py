@@ -46,7 +46,7 @@ PARTS = ("train", "flops", "inference", "pipeline", "memory")
 
 def batch_for(name: str, size: int, batch: int, seed: int = 0) -> dict:
     """A fixed training batch: x [B,S,S,1], allowed sets [B,S,S,4]; StitchNet gets half of it
-    unlabelled (every class allowed), as with `--labelled-per-batch B/2`."""
+    unlabelled (every class allowed), as B/2 labelled slices with `--unlabelled-per-batch B/2`."""
     rng = np.random.default_rng(seed)
     x = rng.random((batch, size, size, 1), np.float32)
     labels = rng.integers(0, 4, (batch, size, size))

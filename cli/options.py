@@ -104,6 +104,56 @@ def data_options(f):
     return wrapper
 
 
+def consistency_options(f):
+    """Weak-to-strong consistency on unlabelled slices, for every model (docs/DESIGN.md §7.17);
+    the command gets `consistency`, a dict of the model arguments (`CONSISTENCY_DEFAULTS`)."""
+    d = options.CONSISTENCY_DEFAULTS
+
+    @click.option(
+        "--consistency",
+        "consistency_weight",
+        default=d["consistency_weight"],
+        show_default=True,
+        type=click.FloatRange(0),
+        help="Weight of the weak-to-strong consistency term on unlabelled pixels (0: off). "
+        "Needs --unlabelled or --max-labelled.",
+    )
+    @click.option(
+        "--consistency-threshold",
+        default=d["consistency_threshold"],
+        show_default=True,
+        type=click.FloatRange(0, 1, max_open=True),
+        help="Teacher confidence below which a pseudo-label is ignored.",
+    )
+    @click.option(
+        "--consistency-rampup",
+        default=d["consistency_rampup"],
+        show_default=True,
+        type=click.IntRange(0),
+        help="Steps of sigmoid ramp-up of the consistency weight.",
+    )
+    @click.option(
+        "--teacher",
+        default=d["teacher"],
+        show_default=True,
+        type=click.Choice(options.TEACHERS),
+        help="Consistency teacher: the model itself, or an EMA of its weights (mean teacher).",
+    )
+    @click.option(
+        "--teacher-decay",
+        default=d["teacher_decay"],
+        show_default=True,
+        type=click.FloatRange(0, 1, max_open=True),
+        help="Decay per step of the EMA teacher.",
+    )
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        consistency = {k: kwargs.pop(k) for k in d}
+        return f(*args, consistency=consistency, **kwargs)
+
+    return wrapper
+
+
 def parse_fractions(ctx, param, value: str) -> tuple[float, float, float]:
     try:
         parts = tuple(float(v) for v in value.split(","))

@@ -22,6 +22,7 @@ from stitchnet_tf.options import (
     RECALIBRATION_STEPS,
     STITCHNET_DEFAULTS,
     STRATEGIES,
+    STYLE_MODES,
     SUPERVISED,
     TRAIN_DEFAULTS,
     model_options,
@@ -29,6 +30,7 @@ from stitchnet_tf.options import (
 from stitchnet_tf_cli.options import (
     SEED,
     check_model_size,
+    consistency_options,
     data_options,
     intensity_option,
     split_options,
@@ -81,10 +83,12 @@ from stitchnet_tf_cli.options import (
 @click.option("--steps-per-epoch", default=None, type=click.IntRange(1))
 @click.option("--batch-size", default=None, type=click.IntRange(1))
 @click.option(
-    "--labelled-per-batch",
+    "--unlabelled-per-batch",
     default=None,
-    type=click.IntRange(1),
-    help="Labelled slices in each batch (default: half when unlabelled data is given).",
+    type=click.IntRange(0),
+    help="Unlabelled slices added to each batch of --batch-size labelled ones (default: as "
+    "many; 0: none, labelled only), so that runs with and without unlabelled data see the "
+    "same labelled slices.",
 )
 @click.option(
     "--learning-rate",
@@ -254,6 +258,20 @@ from stitchnet_tf_cli.options import (
     help="Predict StitchNet styles at 1/N resolution.",
 )
 @click.option(
+    "--style-mode",
+    default=STITCHNET_DEFAULTS["style_mode"],
+    show_default=True,
+    type=click.Choice(STYLE_MODES),
+    help="StitchNet styles: per pixel (the paper), or one Beta per class per image (the styles "
+    "cannot copy the image, so unlabelled pixels inform the segmentation).",
+)
+@click.option(
+    "--ordered-styles",
+    is_flag=True,
+    help="StitchNet: style means increasing from healthy to GGO to consolidation.",
+)
+@consistency_options
+@click.option(
     "--unlabelled-patient-pattern",
     default=None,
     metavar="REGEX",
@@ -297,7 +315,7 @@ def train(
     epochs,
     steps_per_epoch,
     batch_size,
-    labelled_per_batch,
+    unlabelled_per_batch,
     learning_rate,
     optimizer_name,
     weight_decay,
@@ -330,6 +348,9 @@ def train(
     free_bits,
     decision,
     style_pool,
+    style_mode,
+    ordered_styles,
+    consistency,
     unlabelled_patient_pattern,
     overwrite,
     eager,
@@ -376,6 +397,9 @@ def train(
             free_bits=free_bits,
             decision=None if decision == "auto" else decision,
             style_pool=style_pool,
+            style_mode=style_mode,
+            ordered_styles=ordered_styles or None,
+            **consistency,
             norm=norm,
             head_skips=head_skips,
         ),
@@ -391,7 +415,7 @@ def train(
         epochs=epochs,
         steps_per_epoch=steps_per_epoch,
         batch_size=batch_size,
-        labelled_per_batch=labelled_per_batch,
+        unlabelled_per_batch=unlabelled_per_batch,
         learning_rate=learning_rate,
         optimizer=optimizer_name,
         weight_decay=weight_decay,

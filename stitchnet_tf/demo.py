@@ -75,8 +75,9 @@ def run_demo(
             size=size,
             epochs=epochs,
             steps_per_epoch=steps_per_epoch,
-            batch_size=batch_size,
-            labelled_per_batch=batch_size // 2 if name == "stitchnet" else None,
+            # StitchNet: half the labelled slices plus as many unlabelled (the same compute)
+            batch_size=batch_size // 2 if name == "stitchnet" else batch_size,
+            unlabelled_per_batch=batch_size // 2 if name == "stitchnet" else None,
             learning_rate=3e-3,
             seed=seed,
             split=str(out / "split.json"),

@@ -24,6 +24,19 @@ KL_ESTIMATORS = ("analytic", "mc")
 UPSAMPLE_MODES = ("resize", "transpose")
 #: The baselines' losses: set cross-entropy + soft Dice, the paper's set focal loss, plain CE.
 BASELINE_LOSSES = ("ce_dice", "focal", "ce")
+#: Style parameters: per pixel (the paper) or one Beta per class per image (cannot copy the image).
+STYLE_MODES = ("pixel", "image")
+#: Consistency teachers: the model itself (FixMatch, UniMatch) or an EMA of its weights (mean
+#: teacher).
+TEACHERS = ("self", "ema")
+#: Weak-to-strong consistency on unlabelled pixels, for every model (docs/DESIGN.md §7.17).
+CONSISTENCY_DEFAULTS = dict(
+    consistency_weight=0.0,
+    consistency_threshold=0.95,
+    consistency_rampup=0,
+    teacher=TEACHERS[0],
+    teacher_decay=0.99,
+)
 #: StitchNet's defaults: its constructor's and the CLI's.
 STITCHNET_DEFAULTS = dict(
     likelihood=LIKELIHOODS[0],
@@ -35,6 +48,8 @@ STITCHNET_DEFAULTS = dict(
     kl_warmup_steps=0,
     free_bits=0.0,
     style_pool=1,
+    style_mode=STYLE_MODES[0],
+    ordered_styles=False,
     norm=NORMS[0],
     decision=DECISIONS[0],
 )
@@ -98,6 +113,7 @@ def check_deterministic(model, samples: int = 0, decision: str | None = None) ->
 MODEL_REGISTRY: dict[str, dict[str, str]] = {
     "stitchnet": {
         **{k: k for k in STITCHNET_DEFAULTS},
+        **{k: k for k in CONSISTENCY_DEFAULTS},
         "width": "width",
         "backbone_alpha": "backbone_alpha",
         "head_skips": "head_skips",
@@ -107,8 +123,14 @@ MODEL_REGISTRY: dict[str, dict[str, str]] = {
         "focal_gamma": "focal_gamma",
         "width": "width",
         "backbone_alpha": "alpha",
+        **{k: k for k in CONSISTENCY_DEFAULTS},
     },
-    "segnet": {"supervised": "loss", "focal_gamma": "focal_gamma", "width": "width"},
+    "segnet": {
+        "supervised": "loss",
+        "focal_gamma": "focal_gamma",
+        "width": "width",
+        **{k: k for k in CONSISTENCY_DEFAULTS},
+    },
 }
 
 

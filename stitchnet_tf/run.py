@@ -42,7 +42,9 @@ class TrainConfig:
     epochs: int = 80
     steps_per_epoch: int = 100
     batch_size: int = 8
-    labelled_per_batch: int | None = None
+    # unlabelled slices added to each batch of `batch_size` labelled ones (default: as many;
+    # 0: none, labelled only): a run with unlabelled data sees as many labelled slices per step
+    unlabelled_per_batch: int | None = None
     learning_rate: float = TRAIN_DEFAULTS["learning_rate"]
     optimizer: str = TRAIN_DEFAULTS["optimizer"]  # OPTIMIZERS
     # AdamW's decoupled decay (not on biases, norms and gains)

@@ -502,21 +502,40 @@ def check_config(config: TrainConfig) -> None:
         )
     if config.model not in MODELS:
         raise DataError(None, f"unknown model {config.model!r}: use one of {', '.join(MODELS)}")
-    if (
-        config.labelled_per_batch is not None
-        and not 0 < config.labelled_per_batch <= config.batch_size
+    if config.unlabelled_per_batch is not None and config.unlabelled_per_batch < 0:
+        raise DataError(None, "--unlabelled-per-batch must be at least 0")
+    withheld = config.max_labelled is not None or config.label_fraction is not None
+    if uses_consistency(config) and (
+        not (config.unlabelled or withheld) or config.unlabelled_per_batch == 0
     ):
-        raise DataError(None, f"--labelled-per-batch must be in 1..{config.batch_size}")
+        raise DataError(
+            None,
+            "--consistency needs unlabelled slices (--unlabelled, --max-labelled or "
+            "--label-fraction, and --unlabelled-per-batch > 0)",
+        )
+
+
+def uses_consistency(config: TrainConfig) -> bool:
+    """Whether the run's model has the weak-to-strong consistency term on."""
+    return float((config.model_options or {}).get("consistency_weight") or 0.0) > 0
 
 
 def _read_datasets(config: TrainConfig, warn) -> tuple[Dataset, Dataset | None]:
-    """The labelled dataset and, for StitchNet, the unlabelled one."""
+    """The labelled dataset and, for StitchNet or a model with the consistency term, the
+    unlabelled one (not with --unlabelled-per-batch 0)."""
     labelled = config.labelled_spec().discover(require_labels=True)
     unlabelled = None
-    if config.unlabelled and config.model == "stitchnet":
+    if not config.unlabelled:
+        pass
+    elif config.unlabelled_per_batch == 0:
+        warn("--unlabelled-per-batch 0: the unlabelled data is not used")
+    elif config.model == "stitchnet" or uses_consistency(config):
         unlabelled = config.unlabelled_spec().discover()
-    elif config.unlabelled:
-        warn(f"{config.model} is supervised: the unlabelled data is not used")
+    else:
+        warn(
+            f"{config.model} is supervised: the unlabelled data is not used "
+            "(--consistency > 0 uses it)"
+        )
     return labelled, unlabelled
 
 
@@ -562,17 +581,19 @@ def _pipelines(config: TrainConfig, labelled, unlabelled, split: Split, epoch: i
     starts at so that a resumed run does not replay the first epochs' batches."""
     import tensorflow as tf
 
-    labelled_per_batch = config.labelled_per_batch
-    if config.model != "stitchnet":
-        labelled_per_batch = config.batch_size
+    # the baselines learn from unlabelled slices only through the consistency term;
+    # --unlabelled-per-batch 0 trains on the labelled slices alone
+    semi = (config.model == "stitchnet" or uses_consistency(config)) and (
+        config.unlabelled_per_batch != 0
+    )
     batches = training_batches(
         labelled,
-        unlabelled,
+        unlabelled if semi else None,
         config.size,
         config.batch_size,
         train_ids=split.train,
-        withheld_ids=split.unlabelled,
-        labelled_per_batch=labelled_per_batch,
+        withheld_ids=split.unlabelled if semi else (),
+        unlabelled_per_batch=config.unlabelled_per_batch,
         seed=config.seed + epoch,
         augmentation=config.augmentation if config.augment else False,
         cache=config.cache,
@@ -582,7 +603,12 @@ def _pipelines(config: TrainConfig, labelled, unlabelled, split: Split, epoch: i
     val_loader = SliceLoader(val, val.samples, config.size, intensity=config.intensity)
     val_data = slice_dataset(val_loader, cache=config.cache).batch(config.batch_size)
     if replicas > 1:
-        batches = batches.map(_replica_order(config.batch_size, replicas))
+        total = int(batches.element_spec["x"].shape[0])  # labelled + unlabelled per step
+        if total % replicas:
+            raise DataError(
+                None, f"the batch of {total} slices must be a multiple of the {replicas} replicas"
+            )
+        batches = batches.map(_replica_order(total, replicas))
     # Every worker runs the same seeded pipeline and keeps its replicas' part of each batch.
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA

@@ -102,7 +102,7 @@ IMAGE_COMMANDS = {
     "styles": lambda d, o, w: ["styles", "-m", w["run"], "-i", f"{d}/images", "-o", o],
     "train-unlabelled": lambda d, o, w: [
         "train", "-l", w["labelled"], "-u", d, "-o", o, "--epochs", "1",
-        "--steps-per-epoch", "1", "--labelled-per-batch", "2", *TINY_TRAIN,
+        "--steps-per-epoch", "1", "--unlabelled-per-batch", "2", *TINY_TRAIN,
     ],
 }  # fmt: skip
 

@@ -66,7 +66,7 @@ def stitchnet_run(data, tmp_path_factory) -> Path:
         2,
         "--steps-per-epoch",
         2,
-        "--labelled-per-batch",
+        "--unlabelled-per-batch",
         2,
         *TINY,
     )
@@ -117,7 +117,7 @@ def test_a_finished_run_is_neither_overwritten_nor_resumed_with_another_config(s
     """The same command on a finished run, and a changed one, are refused; nothing changes."""
     same = [
         "train", "-l", data / "labelled", "-u", data / "unlabelled", "-o", stitchnet_run,
-        "--epochs", 2, "--steps-per-epoch", 2, "--labelled-per-batch", 2, *TINY,
+        "--epochs", 2, "--steps-per-epoch", 2, "--unlabelled-per-batch", 2, *TINY,
     ]  # fmt: skip
     before = {p.name: p.stat().st_mtime_ns for p in stitchnet_run.iterdir()}
     assert "holds a finished run" in error_line(run(*same, expect=2))

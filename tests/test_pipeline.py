@@ -241,11 +241,21 @@ def test_training_batches_follow_the_split_and_withheld_labels(tmp_path: Path):
     lab, unl = discover(tmp_path / "d" / "labelled"), discover(tmp_path / "d" / "unlabelled")
     split = withhold_labels(split_dataset(lab, seed=0), lab, max_labelled=2, seed=0)
     batches = training_batches(
-        lab, unl, 32, 4, train_ids=split.train, withheld_ids=split.unlabelled, labelled_per_batch=1
+        lab,
+        unl,
+        32,
+        1,
+        train_ids=split.train,
+        withheld_ids=split.unlabelled,
+        unlabelled_per_batch=3,
     )
     for batch in batches.take(5):
         sets = tf.reduce_max(tf.reduce_sum(batch["allowed"], -1), [1, 2]).numpy()
         np.testing.assert_array_equal(sets, [1, 3, 3, 3])  # 1 exact, 3 unlabelled (lung: 3 sets)
+    # unlabelled slices are added to the labelled ones, not swapped in (default: as many)
+    added = next(iter(training_batches(lab, unl, 32, 2, train_ids=split.train)))
+    sets = tf.reduce_max(tf.reduce_sum(added["allowed"], -1), [1, 2]).numpy()
+    np.testing.assert_array_equal(sets, [1, 1, 3, 3])
     only_labelled = training_batches(lab, None, 32, 2, train_ids=split.train)
     assert next(iter(only_labelled))["x"].shape == (2, 32, 32, 1)
     with pytest.raises(DataError, match="no labelled training slices"):

@@ -479,7 +479,7 @@ def training_batches(
     *,
     train_ids: Sequence[str] | None = None,
     withheld_ids: Sequence[str] = (),
-    labelled_per_batch: int | None = None,
+    unlabelled_per_batch: int | None = None,
     seed: int = 0,
     augmentation: str | dict | bool = True,
     cache: str | bool = False,
@@ -495,8 +495,10 @@ def training_batches(
         unlabelled: an unlabelled dataset, or None.
         withheld_ids: train ids whose labels are withheld (`Split.unlabelled`): they join the
             unlabelled stream without their masks.
-        labelled_per_batch: labelled examples in each batch (default: half, or all when there
-            is nothing unlabelled).
+        batch_size: labelled examples in each batch.
+        unlabelled_per_batch: unlabelled examples added to each batch when there are any
+            (default: `batch_size`), so that a run with unlabelled data sees as many labelled
+            slices per step as one without.
     """
     wanted = set(train_ids if train_ids is not None else (s.id for s in labelled.samples))
     withheld = set(withheld_ids)
@@ -537,7 +539,7 @@ def training_batches(
             )
         )
     if not streams:
-        return mixed_batches(lab_ds, None, batch_size, labelled_per_batch)
+        return mixed_batches(lab_ds, None, batch_size)
     if len(streams) == 2:  # draw unlabelled slices from both pools in proportion to their size
         n_pool, n_unl = len(pool), len(unlabelled.samples)
         unl_ds = tf.data.Dataset.sample_from_datasets(
@@ -545,4 +547,7 @@ def training_batches(
         )
     else:
         unl_ds = streams[0]
-    return mixed_batches(lab_ds, unl_ds, batch_size, labelled_per_batch)
+    extra = batch_size if unlabelled_per_batch is None else unlabelled_per_batch
+    if extra < 1:
+        raise ValueError(f"unlabelled_per_batch must be at least 1, got {extra}")
+    return mixed_batches(lab_ds, unl_ds, batch_size + extra, labelled_per_batch=batch_size)

@@ -6,8 +6,9 @@ the four classes becomes the 3-class set S' = {no lesion if background or health
 GGO if allowed, CON if allowed}. The loss is set cross-entropy −log p_S' over the labelled
 pixels plus batch soft Dice over GGO and consolidation (the term StitchNet's supervised part
 uses, `ce_dice`, the default), or the paper's set focal loss −(1 − p_S')^γ log p_S' averaged
-over pixels (`focal`). Unlabelled pixels (S' holds all three classes) contribute exactly 0, so
-the baselines learn from labelled data only, by construction. `segment` returns the same
+over pixels (`focal`). Unlabelled pixels (S' holds all three classes) contribute exactly 0 to
+it: the baselines learn from unlabelled slices only through the optional weak-to-strong
+consistency term (`consistency_weight` > 0, `models.consistency`). `segment` returns the same
 4-class probabilities as `StitchNet.segment`, the no-lesion mass going to background outside
 the lung field and to healthy lung inside it.
 """
@@ -26,6 +27,7 @@ from stitchnet_tf.data.classes import BACKGROUND, CON, GGO, HEALTHY
 from stitchnet_tf.data.intensity import check_intensity
 from stitchnet_tf.models.backbone import scaled_filters, set_bn_momentum
 from stitchnet_tf.models.base import SegmentationModel, SetDice
+from stitchnet_tf.models.consistency import Consistency
 from stitchnet_tf.models.gradients import (
     clip_gradients,
     replica_loss,
@@ -33,7 +35,7 @@ from stitchnet_tf.models.gradients import (
     update_if_finite,
 )
 from stitchnet_tf.options import BASELINE_LOSSES as LOSSES
-from stitchnet_tf.options import DEFAULT_GLOBAL_CLIPNORM
+from stitchnet_tf.options import CONSISTENCY_DEFAULTS, DEFAULT_GLOBAL_CLIPNORM
 
 NUM_LESION_CLASSES = 3  # 0 no lesion, 1 GGO, 2 consolidation
 #: MobileNetV2 activations at strides 2, 4, 8, 16 (the U-Net skips) and the stride-32 bottleneck.
@@ -171,7 +173,15 @@ class SetSupervisedMixin(SegmentationModel):
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
 
     def _init_training(
-        self, loss, focal_gamma, clipnorm, clipvalue, seed, global_clipnorm=None, intensity="none"
+        self,
+        loss,
+        focal_gamma,
+        clipnorm,
+        clipvalue,
+        seed,
+        global_clipnorm=None,
+        intensity="none",
+        consistency: dict | None = None,
     ) -> None:
         self.intensity = check_intensity(intensity)
         # `self.loss` belongs to Keras (compile sets it), hence `loss_type`.
@@ -181,6 +191,12 @@ class SetSupervisedMixin(SegmentationModel):
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.skipped = keras.metrics.Mean(name="skipped")  # share of steps with non-finite grads
         self.dice = [SetDice(GGO), SetDice(CON), SetDice((GGO, CON), name="dice_lesion")]
+        self.consistency = Consistency(self, **(consistency or {}), seed=seed)
+        self.consistency_trackers = (
+            [keras.metrics.Mean(name="consistency"), keras.metrics.Mean(name="confident")]
+            if self.consistency.on
+            else []
+        )
 
     def _training_config(self) -> dict:
         return {
@@ -191,11 +207,12 @@ class SetSupervisedMixin(SegmentationModel):
             "global_clipnorm": self.global_clipnorm,
             "seed": self.seed,
             "intensity": self.intensity,
+            **self.consistency.config(),
         }
 
     @property
     def metrics(self):
-        return [self.loss_tracker, self.skipped, *self.dice]
+        return [self.loss_tracker, self.skipped, *self.consistency_trackers, *self.dice]
 
     @property
     def gamma(self) -> float:
@@ -222,15 +239,42 @@ class SetSupervisedMixin(SegmentationModel):
             grads, self.optimizer, self.clipnorm, self.clipvalue, self.global_clipnorm
         )
 
-    def _update_metrics(self, loss, allowed, logits, finite=None):
+    def perturbed_logits(self, x):
+        """The feature-perturbed pass of the consistency term, or None (SegNet: none)."""
+        return None
+
+    def consistency_term(self, data):
+        """Weak-to-strong consistency on the batch's unlabelled pixels (`models.consistency`):
+        teacher and student in training mode (batch statistics), as in FixMatch."""
+
+        def teacher_probs(x_u):
+            return ops.softmax(ops.cast(self(x_u, training=True), "float32"), axis=-1)
+
+        def student_logits(x_s):
+            return self(x_s, training=True)
+
+        perturbed = None
+        if type(self).perturbed_logits is not SetSupervisedMixin.perturbed_logits:
+
+            def perturbed(x_u, keep):
+                return self.perturbed_logits(x_u)
+
+        return self.consistency.loss(
+            data, self.optimizer.iterations, teacher_probs, student_logits, perturbed
+        )
+
+    def _update_metrics(self, loss, allowed, logits, finite=None, extra=()):
         update_if_finite(self.loss_tracker, loss, True if finite is None else finite)
+        for tracker, value in zip(self.consistency_trackers, extra, strict=False):
+            update_if_finite(tracker, value, finite)
         # 3-class ids -> 4-class ids: no lesion -> healthy (only the lesion Dice are tracked)
         predicted = ops.argmax(logits, axis=-1) + HEALTHY
         for dice in self.dice:
             dice.update_state(ops.cast(allowed, "float32"), predicted)
         logs = {m.name: m.result() for m in self.metrics}
-        if finite is None:  # evaluation: no gradients, nothing skipped
-            logs.pop(self.skipped.name)
+        if finite is None:  # evaluation: no gradients, nothing skipped, no consistency
+            for m in (self.skipped, *self.consistency_trackers):
+                logs.pop(m.name)
         return self.step_logs(logs)
 
     def train_step(self, data):
@@ -238,12 +282,17 @@ class SetSupervisedMixin(SegmentationModel):
         with tf.GradientTape() as tape:
             logits = self(x, training=True)
             loss = self.compute_set_loss(allowed, logits)
+            extra = ()
+            if self.consistency.on:
+                extra = self.consistency_term(data)
+                loss = loss + extra[0]
             scaled = self.optimizer.scale_loss(replica_loss(loss))
         variables = self.trainable_variables
         grads = self._clip(tape.gradient(scaled, variables))
         grads, finite = skip_non_finite(grads, self.optimizer, self.skipped)
         self.optimizer.apply(grads, variables)
-        return self._update_metrics(loss, allowed, logits, finite)
+        self.consistency.update_teacher(self.optimizer.iterations)
+        return self._update_metrics(loss, allowed, logits, finite, extra)
 
     def test_step(self, data):
         x, allowed = data["x"], data["allowed"]
@@ -290,6 +339,9 @@ class UNet(SetSupervisedMixin, keras.Model):
         global_clipnorm: global-norm gradient clipping (None to disable).
         intensity: the preprocessing the model was trained with (`none` or `standardise`).
         seed: seeds the weight initialisation (None: Keras' usual random initialisation).
+        consistency_weight, consistency_threshold, consistency_rampup, teacher,
+            teacher_decay: the weak-to-strong consistency term (`models.consistency`; weight 0,
+            the default, turns it off).
 
     Example:
         >>> import numpy as np
@@ -309,9 +361,21 @@ class UNet(SetSupervisedMixin, keras.Model):
         seed: int | None = None,
         global_clipnorm: float | None = DEFAULT_GLOBAL_CLIPNORM,
         intensity: str = "none",
+        consistency_weight: float = CONSISTENCY_DEFAULTS["consistency_weight"],
+        consistency_threshold: float = CONSISTENCY_DEFAULTS["consistency_threshold"],
+        consistency_rampup: int = CONSISTENCY_DEFAULTS["consistency_rampup"],
+        teacher: str = CONSISTENCY_DEFAULTS["teacher"],
+        teacher_decay: float = CONSISTENCY_DEFAULTS["teacher_decay"],
         **kwargs,
     ):
         self._check_options(loss)
+        consistency = dict(
+            weight=consistency_weight,
+            threshold=consistency_threshold,
+            rampup_steps=consistency_rampup,
+            teacher=teacher,
+            decay=teacher_decay,
+        )
         filters = scaled_filters(width, UNET_FILTERS)
         with _seeded(seed):
             # === Layers ===
@@ -353,8 +417,24 @@ class UNet(SetSupervisedMixin, keras.Model):
         # === Config ===
         self.width, self.alpha = width, alpha
         self._init_training(
-            loss, focal_gamma, clipnorm, clipvalue, seed, global_clipnorm, intensity
+            loss, focal_gamma, clipnorm, clipvalue, seed, global_clipnorm, intensity, consistency
         )
+
+    def perturbed_logits(self, x, rate: float = 0.5):
+        """UniMatch's feature perturbation: the decoder on the encoder's skips and bottleneck
+        with channel dropout (`rate`), training mode. x [B,H,W,1] -> logits [B,H,W,3]."""
+        h = ops.cast(x, self.compute_dtype) * 2.0 - 1.0  # as the `to_unit_range` layer
+
+        def drop(t):
+            shape = ops.stack([ops.shape(t)[0], 1, 1, ops.shape(t)[-1]])
+            keep = ops.cast(tf.random.uniform(shape) >= rate, t.dtype)
+            return t * keep / (1.0 - rate)
+
+        *skips, h = [drop(t) for t in self.encoder(h, training=True)]
+        for i, skip in enumerate(reversed(skips)):
+            h = self.upsample[i](h, training=True)
+            h = self.fuse[i](ops.concatenate([h, skip], axis=-1), training=True)
+        return self.head(h)
 
     def get_config(self):
         return {
@@ -385,6 +465,9 @@ class SegNet(SetSupervisedMixin, keras.Model):
         global_clipnorm: global-norm gradient clipping (None to disable).
         intensity: the preprocessing the model was trained with (`none` or `standardise`).
         seed: seeds the weight initialisation (None: Keras' usual random initialisation).
+        consistency_weight, consistency_threshold, consistency_rampup, teacher,
+            teacher_decay: the weak-to-strong consistency term (`models.consistency`; weight 0,
+            the default, turns it off).
 
     Example:
         >>> import numpy as np
@@ -403,9 +486,21 @@ class SegNet(SetSupervisedMixin, keras.Model):
         seed: int | None = None,
         global_clipnorm: float | None = DEFAULT_GLOBAL_CLIPNORM,
         intensity: str = "none",
+        consistency_weight: float = CONSISTENCY_DEFAULTS["consistency_weight"],
+        consistency_threshold: float = CONSISTENCY_DEFAULTS["consistency_threshold"],
+        consistency_rampup: int = CONSISTENCY_DEFAULTS["consistency_rampup"],
+        teacher: str = CONSISTENCY_DEFAULTS["teacher"],
+        teacher_decay: float = CONSISTENCY_DEFAULTS["teacher_decay"],
         **kwargs,
     ):
         self._check_options(loss)
+        consistency = dict(
+            weight=consistency_weight,
+            threshold=consistency_threshold,
+            rampup_steps=consistency_rampup,
+            teacher=teacher,
+            decay=teacher_decay,
+        )
         filters = scaled_filters(width, SEGNET_FILTERS)
         with _seeded(seed):
             # === Layers ===
@@ -450,7 +545,7 @@ class SegNet(SetSupervisedMixin, keras.Model):
         # === Config ===
         self.width = width
         self._init_training(
-            loss, focal_gamma, clipnorm, clipvalue, seed, global_clipnorm, intensity
+            loss, focal_gamma, clipnorm, clipvalue, seed, global_clipnorm, intensity, consistency
         )
 
     def get_config(self):

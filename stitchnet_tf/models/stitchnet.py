@@ -17,6 +17,7 @@ from stitchnet_tf.data.classes import BACKGROUND, CON, GGO, NUM_CLASSES
 from stitchnet_tf.data.intensity import check_intensity
 from stitchnet_tf.models.backbone import Backbone
 from stitchnet_tf.models.base import SegmentationModel, SetDice
+from stitchnet_tf.models.consistency import Consistency
 from stitchnet_tf.models.gradients import (
     GradientMonitor,
     clip_gradients,
@@ -27,17 +28,31 @@ from stitchnet_tf.models.gradients import (
 from stitchnet_tf.models.ladder import SVAELadder
 from stitchnet_tf.models.layers import LightSmooth, Upsample
 from stitchnet_tf.options import (
+    CONSISTENCY_DEFAULTS,
     DECISIONS,
     DEFAULT_GLOBAL_CLIPNORM,
     DEFAULT_HEAD_SKIPS,
     LIKELIHOODS,
     STITCHNET_DEFAULTS,
+    STYLE_MODES,
     SUPERVISED,
     check_model_size,
 )
 
 #: sigmoid⁻¹ of the fixed background style mean (about 0.001)
 BACKGROUND_MEAN_LOGIT = -7.0
+#: Initial bias of the ordered style-mean conv: healthy logit −1.4, then softplus⁻¹ of the
+#: increments to GGO (+0.9) and consolidation (+1.0): means 0.20, 0.38, 0.62.
+ORDERED_MEAN_BIAS = [0.0, -1.4, 0.352, 0.541]
+
+
+def ordered_logits(raw):
+    """Raw style-mean logits [..., 4] -> logits with healthy < GGO < consolidation: the
+    healthy logit, then cumulative softplus increments (background passes through)."""
+    background, healthy = raw[..., :1], raw[..., 1:2]
+    ggo = healthy + ops.softplus(raw[..., 2:3])
+    con = ggo + ops.softplus(raw[..., 3:4])
+    return ops.concatenate([background, healthy, ggo, con], axis=-1)
 
 
 @keras.saving.register_keras_serializable(package="stitchnet_tf")
@@ -48,7 +63,11 @@ class StitchHead(layers.Layer):
     distributions with bounded parameters: mean m_k = sigmoid(·) and concentration
     κ_k ∈ [2, 500] (`likelihood.beta_from_mean_concentration`), α = m κ, β = (1 − m) κ, so no
     density spikes. With `style_pool` > 1 the style parameters are predicted at 1/style_pool
-    resolution and upsampled bilinearly (less flexible styles: docs/DESIGN.md).
+    resolution and upsampled bilinearly (less flexible styles: docs/DESIGN.md). With
+    `style_mode="image"` each class has one Beta per image (from the spatial mean of the
+    features), so the styles cannot copy the image and r_k ∝ π_k Beta_k(x) on an unlabelled
+    pixel is an intensity-informed posterior; with `ordered_styles` the means of healthy, GGO
+    and consolidation are increasing (cumulative softplus in logit space; DESIGN §7.16).
 
     With `skips` > 0 (`head_skips`, a departure from the paper, see docs/DESIGN.md) the
     segmentation branch also sees deterministic features of the image: the backbone's d_1
@@ -66,11 +85,16 @@ class StitchHead(layers.Layer):
         norm: str = "batch",
         skips: int = 0,
         upsample: str = "resize",
+        style_mode: str = "pixel",
+        ordered_styles: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if style_mode not in STYLE_MODES:
+            raise ValueError(f"style_mode must be one of {STYLE_MODES}, got {style_mode!r}")
         self.filters, self.style_pool, self.norm = int(filters), int(style_pool), norm
         self.skips, self.upsample = int(skips), upsample
+        self.style_mode, self.ordered_styles = style_mode, bool(ordered_styles)
         policy = self.dtype_policy
         self.up = Upsample(self.filters, norm=norm, mode=upsample, dtype=policy)
         self.smooth = LightSmooth(self.filters, norm=norm, dtype=policy)
@@ -80,7 +104,16 @@ class StitchHead(layers.Layer):
             self.pi_smooth = LightSmooth(self.filters, norm=norm, dtype=policy)
             self.pi_z = layers.Conv2D(NUM_CLASSES, 1, dtype="float32", name="pi_z_logits")
         self.pi = layers.Conv2D(NUM_CLASSES, 1, dtype="float32", name="pi_logits")
-        self.style_mean = layers.Conv2D(NUM_CLASSES, 1, dtype="float32", name="style_mean")
+        # ordered: healthy, GGO, CON start at means 0.2, 0.38, 0.62 (the lung-field medians)
+        self.style_mean = layers.Conv2D(
+            NUM_CLASSES,
+            1,
+            bias_initializer=keras.initializers.Constant(ORDERED_MEAN_BIAS)
+            if self.ordered_styles
+            else "zeros",
+            dtype="float32",
+            name="style_mean",
+        )
         # styles start broad (κ ≈ 10): no huge first reconstruction gradients
         self.style_concentration = layers.Conv2D(
             NUM_CLASSES,
@@ -120,9 +153,18 @@ class StitchHead(layers.Layer):
 
     def _styles(self, h) -> dict:
         """alpha, beta [B, H, W, 4] float32 from the latent features h."""
-        s = self.pool(h) if self.style_pool > 1 else h
+        if self.style_mode == "image":
+            s = ops.mean(ops.cast(h, "float32"), axis=(1, 2), keepdims=True)  # [B, 1, 1, f]
+        else:
+            s = self.pool(h) if self.style_pool > 1 else h
         mean, concentration = self.style_mean(s), self.style_concentration(s)
-        if self.style_pool > 1:
+        if self.ordered_styles:
+            mean = ordered_logits(mean)
+        if self.style_mode == "image":  # one Beta per class per image: [B, 1, 1, 4] -> full size
+            # × ones, not + zeros: Grappler folds that add into the conv's BiasAdd and fails
+            full = ops.ones_like(ops.cast(h[..., :1], "float32"))
+            mean, concentration = mean * full, concentration * full
+        elif self.style_pool > 1:
             mean, concentration = self.unpool(mean), self.unpool(concentration)
         # the background style is fixed near 0: preprocessing zeroes x outside the lung field,
         # and known-background pixels are left out of the reconstruction term
@@ -139,6 +181,8 @@ class StitchHead(layers.Layer):
             "norm": self.norm,
             "skips": self.skips,
             "upsample": self.upsample,
+            "style_mode": self.style_mode,
+            "ordered_styles": self.ordered_styles,
         }
 
 
@@ -165,6 +209,9 @@ class StitchNet(SegmentationModel, keras.Model):
         head_filters: channels of the full-resolution head (default 16 × width, at least 16).
         light_c: LightSmooth instead of Smooth at the end of mapping (c).
         style_pool: predict style parameters at 1/style_pool resolution.
+        style_mode: `pixel` (per-pixel styles, the paper) or `image` (one Beta per class per
+            image: the styles cannot copy the image).
+        ordered_styles: style means increasing from healthy to GGO to consolidation.
         kl: `analytic` or `mc` (single-sample, the authors') per-level KL.
         likelihood: `exact` (log Σ_{k∈S} π_k Beta_k(x), the paper) or `jensen` (the authors'
             code: Σ_k π_k (−log Beta_k(x)), labels only through the supervised term).
@@ -204,6 +251,8 @@ class StitchNet(SegmentationModel, keras.Model):
         head_filters: int | None = None,
         light_c: bool = True,
         style_pool: int = STITCHNET_DEFAULTS["style_pool"],
+        style_mode: str = STITCHNET_DEFAULTS["style_mode"],
+        ordered_styles: bool = STITCHNET_DEFAULTS["ordered_styles"],
         kl: str = STITCHNET_DEFAULTS["kl"],
         likelihood: str = STITCHNET_DEFAULTS["likelihood"],
         supervised: str = STITCHNET_DEFAULTS["supervised"],
@@ -223,6 +272,11 @@ class StitchNet(SegmentationModel, keras.Model):
         head_skips: int = DEFAULT_HEAD_SKIPS,
         upsample: str = "resize",
         intensity: str = "none",
+        consistency_weight: float = CONSISTENCY_DEFAULTS["consistency_weight"],
+        consistency_threshold: float = CONSISTENCY_DEFAULTS["consistency_threshold"],
+        consistency_rampup: int = CONSISTENCY_DEFAULTS["consistency_rampup"],
+        teacher: str = CONSISTENCY_DEFAULTS["teacher"],
+        teacher_decay: float = CONSISTENCY_DEFAULTS["teacher_decay"],
         **kwargs,
     ):
         check_intensity(intensity)
@@ -241,7 +295,14 @@ class StitchNet(SegmentationModel, keras.Model):
             self.backbone.filters, light_c, kl, seed, norm, upsample, name="svae"
         )
         self.head = StitchHead(
-            head_filters, style_pool, norm, int(head_skips), upsample, name="stitch_head"
+            head_filters,
+            style_pool,
+            norm,
+            int(head_skips),
+            upsample,
+            style_mode,
+            ordered_styles,
+            name="stitch_head",
         )
         self.head_skips, self.upsample = int(head_skips), upsample
         # === Functional model ===
@@ -262,10 +323,20 @@ class StitchNet(SegmentationModel, keras.Model):
         self.global_clipnorm, self.clipnorm, self.clipvalue = global_clipnorm, clipnorm, clipvalue
         self.norm, self.intensity = norm, intensity
         self.noise_seed = keras.random.SeedGenerator(None if seed is None else seed + 1)
+        self.consistency = Consistency(
+            self,
+            consistency_weight,
+            consistency_threshold,
+            consistency_rampup,
+            teacher,
+            teacher_decay,
+            seed,
+        )
         # === Metrics ===
         self.trackers = {
             name: keras.metrics.Mean(name=name)
             for name in ("loss", "recon", "generative", "kl", "supervised")
+            + (("consistency", "confident") if self.consistency.on else ())
             + tuple(f"kl_{i + 1}" for i in range(self.ladder.levels))
         }
         self.gradient_monitor = GradientMonitor(
@@ -285,6 +356,8 @@ class StitchNet(SegmentationModel, keras.Model):
             "head_filters": self.head_filters,
             "light_c": self.light_c,
             "style_pool": self.style_pool,
+            "style_mode": self.head.style_mode,
+            "ordered_styles": self.head.ordered_styles,
             "kl": self.kl,
             "likelihood": self.likelihood,
             "supervised": self.supervised,
@@ -303,6 +376,7 @@ class StitchNet(SegmentationModel, keras.Model):
             "norm": self.norm,
             "head_skips": self.head_skips,
             "upsample": self.upsample,
+            **self.consistency.config(),
         }
 
     @classmethod
@@ -424,15 +498,19 @@ class StitchNet(SegmentationModel, keras.Model):
         }
 
     def _update_metrics(self, terms, allowed, outputs, x, gradients: bool = True, finite=True):
-        for name in ("loss", "recon", "generative", "kl", "supervised"):
-            update_if_finite(self.trackers[name], terms[name], finite)
+        for name in ("loss", "recon", "generative", "kl", "supervised", "consistency", "confident"):
+            if name in terms and name in self.trackers:
+                update_if_finite(self.trackers[name], terms[name], finite)
         for i in range(self.ladder.levels):
             update_if_finite(self.trackers[f"kl_{i + 1}"], terms["kl_levels"][i], finite)
         predicted = ops.argmax(self.class_probabilities(x, outputs), axis=-1)
         for dice in self.dice:
             dice.update_state(ops.cast(allowed, "float32"), predicted)
         skip = (
-            set() if gradients else {m.name for m in (*self.gradient_monitor.metrics, self.skipped)}
+            set()
+            if gradients
+            else {m.name for m in (*self.gradient_monitor.metrics, self.skipped)}
+            | {"consistency", "confident"}
         )
         return self.step_logs({m.name: m.result() for m in self.metrics if m.name not in skip})
 
@@ -449,11 +527,42 @@ class StitchNet(SegmentationModel, keras.Model):
                 return f"level_{i + 1}"
         return "backbone"
 
+    def consistency_term(self, data, outputs):
+        """Weak-to-strong consistency on the batch's unlabelled pixels (`models.consistency`):
+        the teacher's lesion-view probabilities follow the decision rule (with `posterior`
+        they are intensity-informed: r_k ∝ π_k Beta_k(x)); the student's strong view samples
+        z; the feature-perturbed pass is this step's own forward (z sampled)."""
+        lesion_only = ops.convert_to_tensor([0.0, 1.0, 1.0, 1.0], "float32")
+        posterior = self.decision == "posterior"
+
+        def teacher_probs(x_u):
+            out = self.forward(x_u, training=True, sample=False, kl=False, styles=posterior)
+            if posterior:
+                allowed = lesion_only + ops.zeros_like(out["alpha"])
+                p = lik.responsibilities(x_u, out["pi_logits"], out["alpha"], out["beta"], allowed)
+                return p[..., 1:]
+            return ops.softmax(ops.cast(out["pi_logits"][..., 1:], "float32"), axis=-1)
+
+        def student_logits(x_s):
+            return self.forward(x_s, training=True, sample=True, kl=False, styles=False)[
+                "pi_logits"
+            ][..., 1:]
+
+        def perturbed_logits(x_u, keep):
+            return tf.boolean_mask(outputs["pi_logits"], keep)[..., 1:]
+
+        return self.consistency.loss(
+            data, self.optimizer.iterations, teacher_probs, student_logits, perturbed_logits
+        )
+
     def train_step(self, data):
         x, allowed = data["x"], data["allowed"]
         with tf.GradientTape() as tape:
             outputs = self(x, training=True)
             terms = self.compute_terms(self.dequantise(x), allowed, outputs)
+            if self.consistency.on:
+                terms["consistency"], terms["confident"] = self.consistency_term(data, outputs)
+                terms["loss"] = terms["loss"] + terms["consistency"]
             scaled = self.optimizer.scale_loss(replica_loss(terms["loss"]))
         variables = self.trainable_variables
         grads = tape.gradient(scaled, variables)
@@ -469,6 +578,7 @@ class StitchNet(SegmentationModel, keras.Model):
         )
         grads, finite = skip_non_finite(grads, self.optimizer, self.skipped)
         self.optimizer.apply(grads, variables)
+        self.consistency.update_teacher(self.optimizer.iterations)
         return self._update_metrics(terms, allowed, outputs, x, finite=finite)
 
     def test_step(self, data):

@@ -1,0 +1,182 @@
+"""Weak-to-strong consistency (models/consistency.py) and the informative stitch likelihood:
+the pieces against NumPy, which pixels take part, the EMA teacher, and one training step of a
+baseline and of StitchNet with the term on."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from stitchnet_tf import likelihood as lik
+from stitchnet_tf.models.baselines import SegNet, UNet
+from stitchnet_tf.models.consistency import (
+    Consistency,
+    masked_cross_entropy,
+    rampup,
+    strong_intensity,
+)
+from stitchnet_tf.models.stitchnet import StitchNet, ordered_logits
+
+
+def _batch(n_labelled=2, n_unlabelled=2, size=32, seed=0):
+    """x, allowed, lung: labelled slices (healthy with a GGO corner) then unlabelled ones (every
+    lesion class allowed inside the lung field, which is all but a 4-pixel border)."""
+    rng = np.random.default_rng(seed)
+    n = n_labelled + n_unlabelled
+    lung = np.zeros((n, size, size, 1), "float32")
+    lung[:, 4:-4, 4:-4] = 1
+    x = rng.uniform(0.05, 0.9, (n, size, size, 1)).astype("float32") * lung
+    allowed = np.zeros((n, size, size, 4), "float32")
+    allowed[..., 0] = 1 - lung[..., 0]
+    allowed[:n_labelled, ..., 1] = lung[:n_labelled, ..., 0]
+    allowed[:n_labelled, 4:12, 4:12, 1], allowed[:n_labelled, 4:12, 4:12, 2] = 0, 1
+    allowed[n_labelled:, ..., 1:] = lung[n_labelled:]
+    return {"x": x, "allowed": allowed, "lung": lung}
+
+
+def test_rampup_and_masked_cross_entropy_match_numpy():
+    assert float(rampup(0, 0)) == 1.0
+    np.testing.assert_allclose(float(rampup(25, 100)), np.exp(-5 * 0.75**2), rtol=1e-6)
+    assert float(rampup(500, 100)) == pytest.approx(1.0)
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 5, 3)).astype("float32")
+    target = rng.integers(0, 3, (2, 5, 5))
+    weight = (rng.random((2, 5, 5)) > 0.5).astype("float32")
+    region = np.maximum(weight, (rng.random((2, 5, 5)) > 0.3).astype("float32"))
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    ce = -np.take_along_axis(log_p, target[..., None], -1)[..., 0]
+    expected = (ce * weight).sum() / region.sum()
+    got = masked_cross_entropy(logits, tf.constant(target, tf.int32), weight, region)
+    np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+
+
+def test_strong_view_stays_in_the_lung_field_and_is_seeded():
+    data = _batch()
+    x, lung = data["x"], data["lung"]
+    a = strong_intensity(x, lung, tf.constant([1, 2])).numpy()
+    b = strong_intensity(x, lung, tf.constant([1, 2])).numpy()
+    c = strong_intensity(x, lung, tf.constant([3, 4])).numpy()
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c) and not np.allclose(a, x)
+    assert a.min() >= 0 and a.max() <= 1 and np.all(a[lung == 0] == 0)
+
+
+def _tiny(classes=3, seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [keras.Input((None, None, 1)), keras.layers.Conv2D(classes, 3, padding="same")]
+    )
+
+
+def test_only_unknown_lung_pixels_take_part_and_the_threshold_filters():
+    net = _tiny()
+    term = Consistency(net, weight=2.0, threshold=0.0, seed=0)
+    probs = lambda x: tf.nn.softmax(net(x))  # noqa: E731
+    labelled_only = _batch(n_unlabelled=0)
+    value, confident = term.loss(labelled_only, 0, probs, net)
+    assert float(value) == 0.0 and float(confident) == 0.0  # nothing unknown: no term
+    value, confident = term.loss(_batch(), 0, probs, net)
+    assert float(value) > 0 and float(confident) == pytest.approx(1.0)
+    strict = Consistency(net, weight=2.0, threshold=0.999, seed=0)
+    uniform = lambda x: tf.ones(tf.concat([tf.shape(x)[:3], [3]], 0)) / 3.0  # noqa: E731
+    value, confident = strict.loss(_batch(), 0, uniform, net)
+    assert float(value) == 0.0 and float(confident) == 0.0  # no teacher pixel is confident
+    # the term is the weight x the ramp x the cross-entropy: ramp 0.0067 at step 0 of 100
+    ramped = Consistency(net, weight=2.0, threshold=0.0, rampup_steps=100, seed=0)
+    value, _ = ramped.loss(
+        _batch(), 0, uniform, lambda x: tf.zeros(tf.concat([tf.shape(x)[:3], [3]], 0))
+    )
+    np.testing.assert_allclose(float(value), 2.0 * np.exp(-5.0) * np.log(3.0), rtol=1e-5)
+
+
+def test_the_ema_teacher_averages_the_student_and_is_what_the_scope_computes_with():
+    net = _tiny()
+    term = Consistency(net, weight=1.0, teacher="ema", decay=0.9, seed=0)
+    assert len(term.teacher_weights) == len(net.trainable_variables)
+    student = [v.numpy() for v in net.trainable_variables]
+    term.update_teacher(1)  # the first step copies the student
+    for t, s in zip(term.teacher_weights, student, strict=True):
+        np.testing.assert_array_equal(t.numpy(), s)
+    for v in net.trainable_variables:
+        v.assign(v + 1.0)
+    term.update_teacher(2)
+    for t, s in zip(term.teacher_weights, student, strict=True):
+        np.testing.assert_allclose(t.numpy(), 0.9 * s + 0.1 * (s + 1.0), atol=1e-6)
+    x = _batch()["x"]
+    with term.teacher_scope():
+        in_scope = net(x).numpy()
+    kernel, bias = (t.numpy() for t in term.teacher_weights)
+    expected = tf.nn.conv2d(x, kernel, 1, "SAME").numpy() + bias
+    np.testing.assert_allclose(in_scope, expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(net(x).numpy(), in_scope)  # outside the scope: the student
+
+
+def test_a_baseline_trains_with_the_term_and_round_trips(tmp_path):
+    data = _batch(size=32)
+    model = SegNet(
+        width=0.125, seed=0, consistency_weight=1.0, consistency_threshold=0.3, teacher="ema"
+    )
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    history = model.fit(tf.data.Dataset.from_tensors(data).repeat(2), epochs=1, verbose=0).history
+    assert history["consistency"][-1] > 0 and 0 < history["confident"][-1] <= 1
+    model.save(tmp_path / "m.keras")
+    back = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
+    assert back.consistency.config() == model.consistency.config()
+    for a, b in zip(
+        back.consistency.teacher_weights, model.consistency.teacher_weights, strict=True
+    ):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    np.testing.assert_allclose(
+        back.predict(data["x"], verbose=0), model.predict(data["x"], verbose=0), atol=1e-6
+    )
+    # UniMatch's feature perturbation: the U-Net's decoder on dropped-out encoder features
+    unet = UNet(width=0.125, alpha=0.35, seed=0)
+    plain, perturbed = unet(data["x"], training=True), unet.perturbed_logits(data["x"])
+    assert perturbed.shape == plain.shape and not np.allclose(perturbed, plain)
+
+
+def test_stitchnet_informative_likelihood_and_consistency_term():
+    raw = tf.random.normal((3, 4, 4, 4), seed=1) * 2
+    logits = ordered_logits(raw).numpy()
+    assert np.all(np.diff(logits[..., 1:], axis=-1) > 0)  # healthy < GGO < consolidation
+    model = StitchNet(
+        width=0.125,
+        backbone_alpha=0.35,
+        seed=0,
+        style_mode="image",
+        ordered_styles=True,
+        consistency_weight=1.0,
+        consistency_threshold=0.0,
+    )
+    data = _batch(size=32)
+    out = model(data["x"], training=False)
+    style = (out["alpha"] / (out["alpha"] + out["beta"])).numpy()
+    np.testing.assert_allclose(
+        style, style[:, :1, :1, :] * np.ones_like(style), rtol=1e-6
+    )  # one per image
+    # with flat pi the posterior follows the intensity: dark -> healthy, bright -> consolidation
+    x = np.array([0.15, 0.4, 0.75], "float32").reshape(1, 1, 3, 1)
+    a, b = out["alpha"][:1, :1, :3], out["beta"][:1, :1, :3]
+    r = lik.responsibilities(
+        x, tf.zeros_like(a), a, b, tf.constant([0.0, 1, 1, 1]) + tf.zeros_like(a)
+    )
+    assert list(np.argmax(r.numpy()[0, 0], -1)) == [1, 2, 3]
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    value, confident = model.consistency_term(data, model(data["x"], training=True))
+    assert np.isfinite(float(value)) and float(value) > 0 and float(confident) == pytest.approx(1.0)
+
+
+def test_consistency_without_unlabelled_slices_is_refused_before_reading():
+    from stitchnet_tf.errors import DataError
+    from stitchnet_tf.training import TrainConfig, check_config
+
+    base = dict(labelled="lab", output="out", model="unet", size=64)
+    on = {"consistency_weight": 1.0}
+    with pytest.raises(DataError, match="--consistency needs unlabelled slices"):
+        check_config(TrainConfig(**base, model_options=on))
+    with pytest.raises(DataError, match="--consistency needs unlabelled slices"):
+        check_config(TrainConfig(**base, unlabelled="u", unlabelled_per_batch=0, model_options=on))
+    check_config(TrainConfig(**base, unlabelled="u", model_options=on))
+    check_config(TrainConfig(**base, max_labelled=2, model_options=on))
