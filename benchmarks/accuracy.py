@@ -436,12 +436,82 @@ def report(results: Path) -> None:
             f"fold {r['fold']} "
             f"seed {r['seed']}: {r['failed']}"
         )
+    curves = label_efficiency(table)
+    if curves:
+        plot_label_efficiency(curves, results / "accuracy_label_efficiency.png")
+        lines += [
+            "Label efficiency (mean lesion Dice ± standard error over folds x seeds against "
+            "labelled training slices): accuracy_label_efficiency.png.",
+        ]
     lines += ["", f"Machine: {json.dumps(machine())}"]
     atomic_write_text(results / "accuracy_cv.md", "\n".join(lines) + "\n")
     atomic_write_text(
         results / "accuracy_cv.json",
         json.dumps({"table": table, "runs": rows, "failed": failures}, indent=1) + "\n",
     )
+
+
+def label_efficiency(table: dict) -> dict:
+    """{(dataset, protocol without +nN): {contender: {N: mean_lesion_dice stats}}} for every
+    protocol that has `--labelled N` runs; the all-labels point is the protocol without +nN at
+    N = the folds' train slices."""
+    import re
+
+    curves: dict = {}
+    for dataset, protocols in table.items():
+        for name, contenders in protocols.items():
+            match = re.search(r"\+n(\d+)$", name)
+            base = name[: match.start()] if match else name
+            if match:
+                n = int(match.group(1))
+            else:
+                n = len(json.loads(fold_file(dataset, 0).read_text())["train"])
+            for contender, entry in contenders.items():
+                curves.setdefault((dataset, base), {}).setdefault(contender, {})[n] = entry[
+                    "mean_lesion_dice"
+                ]
+    with_n = {
+        (dataset, re.sub(r"\+n\d+$", "", name))
+        for dataset, protocols in table.items()
+        for name in protocols
+        if re.search(r"\+n\d+$", name)
+    }
+    return {key: per for key, per in curves.items() if key in with_n}
+
+
+def plot_label_efficiency(curves: dict, output: Path) -> None:
+    """Mean lesion Dice ± SE against labelled slices: a panel per (dataset, protocol)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from stitchnet_tf.fileio import temp_prefix
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.5), squeeze=False)
+    for ax, ((dataset, base), per) in zip(axes[0], sorted(curves.items()), strict=True):
+        for contender, points in sorted(per.items()):
+            ns = sorted(points)
+            ax.errorbar(
+                ns,
+                [points[n]["mean"] for n in ns],
+                yerr=[points[n]["sem"] for n in ns],
+                marker="o",
+                capsize=3,
+                label=f"{contender} (runs {'/'.join(str(points[n]['n']) for n in ns)})",
+            )
+        ax.set(
+            title=f"{dataset}, {base}",
+            xlabel="labelled training slices",
+            ylabel="test mean lesion Dice (± SE)",
+        )
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = output.with_name(f"{temp_prefix(output.stem)}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, output)
 
 
 def main(argv: list[str] | None = None) -> int:
