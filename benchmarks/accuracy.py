@@ -486,7 +486,7 @@ def plot_label_efficiency(curves: dict, output: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from stitchnet_tf.fileio import temp_prefix
+    from stitchnet_tf.fileio import save_figure
 
     fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.5), squeeze=False)
     for ax, ((dataset, base), per) in zip(axes[0], sorted(curves.items()), strict=True):
@@ -508,10 +508,7 @@ def plot_label_efficiency(curves: dict, output: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = output.with_name(f"{temp_prefix(output.stem)}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, output)
+    save_figure(fig, output)
 
 
 def main(argv: list[str] | None = None) -> int:

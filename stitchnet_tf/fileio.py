@@ -196,3 +196,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def save_figure(fig, output: Path, dpi: int = 100) -> None:
+    """Write a Matplotlib figure to `output` atomically (a temporary beside it, then a rename)
+    and close it."""
+    import matplotlib.pyplot as plt
+
+    output = Path(output)
+    tmp = output.with_name(f"{temp_prefix(output.name)}{output.suffix}")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, output)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)

@@ -32,6 +32,7 @@ from stitchnet_tf.errors import DataError, TrainingError
 from stitchnet_tf.fileio import (
     check_apart,
     check_parents,
+    save_figure,
     sweep_leftovers,
     temp_prefix,
 )
@@ -379,10 +380,7 @@ def plot_curves(log_csv: Path, output: Path) -> None:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = output.with_name(f"{temp_prefix(output.name)}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, output)
+    save_figure(fig, output)
 
 
 class _PipelineWatchdog:
