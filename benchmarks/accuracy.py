@@ -467,6 +467,8 @@ def label_efficiency(table: dict) -> dict:
             else:
                 n = len(json.loads(fold_file(dataset, 0).read_text())["train"])
             for contender, entry in contenders.items():
+                if contender.endswith("+ TTA"):  # the plot shows plain inference only
+                    continue
                 curves.setdefault((dataset, base), {}).setdefault(contender, {})[n] = entry[
                     "mean_lesion_dice"
                 ]
