@@ -5,7 +5,9 @@ the lung segmenter; the label is used only for scoring), segmented, its class pr
 mapped back onto the original slice and the argmax is scored there against the stored mask.
 Masks that tell GGO from consolidation are scored per class (GGO, consolidation, background =
 no lesion); binary lesion masks as lesion vs no lesion. `SliceScorer` is that scoring, reusable
-(e.g. for choosing the training epoch); `evaluate` writes its reports.
+(e.g. for choosing the training epoch); `evaluate` writes its reports. Beside the per-slice
+table, `evaluate` stacks the original-geometry label maps of each case (a volume, or a
+patient's 2-D slices; `data.cases`) and scores them in 3-D (`volume_metrics`: Dice, HD95).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stitchnet_tf.data.classes import CON, GGO, bits
+from stitchnet_tf.data.cases import CASE_KINDS, CasePlan, plan_cases
+from stitchnet_tf.data.classes import ALL, BACKGROUND, CON, GGO, bits
 from stitchnet_tf.data.datasets import Dataset, DatasetSpec
 from stitchnet_tf.data.intensity import check_intensity
 from stitchnet_tf.data.preprocess import (
@@ -45,6 +48,7 @@ from stitchnet_tf.inference import (
 )
 from stitchnet_tf.metrics import Table1, lesion_dice, mean_lesion_dice
 from stitchnet_tf.run import Run
+from stitchnet_tf.volume_metrics import Block, VolumeTable, summary_markdown, volume_classes
 
 #: the summary written last: marks a folder written by `evaluate` (what --overwrite may replace)
 EVALUATION_MARKER = "evaluation.json"
@@ -148,10 +152,12 @@ class SliceScorer:
         decision: str | None = None,
         progress: Callable[[int], None] | None = None,
         tta: bool = False,
+        on_slice: Callable[[str, np.ndarray, np.ndarray], None] | None = None,
     ) -> Table1:
         """Segment every slice with `model` (its `segment(x, lung)`, inference mode; `tta`:
         averaged over flips) and score the labels in the original geometry; returns the
-        filled `Table1`."""
+        filled `Table1`. `on_slice(id, labels, truth)` is called with every slice's predicted
+        labels and truth bits in the original geometry (e.g. `CaseStacker.add`)."""
         trained = model_intensity(model)
         if trained != self.intensity:
             raise DataError(
@@ -167,6 +173,8 @@ class SliceScorer:
             predictions = predictor.predict_prepared([s.prepared for s in chunk])
             for s, pred in zip(chunk, predictions, strict=True):
                 table.add(s.id, pred.labels, s.truth)
+                if on_slice:
+                    on_slice(s.id, pred.labels, s.truth)
             if progress:
                 progress(len(chunk))
         return table
@@ -186,6 +194,76 @@ def summarize(table: Table1) -> dict:
         "lesion_dice": lesion_dice(summary),
         "mean_lesion_dice": mean_lesion_dice(summary),
     }
+
+
+class CaseStacker:
+    """Stacks the scored slices of each case of a `CasePlan` and scores the case in a
+    `VolumeTable` as soon as all its slices are in (only unfinished cases are held).
+
+    A volume's slices go to their slice index; slices of the volume between them that were not
+    scored are filled with unknown truth (ignored by every class) and background prediction. A
+    patient's 2-D slices are stacked in order, in runs of one slice size.
+    """
+
+    def __init__(self, plan: CasePlan, table: VolumeTable):
+        self.plan, self.table = plan, table
+        self._open: dict[str, dict[str, dict[int, tuple[np.ndarray, np.ndarray]]]] = {}
+        self._seen: dict[str, int] = {}
+
+    def add(self, sample_id: str, labels: np.ndarray, truth: np.ndarray) -> None:
+        """One slice's predicted labels [H, W] and truth bits [H, W] (original geometry)."""
+        where = self.plan.slices.get(sample_id)
+        if where is None:  # in no case
+            return
+        block = self._open.setdefault(where.case, {}).setdefault(where.block, {})
+        block[where.position] = (np.asarray(labels, np.uint8), np.asarray(truth, np.uint8))
+        self._seen[where.case] = self._seen.get(where.case, 0) + 1
+        if self._seen[where.case] == self.plan.counts[where.case]:
+            self._score(where.case)
+
+    def _blocks(self, block: str, slices: dict[int, tuple[np.ndarray, np.ndarray]]):
+        positions = sorted(slices)
+        if block in self.plan.volume_blocks:
+            shape = slices[positions[0]][0].shape
+            gap = (np.full(shape, BACKGROUND, np.uint8), np.full(shape, ALL, np.uint8))
+            positions = range(positions[0], positions[-1] + 1)
+            stack = [slices.get(k, gap) for k in positions]
+        else:
+            stack = [slices[k] for k in positions]
+        start = 0
+        for end in range(1, len(stack) + 1):  # runs of one slice size
+            if end == len(stack) or stack[end][0].shape != stack[start][0].shape:
+                run = stack[start:end]
+                yield Block(
+                    np.stack([p for p, _ in run]),
+                    np.stack([t for _, t in run]),
+                    self.plan.spacing[block],
+                )
+                start = end
+
+    def _score(self, case: str) -> None:
+        blocks = [b for key, s in self._open.pop(case).items() for b in self._blocks(key, s)]
+        self.table.add(case, blocks, kind=self.plan.kinds[case], slices=self._seen[case])
+
+    def finish(self) -> VolumeTable:
+        """The table, after checking that every case was complete."""
+        if self._open:
+            raise RuntimeError(f"cases with missing slices: {', '.join(sorted(self._open))}")
+        return self.table
+
+
+def _write_volumes(folder: Path, table: VolumeTable, summary: dict, paths: dict) -> Path:
+    """`volumes.csv`, and the per-volume section appended to metrics.md and metrics.json."""
+    out = folder / "volumes.csv"
+    atomic_write_text(out, table.to_csv())
+    md = Path(paths["markdown"])
+    section = summary_markdown(summary, summary["note"], title="Per-volume 3-D metrics")
+    atomic_write_text(md, md.read_text() + "\n" + section)
+    metrics = json.loads(Path(paths["json"]).read_text())
+    atomic_write_text(
+        Path(paths["json"]), json.dumps(metrics | {"volumes": summary}, indent=2) + "\n"
+    )
+    return out
 
 
 def lung_field_source(dataset: Dataset) -> str:
@@ -215,6 +293,7 @@ def evaluate(
     overwrite: bool = False,
     progress=None,
     log=print,
+    cases: str = "volume",
 ) -> dict:
     """Score a model on the labelled slices of `data` (a folder, or a `DatasetSpec` saying how
     to read it); write the reports into the folder
@@ -225,12 +304,20 @@ def evaluate(
     was trained on the same folder (its test part, or `part`). The lung field comes from the
     folder's lung masks, else `segmenter` (default: the package's). Returns the summary dict
     (with `mean_lesion_dice`).
+
+    Besides the per-slice Table 1 (metrics.md/.csv/.json, metrics_per_image.csv) it writes
+    volumes.csv: per case 3-D Dice and HD95 (`volume_metrics`), whose means are a section of
+    metrics.md and the `volumes` entry of metrics.json. Cases (`data.cases.plan_cases`): each
+    volume file, or with `cases="patient"` each patient; 2-D slice files are stacked per patient
+    (none without patient ids).
     """
     spec = DatasetSpec.of(data)
     data = spec.path
     inputs = {"--data": data, "--split": split}
     check_model_output(output, model_path, inputs, overwrite=overwrite, marker=EVALUATION_MARKER)
     check_stitchnet_options(model_path, samples, decision)
+    if cases not in CASE_KINDS:
+        raise DataError(None, f"unknown case grouping {cases!r}: use {', '.join(CASE_KINDS)}")
     dataset = spec.discover(require_labels=True)
     loaded = load_model(model_path)
     size = loaded.input_size(size)
@@ -257,10 +344,21 @@ def evaluate(
         cache=False,
         intensity=model_intensity(loaded.model),
     )
+    plan = plan_cases(subset, cases)
+    volume_table = VolumeTable(
+        volume_classes(scorer.scheme, subset.mask_map.mapping.values()), absent
+    )
+    stacker = CaseStacker(plan, volume_table)
     start = time.time()
     table = scorer.table(
-        loaded.model, samples=samples, decision=decision, progress=progress, tta=tta
+        loaded.model,
+        samples=samples,
+        decision=decision,
+        progress=progress,
+        tta=tta,
+        on_slice=stacker.add,
     )
+    volumes = stacker.finish().summary() | {"cases": cases, "note": plan.describe()}
     seconds = time.time() - start
     name = type(loaded.model).__name__
     summary = summarize(table)
@@ -282,8 +380,8 @@ def evaluate(
     }
     with atomic_dir(output, overwrite, marker=EVALUATION_MARKER) as tmp:
         paths = table.write(tmp, stem="metrics", model_name=name)
-        atomic_write_text(
-            tmp / EVALUATION_MARKER, json.dumps(info | {"summary": summary}, indent=1) + "\n"
-        )
+        paths["volumes_csv"] = _write_volumes(tmp, volume_table, volumes, paths)
+        report = info | {"summary": summary, "volumes": volumes}
+        atomic_write_text(tmp / EVALUATION_MARKER, json.dumps(report, indent=1) + "\n")
     paths = {k: Path(output) / Path(v).name for k, v in paths.items()}
-    return info | {"summary": summary, "files": {k: str(v) for k, v in paths.items()}}
+    return report | {"files": {k: str(v) for k, v in paths.items()}}

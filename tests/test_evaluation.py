@@ -1,20 +1,22 @@
 """Evaluation scores what users get: label-free lung field, per-image Table 1; `SliceScorer`
-gives `evaluate`'s numbers and picks the training epoch."""
+gives `evaluate`'s numbers and picks the training epoch; per-case 3-D Dice and HD95 beside."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 from slice_folders import LUNG, N, noisy, piecewise, write_folder
 
-from stitchnet_tf.data.classes import BACKGROUND, HEALTHY
+from stitchnet_tf.data.classes import BACKGROUND, CON, GGO, HEALTHY
 from stitchnet_tf.data.datasets import discover
 from stitchnet_tf.evaluation import SliceScorer, evaluate
 from stitchnet_tf.models.threshold import ThresholdRule
+from stitchnet_tf.volume_metrics import dice_3d, hd95, surface_distances
 
 
 def test_evaluate_takes_the_lung_field_from_the_segmenter_not_the_label(tmp_path):
@@ -71,6 +73,10 @@ def test_scorer_gives_the_numbers_evaluate_reports(tmp_path, unet_file):
         json.loads((tmp_path / "e2" / "evaluation.json").read_text())["summary"]
         == (result["summary"])
     )
+    # 2-D slices without patient ids form no volume: volumes.csv is a header alone
+    assert result["volumes"]["n_cases"] == 0
+    assert (tmp_path / "e2" / "volumes.csv").read_text().count("\n") == 1
+    assert "No per-volume metrics" in (tmp_path / "e2" / "metrics.md").read_text()
 
 
 class Checkpoints:
@@ -128,3 +134,132 @@ def test_the_best_epoch_is_chosen_by_the_per_image_scorer(tmp_path):
     commit.on_epoch_end(2, nan_logs)
     assert model.stop_training and state["nan_epoch"] == 3 and state["epochs_done"] == 2
     assert nan_logs["val_mean_lesion_dice"] == 0.0
+
+
+#: NIfTI voxel size (column i, row j, slice k) in mm of the volumes below.
+ZOOMS = (0.6, 0.8, 2.5)
+SPACING = (2.5, 0.8, 0.6)  # what the 3-D metrics use: (slice, row, column)
+#: scored class -> (predicted class ids, truth bits) of MedSeg masks
+CLASSES = {"ggo": ([GGO], [4]), "con": ([CON], [8]), "lesion": ([GGO, CON], [4, 8])}
+
+
+def write_volumes(root, volumes: dict) -> Path:
+    """NIfTI volumes `root/{images,masks,lungs}/<name>.nii.gz` from (images, lesions) lists of
+    2-D slices (slice k stored as `data[:, :, k].T`, as `io` reads it back), voxel size ZOOMS."""
+    import nibabel as nib
+
+    affine = np.diag([*ZOOMS, 1.0])
+    for sub in ("images", "masks", "lungs"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for name, (images, lesions) in volumes.items():
+        for sub, slices in (
+            ("images", images),
+            ("masks", lesions),
+            ("lungs", [LUNG] * len(images)),
+        ):
+            data = np.stack([np.asarray(a, np.uint8).T for a in slices], -1)
+            nib.save(nib.Nifti1Image(data, affine), root / sub / f"{name}.nii.gz")
+    return root
+
+
+def read_rows(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def stacked(labels: dict, ids: list[str | None]):
+    """Predicted labels and truth bits of slices stacked in order (None: a slice not scored,
+    empty in both)."""
+    blank = (np.zeros((N, N), np.uint8), np.full((N, N), 15, np.uint8))
+    pairs = [labels[i] if i is not None else blank for i in ids]
+    return np.stack([p for p, _ in pairs]), np.stack([t for _, t in pairs])
+
+
+def test_evaluate_writes_per_volume_dice_and_hd95_in_mm(tmp_path):
+    root = write_volumes(tmp_path / "d", {"a": noisy(3, 0), "b": noisy(4, 1)})
+    rule = ThresholdRule(0.3, 0.6, 64)
+    result = evaluate(
+        rule.save(tmp_path / "rule.json"), root, tmp_path / "eval", segmenter=lambda image: LUNG
+    )
+    rows = read_rows(tmp_path / "eval" / "volumes.csv")
+    assert [r["case"] for r in rows] == ["images/a.nii.gz", "images/b.nii.gz"]
+    assert [r["slices"] for r in rows] == ["3", "4"] and result["slices"] == 7
+    assert {(r["kind"], r["spacing"], r["hd95_unit"]) for r in rows} == {
+        ("volume", "2.5x0.8x0.6", "mm")
+    }
+    # reference: the same per-slice labels (original geometry), stacked by hand
+    labels = {}
+    SliceScorer(discover(root), 64, lambda image: LUNG).table(
+        rule, on_slice=lambda i, p, t: labels.__setitem__(i, (p, t))
+    )
+    masks = {}
+    for row, (name, n) in zip(rows, (("a", 3), ("b", 4)), strict=True):
+        pred, truth = stacked(labels, [f"images/{name}.nii.gz#{k}" for k in range(n)])
+        for c, (pc, tc) in CLASSES.items():
+            p, t = np.isin(pred, pc), np.isin(truth, tc)
+            masks.setdefault(c, []).append((p, t))
+            assert 0 < float(row[f"{c}_dice"]) < 1
+            assert float(row[f"{c}_dice"]) == pytest.approx(dice_3d(p, t))
+            assert float(row[f"{c}_hd95"]) == pytest.approx(hd95(p, t, SPACING))
+            assert float(row[f"{c}_hd95"]) != pytest.approx(hd95(p, t, ZOOMS))
+    volumes = result["volumes"]
+    assert volumes["n_cases"] == 2 and volumes["hd95_unit"] == "mm"
+    dice = [float(r["lesion_dice"]) for r in rows]
+    assert volumes["classes"]["lesion"]["dice"]["mean"] == pytest.approx(np.mean(dice))
+    assert volumes["classes"]["lesion"]["dice"]["std"] == pytest.approx(np.std(dice))
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["volumes"] == volumes
+    assert json.loads((tmp_path / "eval" / "evaluation.json").read_text())["volumes"] == volumes
+    md = (tmp_path / "eval" / "metrics.md").read_text()
+    assert md.index("| Overall |") < md.index("### Per-volume 3-D metrics")
+    assert "| Lesion | " in md and "HD95 (mm)" in md and "2 volume files" in md
+
+    # per patient: both volumes are one case; Dice of the pooled voxels, HD95 of the pooled
+    # surface distances (each volume measured within itself)
+    (root / "patients.csv").write_text("file,patient\na.nii.gz,P1\nb.nii.gz,P1\n")
+    result = evaluate(
+        tmp_path / "rule.json", root, tmp_path / "e2", segmenter=lambda image: LUNG,
+        cases="patient",
+    )  # fmt: skip
+    (row,) = read_rows(tmp_path / "e2" / "volumes.csv")
+    assert (row["case"], row["kind"], row["slices"]) == ("P1", "patient", "7")
+    for c, pairs in masks.items():
+        p, t = (np.concatenate(x) for x in zip(*pairs, strict=True))
+        assert float(row[f"{c}_dice"]) == pytest.approx(dice_3d(p, t))
+        parts = [surface_distances(p, t, SPACING) for p, t in pairs]
+        forward, backward = (np.concatenate(x) for x in zip(*parts, strict=True))
+        expected = max(np.percentile(forward, 95), np.percentile(backward, 95))
+        assert float(row[f"{c}_hd95"]) == pytest.approx(expected)
+
+    # a volume scored in part: its slices keep their place, the ones between are not scored
+    part = tmp_path / "part"
+    part.mkdir()
+    lines = ["image,mask,lung,slice"]
+    for k in (0, 3):
+        lines.append(",".join(str(root / s / "b.nii.gz") for s in ("images", "masks", "lungs")))
+        lines[-1] += f",{k}"
+    (part / "manifest.csv").write_text("\n".join(lines) + "\n")
+    evaluate(tmp_path / "rule.json", part, tmp_path / "e3", segmenter=lambda image: LUNG)
+    (row,) = read_rows(tmp_path / "e3" / "volumes.csv")
+    assert row["slices"] == "2" and row["case"] == str(root / "images" / "b.nii.gz")
+    b = "images/b.nii.gz"
+    pred, truth = stacked(labels, [f"{b}#0", None, None, f"{b}#3"])
+    for c, (pc, tc) in CLASSES.items():
+        p, t = np.isin(pred, pc), np.isin(truth, tc)
+        assert float(row[f"{c}_dice"]) == pytest.approx(dice_3d(p, t))
+        assert float(row[f"{c}_hd95"]) == pytest.approx(hd95(p, t, SPACING))
+
+
+def test_evaluate_stacks_2d_slices_per_patient(tiny_data, tmp_path):
+    rule = ThresholdRule(0.3, 0.6, 64).save(tmp_path / "rule.json")
+    result = evaluate(
+        rule, tiny_data / "labelled", tmp_path / "eval", segmenter=lambda image: image > 0
+    )
+    rows = read_rows(tmp_path / "eval" / "volumes.csv")
+    assert [r["case"] for r in rows] == ["P00", "P01", "P02", "P03"]
+    assert {(r["kind"], r["slices"], r["spacing"], r["hd95_unit"]) for r in rows} == {
+        ("patient", "2", "unknown", "px")
+    }
+    assert result["volumes"]["hd95_unit"] == "px" and result["volumes"]["kinds"] == {"patient": 4}
+    md = (tmp_path / "eval" / "metrics.md").read_text()
+    assert "HD95 (px)" in md and "stacks of 2-D slice files" in md
+    assert "unknown slice spacing" in md

@@ -28,7 +28,7 @@ def layer(module: str) -> int:
         return 0
     if name == "data" or name.startswith("data."):
         return 1
-    if name in ("metrics", "run"):
+    if name in ("metrics", "volume_metrics", "run"):
         return 2
     if name == "models" or name.startswith("models."):
         return 3
