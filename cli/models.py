@@ -113,10 +113,17 @@ def evaluate(
     "input_",
     required=True,
     type=click.Path(path_type=Path),
-    help="A slice, a NIfTI volume, a DICOM file or series folder, or a folder of them.",
+    help="A slice, a NIfTI volume, a DICOM file or folder (searched recursively for its "
+    "series), or a folder of them.",
 )
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--uncertainty", is_flag=True, help="Also write predictive-entropy maps.")
+@click.option(
+    "--series",
+    default=None,
+    metavar="UID",
+    help="SeriesInstanceUID to read from a DICOM folder (default: its largest axial CT series).",
+)
 @stitchnet_options
 @tta_option
 @window_options
@@ -127,6 +134,7 @@ def predict(
     input_,
     output,
     uncertainty,
+    series,
     samples,
     decision,
     tta,
@@ -152,6 +160,8 @@ def predict(
         uncertainty=uncertainty,
         window=Window(window_level, window_width),
         overwrite=overwrite,
+        series=series,
+        log=click.echo,
     )
     click.echo(
         f"segmented {result['slices']} slices ({result['volumes']} volumes) -> {output}; "

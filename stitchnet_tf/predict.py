@@ -5,10 +5,16 @@ Outputs (in one folder, written atomically):
 - slices: `<name>_labels.png` (indexed PNG: 0 background, 1 healthy, 2 GGO, 3 consolidation),
   `<name>_overlay.png` (GGO green, consolidation blue, as the paper's Fig. 2), optionally
   `<name>_uncertainty.png` (predictive entropy, 255 = log 4);
-- volumes: `<name>_labels.nii.gz` (a NIfTI label volume; the input's affine for NIfTI input)
-  and `<name>_overlays/<k>.png`;
+- volumes: `<name>_labels.nii.gz` (a NIfTI label volume in the input's voxel order with its
+  affine, so that it overlays the CT in a viewer: the input's header for NIfTI input, the
+  series' geometry for DICOM; `volumes.write_label_volume`) and `<name>_overlays/<k>.png`
+  (slice k of the canonical orientation, `volumes`);
 - `burden.csv`: lung, GGO and consolidation pixels per slice and per volume, and the percentage
   of the lung that is GGO and consolidation.
+
+A volume is read once, whole (`volumes.read_volume`), and segmented slice by slice in its
+canonical orientation (`segment_volume`); a DICOM folder is searched recursively and its series
+chosen by `volumes.choose_series` (`series=` picks one).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +31,7 @@ from PIL import Image
 from stitchnet_tf.data import io
 from stitchnet_tf.data.classes import CON, GGO
 from stitchnet_tf.data.intensity import to_uint8
+from stitchnet_tf.data.volumes import Volume, read_volume, write_label_volume
 from stitchnet_tf.errors import DataError
 from stitchnet_tf.fileio import atomic_dir, check_model_output
 from stitchnet_tf.inference import Predictor, check_stitchnet_options, load_model
@@ -60,8 +68,21 @@ def burden_row(labels: np.ndarray) -> dict:
     }
 
 
+def _kind_or_none(path: Path) -> str | None:
+    try:
+        return io.kind_of(path)
+    except DataError:
+        return None
+
+
 def _inputs(path: Path) -> list[Path]:
-    """The slice files, volume files and DICOM series under `path`."""
+    """The slice files, volume files and DICOM folders under `path`.
+
+    A folder that holds DICOM files or sub-folders but no slice or NIfTI file is one DICOM
+    input, searched recursively (patient/study/series trees; its series chosen by
+    `volumes.choose_series`). In a folder of slices and volumes each sub-folder is one DICOM
+    input; a dataset root is read through its `images/` folder.
+    """
     if path.is_file():
         io.kind_of(path)
         return [path]
@@ -69,10 +90,11 @@ def _inputs(path: Path) -> list[Path]:
         raise DataError(path, io.why_missing(path))
     io.kind_of(path)  # refuses a folder named like an image file
     entries = [e for e in sorted(path.iterdir()) if io.is_image_candidate(e)]
-    if entries and all(e.is_file() and io.kind_of(e) == "dicom" for e in entries):
-        return [path]  # the folder is one DICOM series
     if (path / "images").is_dir():
         return _inputs(path / "images")
+    kinds = {_kind_or_none(e) for e in entries}
+    if kinds & {"dicom", "dicom-series"} and not kinds & {"slice", "nifti"}:
+        return [path]  # the folder is one DICOM input
     out = [
         e for e in entries if e.is_dir() or e.suffix.lower() not in (".csv", ".json", ".md", ".txt")
     ]
@@ -83,13 +105,42 @@ def _inputs(path: Path) -> list[Path]:
     return out
 
 
-def _nifti_affine(path: Path):
-    import nibabel as nib
+@dataclass(frozen=True)
+class SegmentedVolume:
+    """A volume input segmented by `predict_path`: its output name, the `Volume` read (geometry,
+    NIfTI header, DICOM series) and its labels [K, H, W] uint8 in the volume's canonical
+    orientation (`volume.to_source(labels)` gives them in the input's voxel order)."""
 
-    try:
-        return nib.load(str(path)).affine
-    except Exception:
-        return np.eye(4)
+    name: str
+    volume: Volume
+    labels: np.ndarray
+
+
+def segment_volume(
+    predictor: Predictor,
+    volume: Volume,
+    window: io.Window = io.Window(),
+    batch_size: int = 8,
+    each: Callable[[int, np.ndarray, object], None] | None = None,
+) -> np.ndarray:
+    """Labels [K, H, W] uint8 of every canonical slice of `volume`, segmented in batches of
+    `batch_size`; `each(k, image, prediction)` is called for every slice as it is done (image
+    [H, W] in [0, 1], an `inference.Prediction`)."""
+    io.check_size(volume.data.shape[1:], volume.path)
+    labels = np.zeros(volume.data.shape, np.uint8)
+    for k0 in range(0, volume.slices, batch_size):
+        ks = range(k0, min(volume.slices, k0 + batch_size))
+        images = [io.volume_slice(volume, k, window) for k in ks]
+        for k, image, pred in zip(ks, images, predictor.predict_images(images), strict=True):
+            labels[k] = pred.labels
+            if each is not None:
+                each(k, image, pred)
+    return labels
+
+
+def write_volume_outputs(folder: Path, result: SegmentedVolume) -> None:
+    """The per-volume files of `predict` beside the overlays: `<name>_labels.nii.gz`."""
+    write_label_volume(folder / f"{result.name}_labels.nii.gz", result.labels, result.volume)
 
 
 def predict_path(
@@ -106,15 +157,21 @@ def predict_path(
     batch_size: int = 8,
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
+    series: str | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
     """Segment everything under `input_path` with a trained model; write results to `output`.
 
+    `series` picks a SeriesInstanceUID in a DICOM folder (default: the largest axial CT
+    series); `log` receives a line naming the series read when a folder holds several.
     Returns counts of slices and volumes written and the burden CSV path.
     """
     inputs = {"--input": input_path}
     check_model_output(output, model_path, inputs, overwrite=overwrite, marker=PREDICT_MARKER)
     check_stitchnet_options(model_path, samples, decision)
     inputs = _inputs(Path(input_path))
+    if series is not None and not any(p.is_dir() for p in inputs):
+        raise DataError(input_path, "--series picks a series of a DICOM folder; there is none")
     loaded = load_model(model_path)
     size = loaded.input_size(size)
     predictor = Predictor(loaded.model, size, samples=samples, decision=decision, tta=tta)
@@ -122,10 +179,8 @@ def predict_path(
     n_slices = n_volumes = 0
     with atomic_dir(output, overwrite, marker=PREDICT_MARKER) as tmp:
         for path in inputs:
-            kind = io.kind_of(path)
             name = io.stem_of(path)
-            n = io.slice_count(path)
-            if n is None:  # a 2-D slice
+            if io.kind_of(path) == "slice":
                 image = io.read_image(path, None, window)
                 io.check_size(image.shape, path)
                 pred = predictor.predict_images([image])[0]
@@ -141,29 +196,28 @@ def predict_path(
                 if progress:
                     progress(1)
                 continue
-            labels_volume, overlay_dir = [], tmp / f"{name}_overlays"
+            volume = read_volume(path, series if path.is_dir() else None)
+            choice = volume.series_choice()
+            if choice and log is not None:
+                log(choice)
+            overlay_dir = tmp / f"{name}_overlays"
             overlay_dir.mkdir()
-            for k0 in range(0, n, batch_size):
-                ks = range(k0, min(n, k0 + batch_size))
-                images = [io.read_image(path, k, window) for k in ks]
-                io.check_size(images[0].shape, path)
-                for k, image, pred in zip(
-                    ks, images, predictor.predict_images(images), strict=True
-                ):
-                    labels_volume.append(pred.labels)
-                    Image.fromarray(overlay(image, pred.labels)).save(overlay_dir / f"{k:04d}.png")
-                    if uncertainty:
-                        ent = pred.entropy_original() / np.log(4.0)
-                        io.write_png(overlay_dir / f"{k:04d}_uncertainty.png", to_uint8(ent))
-                    rows.append(
-                        {"input": path.name, "level": "slice", "slice": k} | burden_row(pred.labels)
-                    )
-                    n_slices += 1
+
+            def each(k: int, image: np.ndarray, pred, path=path, overlay_dir=overlay_dir) -> None:
+                Image.fromarray(overlay(image, pred.labels)).save(overlay_dir / f"{k:04d}.png")
+                if uncertainty:
+                    ent = pred.entropy_original() / np.log(4.0)
+                    io.write_png(overlay_dir / f"{k:04d}_uncertainty.png", to_uint8(ent))
+                rows.append(
+                    {"input": path.name, "level": "slice", "slice": k} | burden_row(pred.labels)
+                )
                 if progress:
-                    progress(len(ks))
-            _write_label_volume(tmp / f"{name}_labels.nii.gz", labels_volume, path, kind)
-            total = burden_row(np.stack(labels_volume))
-            rows.append({"input": path.name, "level": "volume", "slice": ""} | total)
+                    progress(1)
+
+            labels = segment_volume(predictor, volume, window, batch_size, each)
+            write_volume_outputs(tmp, SegmentedVolume(name, volume, labels))
+            rows.append({"input": path.name, "level": "volume", "slice": ""} | burden_row(labels))
+            n_slices += volume.slices
             n_volumes += 1
         with open(tmp / PREDICT_MARKER, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -171,16 +225,3 @@ def predict_path(
             writer.writerows(rows)
     burden = str(Path(output) / PREDICT_MARKER)
     return {"slices": n_slices, "volumes": n_volumes, "burden": burden}
-
-
-def _write_label_volume(path: Path, slices: list[np.ndarray], source: Path, kind: str) -> None:
-    """Stack per-slice labels [H, W] back into the source volume's (i, j, k) voxel order."""
-    import nibabel as nib
-
-    data = np.stack([s.T for s in slices], axis=-1).astype(np.uint8)  # read_image took .T
-    affine = _nifti_affine(source) if kind == "nifti" else np.eye(4)
-    if kind != "nifti":  # DICOM: rows/columns as stored, slices sorted by position
-        data = np.stack(slices, axis=-1).astype(np.uint8)
-    img = nib.Nifti1Image(data, affine)
-    img.header.set_intent("label")
-    nib.save(img, str(path))

@@ -179,6 +179,13 @@ def _nifti(path, data, slope_inter=None):
     return path
 
 
+def view(data, k):
+    """Slice k as `io` reads it. These volumes have an identity (RAS) affine: the canonical
+    radiological view (rows anterior -> posterior, columns patient right -> left; see
+    `volumes`) flips both stored axes of data[:, :, k] and transposes it."""
+    return data[::-1, ::-1, k].T
+
+
 def hu_volume(seed=0, n=5):
     return np.random.default_rng(seed).integers(-1800, 900, (W, H, n)).astype(np.int16)
 
@@ -192,11 +199,11 @@ def test_nifti_hu_volume_slices(tmp_path, name):
     for k in range(5):
         out = io.read_image(path, k)
         _check_unit(out)  # (i, j) = (48, 40) stored -> 40 rows x 48 columns
-        np.testing.assert_allclose(out, windowed(data[:, :, k].T), atol=1e-6)
-    np.testing.assert_allclose(io.read_image(path), windowed(data[:, :, 0].T), atol=1e-6)
+        np.testing.assert_allclose(out, windowed(view(data, k)), atol=1e-6)
+    np.testing.assert_allclose(io.read_image(path), windowed(view(data, 0)), atol=1e-6)
     np.testing.assert_allclose(
         io.read_image(path, 2, window=io.Window(40, 400)),
-        windowed(data[:, :, 2].T, 40, 400),
+        windowed(view(data, 2), 40, 400),
         atol=1e-6,
     )
 
@@ -209,8 +216,8 @@ def test_nifti_label_volume_read_as_masks(tmp_path, name):
     for k in range(4):
         m = io.read_mask(path, k)
         assert m.dtype == np.int64
-        np.testing.assert_array_equal(m, labels[:, :, k].T)
-    np.testing.assert_array_equal(io.read_lung(path, 3), labels[:, :, 3].T != 0)
+        np.testing.assert_array_equal(m, view(labels, k))
+    np.testing.assert_array_equal(io.read_lung(path, 3), view(labels, 3) != 0)
 
 
 def test_nifti_scl_slope_and_inter_are_applied(tmp_path):
@@ -221,7 +228,7 @@ def test_nifti_scl_slope_and_inter_are_applied(tmp_path):
     assert nib.load(str(path)).dataobj.slope == 2.0  # the header really carries the scaling
     hu = raw.astype(np.float64) * 2.0 - 1024.0
     for k in range(3):
-        np.testing.assert_allclose(io.read_image(path, k), windowed(hu[:, :, k].T), atol=1e-6)
+        np.testing.assert_allclose(io.read_image(path, k), windowed(view(hu, k)), atol=1e-6)
 
 
 def test_nifti_uint8_is_scaled_by_1_over_255(tmp_path):
@@ -229,7 +236,7 @@ def test_nifti_uint8_is_scaled_by_1_over_255(tmp_path):
     path = _nifti(tmp_path / "u8.nii", data)
     out = io.read_image(path, 1)
     _check_unit(out)
-    np.testing.assert_allclose(out, data[:, :, 1].T / 255.0, atol=1e-7)
+    np.testing.assert_allclose(out, view(data, 1) / 255.0, atol=1e-7)
 
 
 @pytest.mark.parametrize("k", [5, -1, 99])
@@ -247,10 +254,10 @@ def test_nifti_4d_with_one_frame(tmp_path):
     data = hu_volume(4, n=3)
     p4 = _nifti(tmp_path / "four.nii", data[..., None])
     assert io.slice_count(p4) == 3
-    np.testing.assert_allclose(io.read_image(p4, 2), windowed(data[:, :, 2].T), atol=1e-6)
+    np.testing.assert_allclose(io.read_image(p4, 2), windowed(view(data, 2)), atol=1e-6)
     labels = (data > 0).astype(np.uint8)[..., None]
     np.testing.assert_array_equal(
-        io.read_mask(_nifti(tmp_path / "m4.nii", labels), 1), labels[:, :, 1, 0].T
+        io.read_mask(_nifti(tmp_path / "m4.nii", labels), 1), view(labels[..., 0], 1)
     )
 
 
@@ -258,7 +265,7 @@ def test_nifti_2d_is_one_slice(tmp_path):
     data = hu_volume(4, n=3)
     p2 = _nifti(tmp_path / "two.nii", data[:, :, 1])
     assert io.slice_count(p2) == 1
-    np.testing.assert_allclose(io.read_image(p2, 0), windowed(data[:, :, 1].T), atol=1e-6)
+    np.testing.assert_allclose(io.read_image(p2, 0), windowed(view(data, 1)), atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["bad.nii", "bad.nii.gz"])
@@ -325,18 +332,26 @@ def test_dicom_series_sorts_by_position_not_name_or_number(tmp_path, write_ct_di
     assert "4 slices" in assert_one_line(ei, folder)
 
 
-def test_dicom_folder_with_two_series_lists_both(tmp_path, write_ct_dicom):
+def test_dicom_folder_with_two_series_reads_the_larger_or_the_one_asked_for(
+    tmp_path, write_ct_dicom
+):
+    # was: a folder of two series was an error; now the largest axial CT series is read and
+    # `series=` picks another (volumes.choose_series); an unknown UID lists the series there are
     folder = tmp_path / "mixed"
     folder.mkdir()
     s1, s2 = "1.2.826.0.1.111", "1.2.826.0.1.222"
+    for i in range(3):
+        write_ct_dicom(folder / f"x{i}.dcm", np.full((H, W), -800), z=i, series=s1, number=i)
     for i in range(2):
-        write_ct_dicom(folder / f"x{i}.dcm", np.zeros((H, W)), z=i, series=s1, number=i)
-        write_ct_dicom(folder / f"y{i}.dcm", np.zeros((H, W)), z=i, series=s2, number=i)
-    for call in (io.slice_count, io.read_image):
-        with pytest.raises(DataError) as ei:
-            call(folder)
-        msg = assert_one_line(ei, folder)
-        assert s1 in msg and s2 in msg and "2 DICOM series" in msg
+        write_ct_dicom(folder / f"y{i}.dcm", np.full((H, W), -300), z=i, series=s2, number=i)
+    assert io.slice_count(folder) == 3
+    np.testing.assert_allclose(io.read_image(folder, 2), windowed(np.full((H, W), -800)))
+    names = [p.rsplit("/", 1)[-1] for p in io.dicom_series_files(folder, series=s2)]
+    assert names == ["y0.dcm", "y1.dcm"]
+    with pytest.raises(DataError) as ei:
+        io.dicom_series_files(folder, series="1.2.3.999")
+    msg = assert_one_line(ei, folder)
+    assert s1 in msg and s2 in msg and "1.2.3.999" in msg
 
 
 def test_empty_dicom_folder(tmp_path):

@@ -1,10 +1,14 @@
 """Readers for CT slices, volumes and masks.
 
 Slices: 8-bit PNG / JPEG / TIFF and NumPy `.npy`. Volumes: NIfTI (`.nii`, `.nii.gz`) and DICOM
-(one file, or a folder holding one series). Every axial slice of a volume is a sample, addressed
-by `(path, slice_index)`. Images come out as [H, W] float32 in [0, 1]: Hounsfield data through a
-CT window, 8-bit data scaled by 1/255. Masks come out as the stored integer values [H, W]; a
-`MaskValueMap` says what they mean.
+(one file, or a folder searched recursively for its series). Every axial slice of a volume is a
+sample, addressed by `(path, slice_index)`: slice k of the volume in the canonical orientation
+of `volumes` (rows anterior -> posterior, columns patient right -> left, k inferior -> superior).
+A volume is read whole, once, through `volumes.cached_volume`, however many of its slices are
+read (an uncompressed `.nii` is read slice by slice from disk instead, which costs no more).
+Images come out as [H, W] float32 in [0, 1]: Hounsfield data through a CT window, 8-bit
+data scaled by 1/255. Masks come out as the stored integer values [H, W]; a `MaskValueMap` says
+what they mean.
 
 Every failure is a `DataError` naming the file and the problem.
 """
@@ -12,7 +16,6 @@ Every failure is a `DataError` naming the file and the problem.
 from __future__ import annotations
 
 import errno
-import functools
 import os
 import warnings
 from dataclasses import dataclass
@@ -21,12 +24,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from stitchnet_tf.data import volumes
 from stitchnet_tf.data.intensity import LUNG_WINDOW_LEVEL, LUNG_WINDOW_WIDTH, window_hu
+from stitchnet_tf.data.volumes import (
+    DICOM_SUFFIXES,
+    IGNORED_NAMES,
+    NIFTI_SUFFIXES,
+    has_dicom_magic,
+    suffix_of,
+)
 from stitchnet_tf.errors import DataError
 
 SLICE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy")
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-DICOM_SUFFIXES = (".dcm", ".dicom")
 MIN_SIDE = 32  # five stride-2 levels need at least 32 px
 
 
@@ -41,12 +50,6 @@ class Window:
         return window_hu(hu, self.level, self.width)
 
 
-def suffix_of(path: str | os.PathLike) -> str:
-    """Lower-case suffix, `.nii.gz` counted as one."""
-    name = Path(path).name.lower()
-    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
-
-
 def stem_of(path: str | os.PathLike) -> str:
     """File name without its (possibly double) suffix; a folder's whole name."""
     if Path(path).is_dir():
@@ -54,15 +57,6 @@ def stem_of(path: str | os.PathLike) -> str:
     name = Path(path).name
     suffix = suffix_of(path)
     return name[: -len(suffix)] if suffix and name.lower().endswith(suffix) else name
-
-
-def _has_dicom_magic(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
 
 
 def check_name(path: str | os.PathLike) -> None:
@@ -87,7 +81,8 @@ def why_missing(p: Path) -> str:
 
 
 def kind_of(path: str | os.PathLike) -> str:
-    """`slice`, `nifti`, `dicom` (one file) or `dicom-series` (a folder); else a DataError."""
+    """`slice`, `nifti`, `dicom` (one file) or `dicom-series` (a folder, searched recursively
+    for DICOM files); else a DataError."""
     p = Path(path)
     check_name(p)
     suffix = suffix_of(p)
@@ -101,7 +96,7 @@ def kind_of(path: str | os.PathLike) -> str:
         return "slice"
     if suffix in NIFTI_SUFFIXES:
         return "nifti"
-    if suffix in DICOM_SUFFIXES or _has_dicom_magic(p):
+    if suffix in DICOM_SUFFIXES or has_dicom_magic(p):
         return "dicom"
     raise DataError(
         p,
@@ -111,7 +106,7 @@ def kind_of(path: str | os.PathLike) -> str:
 
 def is_image_candidate(path: Path) -> bool:
     """Whether a folder entry should be read as an image (hidden files are ignored)."""
-    return not path.name.startswith(".") and path.name not in ("DICOMDIR", "Thumbs.db")
+    return not path.name.startswith(".") and path.name not in IGNORED_NAMES
 
 
 # --------------------------------------------------------------------------- slices
@@ -197,146 +192,32 @@ def read_slice(path: str | os.PathLike, window: Window = Window()) -> np.ndarray
     return to_unit_range(arr, window, p)
 
 
-# --------------------------------------------------------------------------- NIfTI
+# --------------------------------------------------------------------------- volumes
 
 
-def _nifti(path: Path):
-    import nibabel as nib
-
-    try:
-        img = nib.load(str(path))
-    except Exception as e:  # nibabel raises several types for bad headers
-        raise DataError(path, f"unreadable NIfTI file ({type(e).__name__}: {e})") from None
-    shape = img.shape
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    if len(shape) == 2:
-        shape = (*shape, 1)
-    if len(shape) != 3:
-        raise DataError(path, f"expected a 3-D volume, got shape {img.shape}")
-    return img, shape
+def _volume_unit(arr: np.ndarray, kind: str, window: Window, path) -> np.ndarray:
+    """Values of a volume slice -> [0, 1]: DICOM Hounsfield units through `window`; NIfTI
+    values by `to_unit_range` (uint8 by 1/255, floats already in [0, 1] kept, Hounsfield units
+    windowed)."""
+    if kind == "nifti":
+        return to_unit_range(arr, window, path)
+    return window(arr)
 
 
-def _nifti_slice(path: Path, k: int) -> np.ndarray:
-    img, shape = _nifti(path)
-    if not 0 <= k < shape[2]:
-        raise DataError(path, f"slice {k} out of range (volume has {shape[2]} slices)")
-    try:
-        if len(img.shape) == 2:
-            arr = np.asarray(img.dataobj)
-        elif len(img.shape) == 3:
-            arr = np.asarray(img.dataobj[..., k])
-        else:
-            arr = np.asarray(img.dataobj[:, :, k, 0])
-    except Exception as e:
-        raise DataError(path, f"corrupt or truncated NIfTI data ({e})") from None
-    # NIfTI stores (i, j, k); rows of an axial image run along j.
-    return arr.T
+def volume_slice(volume: volumes.Volume, k: int, window: Window = Window()) -> np.ndarray:
+    """Canonical slice k of a `volumes.Volume` -> [H, W] float32 in [0, 1], as `read_image`."""
+    return _volume_unit(volume.slice(k), volume.kind, window, volume.path)
 
 
-# --------------------------------------------------------------------------- DICOM
+def dicom_series_files(folder: str | os.PathLike, series: str | None = None) -> tuple[str, ...]:
+    """The files of the DICOM series that `folder` is read as, sorted by slice position.
 
-
-def _dcmread(path: Path, pixels: bool = True):
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    try:
-        ds = pydicom.dcmread(str(path), stop_before_pixels=not pixels, force=False)
-    except InvalidDicomError:
-        raise DataError(path, "unreadable DICOM (not a DICOM file)") from None
-    except Exception as e:
-        raise DataError(path, f"unreadable DICOM ({type(e).__name__}: {e})") from None
-    return ds
-
-
-def _dicom_hu(ds, path: Path) -> np.ndarray:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            arr = ds.pixel_array
-    except Exception as e:
-        raise DataError(path, f"DICOM pixel data cannot be decoded ({e})") from None
-    slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-    intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
-    return arr.astype(np.float32) * slope + intercept
-
-
-def _slice_position(ds) -> float | None:
-    pos = getattr(ds, "ImagePositionPatient", None)
-    ori = getattr(ds, "ImageOrientationPatient", None)
-    if pos is None:
-        return None
-    if ori is None:
-        return float(pos[2])
-    normal = np.cross(np.asarray(ori[:3], float), np.asarray(ori[3:], float))
-    return float(np.dot(normal, np.asarray(pos, float)))
-
-
-def dicom_series_files(folder: str | os.PathLike) -> tuple[str, ...]:
-    """The files of the one DICOM series in `folder`, sorted by slice position.
-
-    A folder holding several series is an error that lists them. Cached until the folder
-    changes.
+    The folder is searched recursively and its files grouped by SeriesInstanceUID; `series`
+    picks one, the default is the largest axial CT series (`volumes.choose_series`). Cached
+    until a folder in the tree changes.
     """
     p = Path(folder)
-    try:
-        stamp = p.stat().st_mtime_ns
-    except OSError:
-        raise DataError(p, "DICOM folder not found") from None
-    return _dicom_series_files(str(p), stamp)
-
-
-@functools.lru_cache(maxsize=16)
-def _dicom_series_files(folder: str, stamp: int) -> tuple[str, ...]:
-    p = Path(folder)
-    entries = sorted(e for e in p.iterdir() if e.is_file() and is_image_candidate(e))
-    if not entries:
-        raise DataError(p, "empty DICOM folder")
-    series: dict[str, list[tuple[float, int, str]]] = {}
-    descriptions: dict[str, str] = {}
-    for e in entries:
-        ds = _dcmread(e, pixels=False)
-        uid = str(getattr(ds, "SeriesInstanceUID", "") or "unknown")
-        descriptions.setdefault(uid, str(getattr(ds, "SeriesDescription", "") or ""))
-        position = _slice_position(ds)
-        number = int(getattr(ds, "InstanceNumber", 0) or 0)
-        series.setdefault(uid, []).append(
-            (position if position is not None else float(number), number, str(e))
-        )
-    if len(series) > 1:
-        listed = "; ".join(
-            f"{uid} {descriptions[uid]!r} ({len(files)} files)".replace(" ''", "")
-            for uid, files in series.items()
-        )
-        raise DataError(p, f"folder holds {len(series)} DICOM series, expected one: {listed}")
-    (files,) = series.values()
-    return tuple(f for _, _, f in sorted(files))
-
-
-def _dicom_frames(path: Path) -> int:
-    ds = _dcmread(path, pixels=False)
-    return int(getattr(ds, "NumberOfFrames", 1) or 1)
-
-
-def _dicom_slice(path: Path, k: int) -> np.ndarray:
-    if path.is_dir():
-        files = dicom_series_files(path)
-        if not 0 <= k < len(files):
-            raise DataError(path, f"slice {k} out of range (series has {len(files)} slices)")
-        f = Path(files[k])
-        ds = _dcmread(f)
-        hu = _dicom_hu(ds, f)
-        return hu[0] if hu.ndim == 3 else hu
-    ds = _dcmread(path)
-    hu = _dicom_hu(ds, path)
-    if hu.ndim == 2:
-        if k != 0:
-            raise DataError(path, f"slice {k} out of range (single-frame DICOM)")
-        return hu
-    if not 0 <= k < hu.shape[0]:
-        raise DataError(path, f"slice {k} out of range (DICOM has {hu.shape[0]} frames)")
-    return hu[k]
+    return volumes.choose_series(volumes.find_series(p), p, series).files
 
 
 # --------------------------------------------------------------------------- public
@@ -348,11 +229,7 @@ def slice_count(path: str | os.PathLike) -> int | None:
     kind = kind_of(p)
     if kind == "slice":
         return None
-    if kind == "nifti":
-        return _nifti(p)[1][2]
-    if kind == "dicom-series":
-        return len(dicom_series_files(p))
-    return _dicom_frames(p)
+    return volumes.volume_shape(p)[0]  # headers only
 
 
 def read_image(
@@ -364,22 +241,15 @@ def read_image(
     if kind == "slice":
         return read_slice(p, window)
     k = 0 if slice_index is None else int(slice_index)
-    if kind == "nifti":
-        arr = _nifti_slice(p, k)
-        if arr.dtype == np.uint8:
-            return arr.astype(np.float32) / 255.0
-        arr = arr.astype(np.float32)
-        if arr.size and 0.0 <= arr.min() and arr.max() <= 1.0:
-            return arr
-        return window(arr)
-    return window(_dicom_slice(p, k))
+    return _volume_unit(volumes.read_slice(p, k), kind, window, p)
 
 
 def read_mask(path: str | os.PathLike, slice_index: int | None = None) -> np.ndarray:
     """The stored integer values of a mask slice [H, W] int64.
 
     Indexed-palette PNGs are read by index, greyscale and 0/255 masks by value, NIfTI label
-    volumes slice by slice (same orientation as `read_image`).
+    volumes slice by slice in the canonical orientation of `read_image` (so a label volume that
+    `predict` wrote lines up with the slices of its image).
     """
     p = Path(path)
     kind = kind_of(p)
@@ -403,7 +273,7 @@ def read_mask(path: str | os.PathLike, slice_index: int | None = None) -> np.nda
             else:
                 arr = _pil_to_grey_array(img, p)
     elif kind == "nifti":
-        arr = _nifti_slice(p, 0 if slice_index is None else int(slice_index))
+        arr = volumes.read_slice(p, 0 if slice_index is None else int(slice_index))
     else:
         raise DataError(p, "masks must be PNG/TIFF/.npy slices or NIfTI label volumes")
     if arr.dtype.kind == "f":
