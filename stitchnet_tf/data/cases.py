@@ -38,12 +38,13 @@ def _valid(spacing) -> tuple[float, float, float] | None:
 def _nifti_spacing(path: Path) -> tuple[float, float, float] | None:
     import nibabel as nib
 
+    from stitchnet_tf.data.volumes import volume_spacing
+
     img = nib.load(str(path))
-    si, sj, sk = np.sqrt((np.asarray(img.affine, float)[:3, :3] ** 2).sum(0))
     units = getattr(img.header, "get_xyzt_units", lambda: ("unknown",))()[0]
     scale = _NIFTI_UNITS.get(units, 1.0)
-    # io reads slice k as data[:, :, k].T: rows run along j, columns along i
-    return _valid((sk * scale, sj * scale, si * scale))
+    # io reads the canonical slices of `volumes`: its spacing is per axis of what io reads
+    return _valid(tuple(s * scale for s in volume_spacing(path)))
 
 
 def _dicom_item(ds, name: str):
