@@ -237,6 +237,8 @@ def test_dicom_series_affine_and_canonical_slices(anatomy, tmp_path, orientation
         np.testing.assert_array_equal(source[:, :, k].T, pixels)
         np.testing.assert_array_equal(per_file[k], pixels)  # what a DICOM-SEG needs
     assert io.slice_count(tmp_path / "series") == K
+    for k in range(K):  # read one file per slice (training's random access): the same slices
+        np.testing.assert_array_equal(volumes.read_slice(tmp_path / "series", k), v.data[k])
 
 
 def test_dicom_tree_with_two_series_and_predict_overlays_the_source(anatomy, rule, tmp_path):

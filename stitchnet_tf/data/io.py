@@ -5,7 +5,8 @@ Slices: 8-bit PNG / JPEG / TIFF and NumPy `.npy`. Volumes: NIfTI (`.nii`, `.nii.
 sample, addressed by `(path, slice_index)`: slice k of the volume in the canonical orientation
 of `volumes` (rows anterior -> posterior, columns patient right -> left, k inferior -> superior).
 A volume is read whole, once, through `volumes.cached_volume`, however many of its slices are
-read (an uncompressed `.nii` is read slice by slice from disk instead, which costs no more).
+read (`volumes.read_slice`: an uncompressed `.nii` or an axial DICOM series is read one slice
+at a time instead, which costs no more).
 Images come out as [H, W] float32 in [0, 1]: Hounsfield data through a CT window, 8-bit
 data scaled by 1/255. Masks come out as the stored integer values [H, W]; a `MaskValueMap` says
 what they mean.

@@ -783,15 +783,43 @@ def cached_volume(path: str | os.PathLike, series: str | None = None) -> Volume:
     return volume
 
 
+def _series_slice(folder: Path, k: int) -> np.ndarray | None:
+    """Canonical slice k of a DICOM folder's series read from its one file, when the series is
+    axial (its slices are the canonical slices); None otherwise."""
+    chosen = choose_series(find_series(folder), folder)
+    shape3 = (chosen.columns, chosen.rows, chosen.slices)
+    transform = canonical_transform(chosen.affine(), shape3)
+    if int(transform[2, 0]) != 2:
+        return None
+    if not 0 <= k < chosen.slices:
+        raise DataError(folder, f"slice {k} out of range (series has {chosen.slices} slices)")
+    f = Path(chosen.files[k if transform[2, 1] > 0 else chosen.slices - 1 - k])
+    hu = dicom_hu(read_dicom(f), f)
+    hu = hu[0] if hu.ndim == 3 else hu
+    if hu.shape != (chosen.rows, chosen.columns):
+        raise DataError(
+            f,
+            f"slice is {hu.shape[0]}x{hu.shape[1]} but series {chosen.uid} is "
+            f"{chosen.rows}x{chosen.columns}",
+        )
+    lps = _reorient(hu.T[:, :, None], transform)  # [W, H, 1]
+    return np.ascontiguousarray(lps[:, :, 0].T)
+
+
 def read_slice(path: str | os.PathLike, k: int) -> np.ndarray:
     """Canonical slice k [H, W] of a volume (values as in `Volume.data`), read the cheapest
-    way: an uncompressed `.nii` straight from its slice's bytes (random access costs one slice),
-    anything else (`.nii.gz`, DICOM) through `cached_volume` (one whole read for all its
-    slices)."""
-    p = Path(path)
-    if suffix_of(p) == ".nii" and not p.is_dir():
-        return _nifti_slice(p, int(k))
-    return cached_volume(p).slice(int(k))
+    way: from an uncompressed `.nii` only that slice's voxels, from an axial DICOM series only
+    that slice's file (random access, as training does, then costs one slice); anything else
+    (`.nii.gz`, a multi-frame DICOM file, a non-axial series) through `cached_volume`, one
+    whole read for all its slices."""
+    p, k = Path(path), int(k)
+    if p.is_dir():
+        out = _series_slice(p, k)
+        if out is not None:
+            return out
+    elif suffix_of(p) == ".nii":
+        return _nifti_slice(p, k)
+    return cached_volume(p).slice(k)
 
 
 def clear_cache() -> None:
