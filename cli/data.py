@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
 from stitchnet_tf.options import CROP_MARGIN, PAPER_SIZE
+from stitchnet_tf_cli import console
 from stitchnet_tf_cli.options import (
     SEED,
     check_model_size,
@@ -49,7 +49,7 @@ def demo_data(output, labelled_patients, unlabelled_patients, slices, size, seed
     from stitchnet_tf.data.synthetic import write_demo_dataset
 
     total = (labelled_patients + unlabelled_patients) * slices
-    with click.progressbar(length=total, label="demo-data", file=sys.stderr) as bar:
+    with console.progress("demo-data", "slices", length=total) as bar:
         write_demo_dataset(
             output,
             labelled_patients=labelled_patients,
@@ -58,7 +58,7 @@ def demo_data(output, labelled_patients, unlabelled_patients, slices, size, seed
             size=size,
             seed=seed,
             overwrite=overwrite,
-            progress=bar.update,
+            progress=bar,
         )
     parts = [
         p for p, n in (("labelled/", labelled_patients), ("unlabelled/", unlabelled_patients)) if n
@@ -122,7 +122,7 @@ def preprocess(
     from stitchnet_tf.data.preprocess import preprocess_dataset
 
     dataset = reading(input_).discover(skip_bad=skip_bad, warn=warn)
-    with click.progressbar(length=len(dataset), label="preprocess", file=sys.stderr) as bar:
+    with console.progress("preprocess", "slices", length=len(dataset)) as bar:
         summary = preprocess_dataset(
             dataset,
             output,
@@ -133,7 +133,7 @@ def preprocess(
             overwrite=overwrite,
             skip_bad=skip_bad,
             warn=warn,
-            progress=bar.update,
+            progress=bar,
         )
     skipped = f", skipped {summary['skipped']} bad slices" if summary["skipped"] else ""
     click.echo(

@@ -9,6 +9,7 @@ import click
 
 from stitchnet_tf import __version__
 from stitchnet_tf.errors import DataError, Terminated, TrainingError, on_sigterm
+from stitchnet_tf_cli import console  # before anything imports TensorFlow: a quiet start-up
 
 
 class _Group(click.Group):
@@ -52,12 +53,26 @@ class _Group(click.Group):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="stitchnet-tf")
 @click.option("--debug", is_flag=True, help="Show the traceback of an internal error.")
-def cli(debug: bool) -> None:
+@click.option(
+    "--quiet",
+    "-q",
+    is_flag=True,
+    help="No progress bars or informational lines: only results, warnings and errors.",
+)
+@click.option(
+    "--verbose",
+    "-v",
+    is_flag=True,
+    help="Also show TensorFlow's start-up lines and the library warnings hidden by default.",
+)
+def cli(debug: bool, quiet: bool, verbose: bool) -> None:
     """StitchNet: semi-supervised COVID-19 lung CT segmentation (Keras 3 / TensorFlow).
 
     Classes: background (outside the lung field), healthy lung, ground-glass opacity (GGO),
-    consolidation. Run `stitchnet-tf COMMAND --help` for each command.
+    consolidation. Run `stitchnet-tf COMMAND --help` for each command. The options below go
+    before the command: `stitchnet-tf -q predict ...`.
     """
+    console.configure(verbose=verbose, quiet=quiet)
 
 
 def _register() -> None:

@@ -14,6 +14,7 @@ from stitchnet_tf.options import (
     QUANTIZE,
     SAMPLE_TEMPERATURE,
 )
+from stitchnet_tf_cli import console
 from stitchnet_tf_cli.options import (
     SEED,
     data_options,
@@ -87,20 +88,22 @@ def evaluate(
     """
     from stitchnet_tf.evaluation import evaluate as run_evaluation
 
-    result = run_evaluation(
-        model_path,
-        reading(data),
-        output,
-        split=split_file,
-        part=part,
-        size=size,
-        absent=absent,
-        samples=samples,
-        decision=decision,
-        tta=tta,
-        overwrite=overwrite,
-        log=click.echo,
-    )
+    with console.progress("evaluate", "slices") as bar:
+        result = run_evaluation(
+            model_path,
+            reading(data),
+            output,
+            split=split_file,
+            part=part,
+            size=size,
+            absent=absent,
+            samples=samples,
+            decision=decision,
+            tta=tta,
+            overwrite=overwrite,
+            progress=bar,
+            log=console.info,
+        )
     click.echo((Path(output) / "metrics.md").read_text())
     click.echo(f"scored {result['slices']} slices ({result['scheme']}) -> {output}")
 
@@ -149,20 +152,22 @@ def predict(
     from stitchnet_tf.data.io import Window
     from stitchnet_tf.predict import predict_path
 
-    result = predict_path(
-        model_path,
-        input_,
-        output,
-        size=size,
-        samples=samples,
-        decision=decision,
-        tta=tta,
-        uncertainty=uncertainty,
-        window=Window(window_level, window_width),
-        overwrite=overwrite,
-        series=series,
-        log=click.echo,
-    )
+    with console.progress("predict", "slices") as bar:
+        result = predict_path(
+            model_path,
+            input_,
+            output,
+            size=size,
+            samples=samples,
+            decision=decision,
+            tta=tta,
+            uncertainty=uncertainty,
+            window=Window(window_level, window_width),
+            overwrite=overwrite,
+            series=series,
+            log=console.info,
+            progress=bar,
+        )
     click.echo(
         f"segmented {result['slices']} slices ({result['volumes']} volumes) -> {output}; "
         f"lesion burden in {result['burden']}"
@@ -181,7 +186,10 @@ def styles(model_path, size, input_, output, overwrite):
     """
     from stitchnet_tf.figures import styles_figures
 
-    result = styles_figures(model_path, input_, output, size=size, overwrite=overwrite)
+    with console.progress("styles", "figures") as bar:
+        result = styles_figures(
+            model_path, input_, output, size=size, overwrite=overwrite, progress=bar
+        )
     mae = result["lung_mae_mean"]
     error = "" if mae is None else f"; stitched reconstruction MAE inside the lung {mae:.3f}"
     click.echo(f"wrote {result['figures']} style figures -> {output}{error}")
@@ -207,9 +215,18 @@ def sample(model_path, size, output, n, seed, temperature, overwrite):
     """
     from stitchnet_tf.figures import sample_figure
 
-    sample_figure(
-        model_path, output, n=n, size=size, seed=seed, temperature=temperature, overwrite=overwrite
-    )
+    with console.progress("sample", "samples") as bar:
+        sample_figure(
+            model_path,
+            output,
+            n=n,
+            size=size,
+            seed=seed,
+            temperature=temperature,
+            overwrite=overwrite,
+            progress=bar,
+            log=console.info,
+        )
     click.echo(f"drew {n} samples at temperature {temperature:g} -> {output}")
 
 
@@ -288,20 +305,23 @@ def export(
     """
     from stitchnet_tf.export import export as run_export
 
-    result = run_export(
-        model_path,
-        fmt,
-        quantize=quantize,
-        output=output,
-        version=version_,
-        size=size,
-        data=reading(data),
-        count=count,
-        decision=decision,
-        bytes_signature=not no_bytes,
-        overwrite=overwrite,
-        tta=tta,
-    )
+    with console.progress("export: calibration slices", "slices") as bar:
+        result = run_export(
+            model_path,
+            fmt,
+            quantize=quantize,
+            output=output,
+            version=version_,
+            size=size,
+            data=reading(data),
+            count=count,
+            decision=decision,
+            bytes_signature=not no_bytes,
+            overwrite=overwrite,
+            tta=tta,
+            progress=bar,
+            log=console.info,
+        )
     click.echo(
         f"exported {fmt}{'' if fmt == 'savedmodel' else ' (' + quantize + ')'} at "
         f"{result['size']} px -> {result['path']} ({result['bytes'] / 1e6:.1f} MB)"

@@ -13,10 +13,11 @@ import click
 from stitchnet_tf import options
 from stitchnet_tf.data.intensity import INTENSITY_MODES
 from stitchnet_tf.errors import DataError
+from stitchnet_tf_cli import console
 
 
 def warn(message: str) -> None:
-    click.echo(f"warning: {message}", err=True)
+    console.warn(message)
 
 
 def intensity_option(f):

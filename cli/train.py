@@ -27,6 +27,7 @@ from stitchnet_tf.options import (
     TRAIN_DEFAULTS,
     model_options,
 )
+from stitchnet_tf_cli import console
 from stitchnet_tf_cli.options import (
     SEED,
     check_model_size,
@@ -303,7 +304,11 @@ from stitchnet_tf_cli.options import (
     help="Batches over which BatchNorm statistics are re-estimated before each validation "
     "(0: keep the moving averages).",
 )
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option(
+    "--quiet",
+    is_flag=True,
+    help="No progress bars (`stitchnet-tf -q train ...` also hides the informational lines).",
+)
 @data_options
 def train(
     labelled,
@@ -379,7 +384,7 @@ def train(
     steps_per_epoch = budget["steps_per_epoch"] if steps_per_epoch is None else steps_per_epoch
     batch_size = budget["batch_size"] if batch_size is None else batch_size
     given = model_options(model_name, {"width": width, "backbone_alpha": backbone_alpha})
-    click.echo(
+    console.info(
         f"preset {preset} ({why}): {size} px, {epochs} x {steps_per_epoch} steps of "
         f"{batch_size}" + "".join(f", {k} {v}" for k, v in (preset_model | given).items())
     )
@@ -449,7 +454,11 @@ def train(
     )
     try:
         summary = run_training(
-            config, overwrite=overwrite, verbose=0 if quiet else "auto", log=click.echo, warn=warn
+            config,
+            overwrite=overwrite,
+            verbose=0 if quiet or console.is_quiet() else "auto",
+            log=console.info,
+            warn=warn,
         )
     except TrainingError as e:
         raise DataError(output, str(e)) from None
@@ -499,7 +508,8 @@ def demo(output, size, epochs, steps_per_epoch, seed, overwrite):
         steps_per_epoch=steps_per_epoch,
         seed=seed,
         overwrite=overwrite,
-        log=click.echo,
+        log=console.info,
+        verbose=0 if console.is_quiet() else 2,
     )
     click.echo((Path(result["report"])).read_text())
     click.echo(f"demo finished in {result['seconds'] / 60:.1f} min; report: {result['report']}")

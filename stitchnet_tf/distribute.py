@@ -115,6 +115,31 @@ def num_replicas(strategy: tf.distribute.Strategy | None = None) -> int:
     return (strategy or tf.distribute.get_strategy()).num_replicas_in_sync
 
 
+def describe(strategy: tf.distribute.Strategy) -> str:
+    """What a run trains on, in one line: the devices (GPU names, or the CPU and its cores),
+    the strategy and its replicas, e.g. `CPU (2 cores); default strategy, 1 replica`."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        names = []
+        for gpu in gpus:
+            try:
+                names.append(tf.config.experimental.get_device_details(gpu)["device_name"])
+            except (KeyError, ValueError, RuntimeError):
+                names.append(gpu.name)
+        device = "GPU " + ", ".join(f"{n} x {names.count(n)}" for n in dict.fromkeys(names))
+    else:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cores = os.cpu_count() or 1
+        device = f"CPU ({cores} core{'s' if cores != 1 else ''}, no GPU)"
+    kind = type(strategy).__name__
+    kind = "default strategy" if kind.startswith("_Default") else kind
+    replicas = num_replicas(strategy)
+    workers = f" over {cluster_workers()} workers" if is_multi_worker(strategy) else ""
+    return f"{device}; {kind}, {replicas} replica{'s' if replicas != 1 else ''}{workers}"
+
+
 def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
     """Whether `strategy` spans several processes (its collectives need every worker)."""
     return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and (

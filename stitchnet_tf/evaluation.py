@@ -47,6 +47,7 @@ from stitchnet_tf.inference import (
     prepare_inputs,
 )
 from stitchnet_tf.metrics import Table1, lesion_dice, mean_lesion_dice
+from stitchnet_tf.progress import expect
 from stitchnet_tf.run import Run
 from stitchnet_tf.volume_metrics import Block, VolumeTable, summary_markdown, volume_classes
 
@@ -349,6 +350,7 @@ def evaluate(
         volume_classes(scorer.scheme, subset.mask_map.mapping.values()), absent
     )
     stacker = CaseStacker(plan, volume_table)
+    expect(progress, len(subset))
     start = time.time()
     table = scorer.table(
         loaded.model,

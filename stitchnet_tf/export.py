@@ -64,6 +64,7 @@ from stitchnet_tf.fileio import (
 from stitchnet_tf.inference import model_intensity
 from stitchnet_tf.options import EXPORT_FORMATS as FORMATS
 from stitchnet_tf.options import QUANTIZE
+from stitchnet_tf.progress import Progress, expect, step
 from stitchnet_tf.run import Run
 
 if TYPE_CHECKING:
@@ -443,14 +444,16 @@ def export_tflite(
     overwrite: bool = False,
     saved_model: str | os.PathLike | None = None,
     tta: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> Path:
     """Convert the segmentation path to a `.tflite` file with `quantize` (see module doc).
 
     `representative` yields preprocessed slices [S, S] or [S, S, 1] (int8 only: a hundred or so
     training slices). `saved_model`: convert this earlier `export_savedmodel` output instead of
     tracing `model` again (`model` may then be None). The file is written under a temporary
-    name and renamed when complete.
+    name and renamed when complete. `log` hears each stage (tracing, converting).
     """
+    log = log or (lambda line: None)
 
     from stitchnet_tf.data.preprocess import check_model_size
 
@@ -466,6 +469,7 @@ def export_tflite(
     with tempfile.TemporaryDirectory(prefix=temp_prefix(path.name), dir=path.parent) as work:
         if saved_model is None:
             saved = Path(work) / "savedmodel"
+            log("tracing the model into a SavedModel")
             _write_savedmodel(model, saved, size, decision, None, 0.05, "", tta)
         else:
             saved = Path(saved_model)
@@ -473,10 +477,12 @@ def export_tflite(
             slices = np.stack(
                 [np.asarray(x, np.float32).reshape(size, size, 1) for x in representative()]
             )
+            log(f"converting to TFLite int8, calibrating on {len(slices)} slices")
             flat = _convert_isolated(saved, quantize, slices, Path(work), path)
         else:
+            log(f"converting to TFLite ({quantize})")
             try:
-                flat = _convert(str(saved), quantize)
+                flat = _quiet_convert(str(saved), quantize)
             except Exception as e:
                 raise DataError(
                     path, f"TFLite conversion failed ({type(e).__name__}: {str(e)[:200]})"
@@ -521,9 +527,19 @@ def _convert(saved: str, quantize: str, representative: np.ndarray | None = None
     return converter.convert()
 
 
+def _quiet_convert(saved: str, quantize: str, representative: np.ndarray | None = None) -> bytes:
+    """`_convert` without the converter's native diagnostics (MLIR `error:` lines that the
+    exception repeats; the caller reports it in one line) unless TensorFlow logs everything
+    (TF_CPP_MIN_LOG_LEVEL unset or 0, as `stitchnet-tf --verbose` leaves it)."""
+    from stitchnet_tf import native
+
+    with native.captured_stderr(keep=lambda line: native.logs_everything()):
+        return _convert(saved, quantize, representative)
+
+
 def _convert_child(saved: str, quantize: str, representative, out: str) -> None:
     try:
-        Path(out).write_bytes(_convert(saved, quantize, representative))
+        Path(out).write_bytes(_quiet_convert(saved, quantize, representative))
     except Exception as e:
         Path(out + ".error").write_text(f"{type(e).__name__}: {str(e)[:200]}")
         raise SystemExit(1) from None
@@ -566,13 +582,20 @@ def representative_samples(data, count: int = 100, seed: int = 0):
     return dataset, samples
 
 
-def representative_slices(dataset, samples, size: int, intensity: str = "none"):
+def representative_slices(
+    dataset, samples, size: int, intensity: str = "none", progress: Progress | None = None
+):
     """A function yielding the preprocessed slices [S, S] of `samples` (from
-    `representative_samples`) with the model's `intensity`."""
+    `representative_samples`) with the model's `intensity`; `progress`: one unit a slice
+    prepared (`stitchnet_tf.progress`)."""
     from stitchnet_tf.data.pipeline import SliceLoader
 
     loader = SliceLoader(dataset, samples, size, intensity=intensity)
-    slices = [loader(i)[0] for i in range(len(loader))]
+    expect(progress, len(loader))
+    slices = []
+    for i in range(len(loader)):
+        slices.append(loader(i)[0])
+        step(progress)
     return lambda: iter(slices)
 
 
@@ -590,13 +613,17 @@ def export(
     bytes_signature: bool = True,
     overwrite: bool = False,
     tta: bool = False,
+    progress: Progress | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
     """Export a run folder or `.keras` file (the `export` command); returns what was written.
 
     Defaults: SavedModel to `saved_models/<run name>/<next version>/`; TFLite to
     `saved_models/<run name>-<quantize>.tflite`. int8's representative slices come from `data`,
-    else from the run's own training data (its config.json).
+    else from the run's own training data (its config.json). `log` hears each stage,
+    `progress` (`stitchnet_tf.progress`) the preparation of int8's representative slices.
     """
+    log = log or (lambda line: None)
     from stitchnet_tf.inference import load_model
 
     if fmt not in FORMATS:
@@ -623,6 +650,7 @@ def export(
             config = Run(model_path).config()
             if config is not None:
                 data = config.unlabelled_spec() or config.labelled_spec()
+        log(f"reading up to {count} representative slices for int8 calibration")
         chosen = representative_samples(data, count)
     loaded = load_model(model_path)
     if decision is not None and not hasattr(loaded.model, "decision"):
@@ -636,6 +664,7 @@ def export(
     if fmt == "savedmodel":
         root = Path(output) if output else Path("saved_models") / name
         check_apart(root, sources, nest_ok)
+        log("tracing the model into a SavedModel (serving signatures)")
         path = export_savedmodel(
             loaded.model,
             root,
@@ -652,7 +681,9 @@ def export(
     representative = None
     if chosen is not None:
         intensity = model_intensity(loaded.model)
-        representative = representative_slices(*chosen, size, intensity=intensity)
+        representative = representative_slices(
+            *chosen, size, intensity=intensity, progress=progress
+        )
     path = Path(output) if output else Path("saved_models") / f"{name}-{quantize}.tflite"
     check_apart(path, sources, nest_ok)
     export_tflite(
@@ -664,5 +695,6 @@ def export(
         decision=decision,
         overwrite=overwrite,
         tta=tta,
+        log=log,
     )
     return {"path": str(path), "bytes": path.stat().st_size, "size": size}

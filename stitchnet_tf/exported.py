@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stitchnet_tf import native
 from stitchnet_tf.errors import DataError
 
 #: The export's description inside a SavedModel: size, decision rule, intensity preprocessing.
@@ -71,7 +72,9 @@ class ExportedTFLite:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         try:
-            self.interpreter = _interpreter(self.path)
+            with native.captured_stderr():  # LiteRT's "Created ... XNNPACK delegate" line
+                self.interpreter = _interpreter(self.path)
+                self.interpreter.allocate_tensors()
             self.runner = self.interpreter.get_signature_runner("serving_lung")
         except Exception as e:
             raise DataError(self.path, f"cannot load TFLite model ({type(e).__name__})") from None

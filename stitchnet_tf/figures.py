@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from stitchnet_tf.fileio import atomic_dir, check_model_output
 from stitchnet_tf.inference import load_model, model_class
 from stitchnet_tf.options import SAMPLE_TEMPERATURE
 from stitchnet_tf.predict import LABEL_PALETTE, _inputs
+from stitchnet_tf.progress import Progress, expect, step
 
 #: files that mark the folders written by `styles` and `sample` (what --overwrite may replace)
 STYLES_MARKER = "reconstruction.json"
@@ -72,10 +74,17 @@ def _save_grid(rows: list[list[np.ndarray]], titles, path: Path) -> None:
 
 
 def styles_figures(
-    model_path, input_path, output, *, size: int | None = None, overwrite: bool = False
+    model_path,
+    input_path,
+    output,
+    *,
+    size: int | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
 ) -> dict:
     """For each input slice: x, the four style images E[Beta_k], the stitched reconstruction and
-    the segmentation side by side (`<name>_styles.png`), as the paper's Fig. 6b."""
+    the segmentation side by side (`<name>_styles.png`), as the paper's Fig. 6b. `progress`:
+    see `stitchnet_tf.progress` (one unit a figure)."""
     from stitchnet_tf.data.preprocess import RawSlice, prepare
 
     inputs = {"--input": input_path}
@@ -94,6 +103,7 @@ def styles_figures(
 
     segmenter = default_segmenter()
     written, errors = 0, {}
+    expect(progress, len(images))
     with atomic_dir(output, overwrite, marker=STYLES_MARKER) as tmp:
         for path, k, image in images:
             p = prepare(RawSlice(image, np.full(image.shape, ALL, np.uint8), None), size, segmenter)
@@ -115,6 +125,7 @@ def styles_figures(
                 titles[5] = f"stitched (MAE {errors[name]:.3f})"
             _save_grid([row], titles, tmp / f"{name}_styles.png")
             written += 1
+            step(progress)
         mean = float(np.mean(list(errors.values()))) if errors else None
         summary = {"figures": written, "lung_mae_mean": mean, "lung_mae": errors}
         (tmp / STYLES_MARKER).write_text(json.dumps(summary, indent=1) + "\n")
@@ -130,10 +141,13 @@ def sample_figure(
     seed: int = 0,
     temperature: float = SAMPLE_TEMPERATURE,
     overwrite: bool = False,
+    progress: Progress | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
     """Draw n slices with their segmentations from the prior, every prior σ scaled by
     `temperature`: `samples.png` and per-sample `sample_<i>.png` / `sample_<i>_labels.png`
-    (indexed, the label palette)."""
+    (indexed, the label palette). `log` hears the drawing (one call for all n), `progress`
+    (`stitchnet_tf.progress`) one unit per sample written."""
     import keras
 
     if not 0 < temperature <= 2:
@@ -143,7 +157,10 @@ def sample_figure(
     loaded = _stitchnet(model_path)
     size = loaded.input_size(size)
     keras.utils.set_random_seed(seed)
+    if log is not None:
+        log(f"drawing {n} samples of {size} px from the prior")
     generated = loaded.model.generate(n, size, temperature=temperature)
+    expect(progress, n)
     gen = {k: np.asarray(v) for k, v in generated.items()}
     with atomic_dir(output, overwrite, marker=SAMPLES_MARKER) as tmp:
         rows = []
@@ -151,5 +168,6 @@ def sample_figure(
             io.write_png(tmp / f"sample_{i}.png", np.rint(gen["x"][i, ..., 0] * 255))
             io.write_png(tmp / f"sample_{i}_labels.png", gen["labels"][i], LABEL_PALETTE)
             rows.append([gen["x"][i, ..., 0], _colour(gen["labels"][i])])
+            step(progress)
         _save_grid(rows, ("sample x", "its segmentation"), tmp / SAMPLES_MARKER)
     return {"samples": n}

@@ -35,6 +35,7 @@ from stitchnet_tf.data.volumes import Volume, read_volume, write_label_volume
 from stitchnet_tf.errors import DataError
 from stitchnet_tf.fileio import atomic_dir, check_model_output
 from stitchnet_tf.inference import Predictor, check_stitchnet_options, load_model
+from stitchnet_tf.progress import expect
 
 #: the lesion-burden table, written last: marks a folder written by `predict`
 PREDICT_MARKER = "burden.csv"
@@ -143,6 +144,14 @@ def write_volume_outputs(folder: Path, result: SegmentedVolume) -> None:
     write_label_volume(folder / f"{result.name}_labels.nii.gz", result.labels, result.volume)
 
 
+def _slice_total(inputs: list[Path]) -> int:
+    """How many slices `predict_path` will segment (a progress bar's total; 0: unknown)."""
+    try:
+        return sum(io.slice_count(p) or 1 for p in inputs)
+    except DataError:  # said again, in full, where the input is read
+        return 0
+
+
 def predict_path(
     model_path: str | os.PathLike,
     input_path: str | os.PathLike,
@@ -177,6 +186,8 @@ def predict_path(
     predictor = Predictor(loaded.model, size, samples=samples, decision=decision, tta=tta)
     rows: list[dict] = []
     n_slices = n_volumes = 0
+    if progress is not None:  # the slices to come, from the headers
+        expect(progress, _slice_total(inputs))
     with atomic_dir(output, overwrite, marker=PREDICT_MARKER) as tmp:
         for path in inputs:
             name = io.stem_of(path)

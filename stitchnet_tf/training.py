@@ -48,6 +48,9 @@ from stitchnet_tf.run import Run, TrainConfig, run_inputs  # noqa: F401 (TrainCo
 #: Tests only: the process kills itself (SIGKILL) right after saving this epoch's checkpoint.
 KILL_AFTER_EPOCH_ENV = "STITCHNET_TF_TEST_KILL_AFTER_EPOCH"
 
+#: Train steps timed for the duration estimate, after the first (which traces the graph).
+ESTIMATE_STEPS = 5
+
 
 def build_model(
     name: str,
@@ -311,6 +314,67 @@ def _make_callbacks(
         keras.callbacks.TensorBoard(str(run / "tensorboard"), write_graph=False),
         Commit(),
     ]
+
+
+def duration(seconds: float) -> str:
+    """`45 s`, `2.5 min`, `12 min`, `3.2 h`."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 10 * 60:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _estimate(log: Callable[[str], None], steps_per_epoch: int, epochs_left: int):
+    """A callback logging how long the run will take, timed on the run itself (no cost table):
+    after the `ESTIMATE_STEPS` steps that follow the first (the first traces the graph; steps
+    only), then as the next two epochs begin, from the whole of the one before (validation and
+    checkpoints included; the first epoch without its one-off tracing of the train step, but
+    with that of validation: the second epoch's estimate is the better one)."""
+    import keras
+
+    class Estimate(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.begin, self.first, self.per_step, self.done = time.time(), None, None, 0
+
+        def on_epoch_begin(self, epoch, logs=None):
+            now, left = time.time(), epochs_left - self.done
+            if self.done in (1, 2) and left > 0 and self.first is not None:
+                took = now - self.begin
+                tracing = ""
+                if self.done == 1:
+                    traced = max(0.0, self.first - self.begin - (self.per_step or 0.0))
+                    took -= traced
+                    tracing = f" (and {duration(traced)} tracing the train step)"
+                log(
+                    f"epoch {epoch} took {duration(took)} with validation{tracing}; about "
+                    f"{duration(took * left)} for the {left} epoch{'s' if left > 1 else ''} left"
+                )
+            self.begin = now
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.done += 1
+
+        def on_train_batch_end(self, batch, logs=None):
+            if self.done:
+                return
+            now = time.time()
+            if batch == 0:
+                self.first = now
+            elif batch == ESTIMATE_STEPS:
+                self.per_step = (now - self.first) / ESTIMATE_STEPS
+                left = steps_per_epoch * epochs_left - batch - 1
+                bar = self.params.get("verbose") in (1, "auto")  # Keras' bar holds the line
+                log(
+                    ("\n" if bar else "")
+                    + f"estimated time: about {duration(self.per_step * left)} for the {left} "
+                    f"steps left ({self.per_step:.2f} s a step on steps 2-{ESTIMATE_STEPS + 1}; "
+                    "validation not included)"
+                )
+
+    return Estimate()
 
 
 def _replica_order(batch_size: int, replicas: int):
@@ -711,6 +775,8 @@ def train(
 
     keras.utils.set_random_seed(config.seed + state["epochs_done"])
     policy = set_precision(config.mixed_precision)
+    if chief:
+        log(f"device: {distribute.describe(strategy)}; precision {policy}")
     batches, val, val_data = _pipelines(
         config, labelled, unlabelled, split, state["epochs_done"], replicas
     )
@@ -731,6 +797,9 @@ def train(
             choose_decision=config.choose_decision and config.model == "stitchnet",
             intensity=config.intensity,
         )
+        if chief:
+            epochs_left = config.epochs - state["epochs_done"]
+            callbacks.append(_estimate(log, config.steps_per_epoch, epochs_left))
         start = time.time()
         history = model.fit(
             batches,
@@ -739,6 +808,7 @@ def train(
             steps_per_epoch=config.steps_per_epoch,
             callbacks=callbacks,
             verbose=verbose,
+            shuffle=False,  # the pipeline shuffles (Keras ignores, and warns about, shuffle=True)
         )
         seconds = time.time() - start
     except tf.errors.OpError:
