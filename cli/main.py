@@ -89,6 +89,7 @@ def _register() -> None:
         models.sample,
         train.demo,
         models.export,
+        models.list_models,
     ):
         cli.add_command(command)
 

@@ -127,6 +127,14 @@ def evaluate(
     metavar="UID",
     help="SeriesInstanceUID to read from a DICOM folder (default: its largest axial CT series).",
 )
+@click.option(
+    "--lungs",
+    default=None,
+    type=click.Path(path_type=Path),
+    metavar="DIR",
+    help="Your own lung masks instead of the shipped lung U-Net: <name>.nii.gz per volume "
+    "(lungmask), <name>/lung_*.nii.gz (TotalSegmentator), <name>.png per slice.",
+)
 @stitchnet_options
 @tta_option
 @window_options
@@ -138,6 +146,7 @@ def predict(
     output,
     uncertainty,
     series,
+    lungs,
     samples,
     decision,
     tta,
@@ -145,9 +154,10 @@ def predict(
     window_width,
     overwrite,
 ):
-    """Segment new slices or volumes: label masks in the input's geometry, overlays, burden CSV.
+    """Segment new slices or volumes: label masks in the input's geometry (NIfTI, and a
+    DICOM-SEG for a DICOM series), overlays, burden.csv and statistics.json (mL, HU).
 
-    Example: stitchnet-tf predict --model runs/demo --input data/demo/unlabelled -o preds
+    Example: stitchnet-tf predict -m medseg-stitchnet -i scan/ -o out
     """
     from stitchnet_tf.data.io import Window
     from stitchnet_tf.predict import predict_path
@@ -165,12 +175,13 @@ def predict(
             window=Window(window_level, window_width),
             overwrite=overwrite,
             series=series,
+            lungs=lungs,
             log=console.info,
             progress=bar,
         )
     click.echo(
         f"segmented {result['slices']} slices ({result['volumes']} volumes) -> {output}; "
-        f"lesion burden in {result['burden']}"
+        f"lesion burden in {result['burden']}, volumes in {result['statistics']}"
     )
 
 
@@ -326,3 +337,24 @@ def export(
         f"exported {fmt}{'' if fmt == 'savedmodel' else ' (' + quantize + ')'} at "
         f"{result['size']} px -> {result['path']} ({result['bytes'] / 1e6:.1f} MB)"
     )
+
+
+@click.command("list-models")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+def list_models(as_json):
+    """List the shipped models that `--model NAME` accepts, and whether each is installed.
+
+    Example: stitchnet-tf predict -m medseg-stitchnet -i scan/ -o out/
+    """
+    import json
+
+    from stitchnet_tf.shipped import list_models as rows
+
+    table = rows()
+    if as_json:
+        click.echo(json.dumps(table, indent=2))
+        return
+    for r in table:
+        state = f"{r['size_mb']} MB" if r["installed"] else "NOT INSTALLED"
+        click.echo(f"{r['name']:<18} {r['kind']:<7} {state:<14} {r['description']}")
+        click.echo(f"{'':<18} card: {r['card']}")

@@ -167,6 +167,13 @@ def parse_fractions(ctx, param, value: str) -> tuple[float, float, float]:
     return parts
 
 
+def _shipped_model(ctx, param, value: Path | None) -> Path | None:
+    """A shipped model's name becomes its installed folder (a `DataError` if missing)."""
+    from stitchnet_tf.shipped import resolve
+
+    return None if value is None else resolve(value)
+
+
 def model_options(f):
     @click.option(
         "--model",
@@ -174,8 +181,9 @@ def model_options(f):
         "model_path",
         required=True,
         type=click.Path(path_type=Path),
-        help="Run folder (uses best.keras), a .keras file, or an export (SavedModel folder, "
-        ".tflite file).",
+        callback=_shipped_model,
+        help="A shipped model's name (see `list-models`, e.g. medseg-stitchnet), a run folder "
+        "(uses best.keras), a .keras file, or an export (SavedModel folder, .tflite file).",
     )
     @click.option(
         "--size",

@@ -101,6 +101,9 @@ def check_apart(
 def model_input(model_path: str | os.PathLike) -> tuple[dict, tuple[str, ...]]:
     """`check_apart` arguments for a `--model`: outputs may lie inside a run or export folder
     (e.g. `runs/x/eval`) but never be the model or contain it."""
+    from stitchnet_tf.shipped import resolve
+
+    model_path = resolve(model_path)
     return {"--model": model_path}, ("--model",) if Path(model_path).is_dir() else ()
 
 

@@ -29,6 +29,7 @@ from stitchnet_tf.data.preprocess import (
 )
 from stitchnet_tf.errors import DataError
 from stitchnet_tf.run import Run
+from stitchnet_tf.shipped import resolve
 
 
 @dataclass
@@ -51,8 +52,8 @@ class LoadedModel:
 def load_model(path: str | os.PathLike) -> LoadedModel:
     """Load a run folder (its best.keras, else last.keras), a `.keras` file, an export
     (`exported.load_exported`: a SavedModel folder or a `.tflite` file) or a `ThresholdRule`
-    JSON file (`models.threshold`)."""
-    p = Path(path)
+    JSON file (`models.threshold`); or a shipped model's name (`shipped.SHIPPED`)."""
+    p = path = resolve(path)
     if p.suffix == ".json" and p.is_file():
         from stitchnet_tf.models.threshold import ThresholdRule
 
@@ -93,7 +94,7 @@ def model_class(path: str | os.PathLike) -> str | None:
     """The class name of the model at `path` (as `load_model` finds it), read without loading
     any weights: `ThresholdRule`, a Keras class name such as `StitchNet`, `exported` for a
     SavedModel or `.tflite`; None when it cannot be told (then `load_model` reports why)."""
-    p = Path(path)
+    p = resolve(path)
     if p.suffix == ".json" and p.is_file():
         return "ThresholdRule"
     from stitchnet_tf.exported import is_exported
@@ -322,10 +323,19 @@ class Predictor:
         their labels, if any, are not used."""
         return self.predict_prepared(self.prepare(raws, already_cropped))
 
-    def predict_images(self, images: list[np.ndarray]) -> list[Prediction]:
-        """Segment unlabelled slices [H, W] in [0, 1] (lung field from the segmenter)."""
+    def predict_images(
+        self, images: list[np.ndarray], lungs: list[np.ndarray] | None = None
+    ) -> list[Prediction]:
+        """Segment unlabelled slices [H, W] in [0, 1]; the lung field from `lungs` ([H, W] bool
+        each, e.g. the user's masks) where given, else from the segmenter."""
         from stitchnet_tf.data.classes import ALL
 
         for image in images:
             io.check_size(image.shape, "image")
-        return self.predict([RawSlice(im, np.full(im.shape, ALL, np.uint8), None) for im in images])
+        lungs = lungs if lungs is not None else [None] * len(images)
+        return self.predict(
+            [
+                RawSlice(im, np.full(im.shape, ALL, np.uint8), lung)
+                for im, lung in zip(images, lungs, strict=True)
+            ]
+        )

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import threading
+
 import numpy as np
 from click.testing import CliRunner
 
@@ -55,3 +59,34 @@ def forged_png(width: int, height: int) -> bytes:
         + chunk(b"IDAT", zlib.compress(b""))
         + chunk(b"IEND", b"")
     )
+
+
+def run_on_terminal(command: list, env: dict, cwd=None, timeout: float = 900):
+    """Run `command` with its stderr on a pseudo-terminal (as a user at a terminal sees it:
+    progress bars drawn); returns (exit code, stdout, stderr)."""
+    import pty
+
+    master, slave = pty.openpty()
+    child = subprocess.Popen(
+        [str(c) for c in command], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=slave,
+        text=True,
+    )  # fmt: skip
+    os.close(slave)
+    chunks: list[bytes] = []
+
+    def drain():
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # the child closed the terminal
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    stdout, _ = child.communicate(timeout=timeout)
+    reader.join(timeout=60)
+    os.close(master)
+    return child.returncode, stdout, b"".join(chunks).decode("utf-8", "replace")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
+from helpers import run_on_terminal
 
 from stitchnet_tf.data.synthetic import write_demo_dataset
 from stitchnet_tf.models.threshold import ThresholdRule
@@ -132,29 +132,7 @@ def _predict(world: Path, out: str, *options: str, tty: bool = False):
     if not tty:
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         return done.returncode, done.stdout, done.stderr
-    import pty
-
-    master, slave = pty.openpty()
-    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=slave, text=True)
-    os.close(slave)
-    chunks: list[bytes] = []
-
-    def drain():
-        while True:
-            try:
-                data = os.read(master, 4096)
-            except OSError:  # the child closed the terminal
-                return
-            if not data:
-                return
-            chunks.append(data)
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
-    stdout, _ = child.communicate(timeout=600)
-    reader.join(timeout=60)
-    os.close(master)
-    return child.returncode, stdout, b"".join(chunks).decode("utf-8", "replace")
+    return run_on_terminal(command, env, timeout=600)
 
 
 def test_a_normal_run_shows_a_bar_and_no_tensorflow_startup_lines(world):

@@ -14,7 +14,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-FOUNDATIONS = {"errors", "precision", "fileio", "likelihood", "options"}
+FOUNDATIONS = {
+    "errors", "precision", "fileio", "likelihood", "options", "shipped", "progress", "native",
+}  # fmt: skip
 INFERENCE = {"inference", "exported", "distribute", "evaluation"}
 COMMANDS = {"training", "predict", "figures", "export", "threshold_fit", "demo"}
 
@@ -28,7 +30,7 @@ def layer(module: str) -> int:
         return 0
     if name == "data" or name.startswith("data."):
         return 1
-    if name in ("metrics", "volume_metrics", "run"):
+    if name in ("metrics", "volume_metrics", "run", "clinical"):
         return 2
     if name == "models" or name.startswith("models."):
         return 3

@@ -18,8 +18,9 @@ from stitchnet_tf.data.lung_unet import (
     build_lung_unet,
     default_segmenter,
 )
-from stitchnet_tf.data.lungmask import AutoLungMask, LungSegmenter
+from stitchnet_tf.data.lungmask import LungSegmenter
 from stitchnet_tf.data.synthetic import synth_patient
+from stitchnet_tf.errors import DataError
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 ZENODO = DATA / "zenodo20-lungs"
@@ -88,11 +89,13 @@ def test_default_segmenter(tmp_path: Path) -> None:
     d = default_segmenter()
     assert isinstance(d, LearnedLungMask)
     assert default_segmenter() is d  # loaded once per process
-    assert isinstance(default_segmenter(path=tmp_path / "missing.keras"), AutoLungMask)
+    # a missing or broken lung model is an error naming it, never a silent classical fallback
+    with pytest.raises(DataError, match="missing.keras.*not found"):
+        default_segmenter(path=tmp_path / "missing.keras")
     broken = tmp_path / "broken.keras"
     broken.write_bytes(b"not a keras file")
-    with pytest.warns(UserWarning, match="cannot load"):
-        assert isinstance(default_segmenter(path=broken), AutoLungMask)
+    with pytest.raises(DataError, match="broken.keras.*cannot load"):
+        default_segmenter(path=broken)
 
 
 def test_environment_names_another_lung_model(tmp_path: Path, monkeypatch) -> None:

@@ -5,6 +5,7 @@ trees and series choice, and whole-volume reads."""
 from __future__ import annotations
 
 import csv
+import json
 
 import nibabel as nib
 import numpy as np
@@ -169,6 +170,7 @@ def write_dicom(
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, uid
     ds.PatientID, ds.StudyInstanceUID = "P1", "1.2.826.0.1.3680043.7.100"
+    ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.7.300"
     ds.Modality, ds.SeriesInstanceUID, ds.SeriesDescription = modality, series, description
     ds.InstanceNumber = number
     ds.Rows, ds.Columns = stored_values.shape
@@ -271,6 +273,23 @@ def test_dicom_tree_with_two_series_and_predict_overlays_the_source(anatomy, rul
         np.testing.assert_array_equal(labels[:, :, k].T, alone, err_msg=f"instance {k}")
         found += int((alone > 0).sum())
     assert found > 100  # the slices do have lung: the comparison means something
+    # the DICOM-SEG overlays the series: instance by instance, the NIfTI's labels
+    import highdicom as hd
+    import pydicom
+
+    seg = hd.seg.segread(tmp_path / "out" / "patient_seg.dcm")
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == "1.2.826.0.1.3680043.7.1"
+    uids = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f, *_ in files]
+    by_instance = seg.get_pixels_by_source_instance(uids, combine_segments=True)
+    np.testing.assert_array_equal(by_instance, np.transpose(labels, (2, 1, 0)))
+    stats = json.loads((tmp_path / "out" / "statistics.json").read_text())
+    entry = next(e for e in stats["entries"] if e["input"].endswith("patient"))
+    voxel_ml = float(np.prod(SPACING)) / 1000
+    assert entry["spacing_known"] and entry["voxel_volume_ml"] == pytest.approx(voxel_ml)
+    assert entry["lung_ml"] == pytest.approx((labels > 0).sum() * voxel_ml, rel=1e-6)
+    assert entry["provenance"]["model"]["class"] == "ThresholdRule"
+    sidecar = json.loads((tmp_path / "out" / "patient_labels.json").read_text())
+    assert [d["value"] for d in sidecar["labels"]] == [0, 1, 2, 3]
 
 
 def _tree_of_four_series(root, anatomy):
@@ -305,7 +324,12 @@ def test_several_series_default_pick_and_unknown_uid(anatomy, rule, tmp_path):
     assert "\n" not in msg and str(root) in msg and "9.9.9" in msg
     assert all(uid in msg for uid in uids.values())
     result = predict_path(rule, root, tmp_path / "out", series=uids["D"])
-    assert result == {"slices": 4, "volumes": 1, "burden": str(tmp_path / "out" / "burden.csv")}
+    assert result == {
+        "slices": 4,
+        "volumes": 1,
+        "burden": str(tmp_path / "out" / "burden.csv"),
+        "statistics": str(tmp_path / "out" / "statistics.json"),
+    }
     assert nib.load(tmp_path / "out" / "study_labels.nii.gz").shape == (N, N, 4)
     with pytest.raises(DataError) as ei:
         predict_path(rule, root, tmp_path / "out2", series="9.9.9")
