@@ -59,6 +59,14 @@ from stitchnet_tf_cli.options import (
     help="Images where a class is absent from the truth: left out of that class's "
     "mean, scored 0 (authors' code), or 1 when nothing is predicted either.",
 )
+@click.option(
+    "--cases",
+    default="volume",
+    show_default=True,
+    type=click.Choice(["volume", "patient"]),
+    help="3-D metrics (volumes.csv: Dice, HD95 in mm) per volume file, or per patient (all of "
+    "a patient's volumes); 2-D slices are stacked per patient either way.",
+)
 @stitchnet_options
 @tta_option
 @click.option(
@@ -73,6 +81,7 @@ def evaluate(
     split_file,
     part,
     absent,
+    cases,
     samples,
     decision,
     tta,
@@ -97,6 +106,7 @@ def evaluate(
             part=part,
             size=size,
             absent=absent,
+            cases=cases,
             samples=samples,
             decision=decision,
             tta=tta,
