@@ -148,7 +148,10 @@ def responsibilities(
     Returns:
         [B, H, W, K] float32, summing to 1 over K.
     """
-    joint = _joint_log_prob(x, pi_logits, alpha, beta, eps)
+    # log pi_k differs from the logits by a per-pixel constant, which the softmax cancels: the
+    # logits keep TFP's Categorical (a sparse softmax cross-entropy, which TFLite lacks) out of
+    # the exported segmentation graph.
+    joint = _f32(pi_logits) + beta_log_prob(x, alpha, beta, eps)
     return tf.nn.softmax(tf.where(_allowed_mask(allowed, joint), joint, MASKED_LOG), axis=-1)
 
 

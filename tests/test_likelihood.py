@@ -148,6 +148,11 @@ def test_responsibilities():
     # Without `allowed`: the unrestricted posterior.
     r_all = responsibilities(x, pi_logits, alpha, beta).numpy()
     np.testing.assert_allclose(r_all, special.softmax(joint, axis=-1), atol=1e-5)
+    # The posterior decision is exported to TFLite, which has no sparse softmax cross-entropy
+    # (what TFP's Categorical.log_prob traces to): the graph must not hold one.
+    traced = tf.function(responsibilities).get_concrete_function(x, pi_logits, alpha, beta, allowed)
+    ops = {op.type for op in traced.graph.get_operations()}
+    assert not any("SparseSoftmaxCrossEntropy" in t for t in ops), ops
 
 
 def test_jensen_reconstruction_loss():
