@@ -90,3 +90,67 @@ def run_on_terminal(command: list, env: dict, cwd=None, timeout: float = 900):
     reader.join(timeout=60)
     os.close(master)
     return child.returncode, stdout, b"".join(chunks).decode("utf-8", "replace")
+
+
+def write_ct_dicom(
+    path,
+    stored=None,
+    *,
+    hu=None,
+    slope=1.0,
+    intercept=0.0,
+    position=(0.0, 0.0, 0.0),
+    orientation=(1, 0, 0, 0, 1, 0),
+    pixel_spacing=None,
+    thickness=None,
+    series="1.2.3.4",
+    study=None,
+    frame_of_reference=None,
+    number=1,
+    modality="CT",
+    description=None,
+    patient_id=None,
+    **attributes,
+):
+    """Write a single-frame CT DICOM file (int16 pixels, explicit VR little endian) and
+    return `path`. Pixels: `stored` values as they are, or `hu` stored as
+    rint((hu - intercept) / slope). `pixel_spacing` (row, column) and `thickness` (mm),
+    `study` and `frame_of_reference` UIDs, `description` and `patient_id` are left out when
+    None; `attributes` are further DICOM attributes by keyword (PatientName="Test^P", ...)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    if (stored is None) == (hu is None):
+        raise TypeError("write_ct_dicom: give exactly one of stored= and hu=")
+    if hu is not None:
+        stored = np.rint((np.asarray(hu, float) - intercept) / slope)
+    stored = np.ascontiguousarray(stored, dtype="<i2")
+    uid = generate_uid()
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = uid
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, uid
+    ds.Modality, ds.SeriesInstanceUID, ds.InstanceNumber = modality, series, number
+    optional = {
+        "PatientID": patient_id,
+        "StudyInstanceUID": study,
+        "FrameOfReferenceUID": frame_of_reference,
+        "SeriesDescription": description,
+        "PixelSpacing": None if pixel_spacing is None else list(pixel_spacing),
+        "SliceThickness": thickness,
+    }
+    for keyword, value in {**optional, **attributes}.items():
+        if value is not None:
+            setattr(ds, keyword, value)
+    ds.Rows, ds.Columns = stored.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    ds.ImagePositionPatient = [float(x) for x in position]
+    ds.ImageOrientationPatient = [float(x) for x in orientation]
+    ds.PixelData = stored.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path

@@ -9,8 +9,8 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from helpers import write_ct_dicom
+from pydicom.uid import generate_uid
 
 from stitchnet_tf import __version__
 from stitchnet_tf.clinical import (
@@ -39,6 +39,20 @@ PROVENANCE = {
 }
 
 
+#: Patient, study and series attributes (beyond the UIDs and PatientID) a DICOM-SEG needs
+PATIENT_STUDY = {
+    "PatientName": "Test^P",
+    "PatientBirthDate": "",
+    "PatientSex": "O",
+    "StudyDate": "20260102",
+    "StudyTime": "030405",
+    "StudyID": "1",
+    "AccessionNumber": "A1",
+    "ReferringPhysicianName": "",
+    "SeriesNumber": 3,
+}
+
+
 def write_ct_series(folder, hu: np.ndarray, *, spacing=(0.7, 0.8), thickness=2.5, z0=-40.0):
     """Write a CT series (one file per slice of `hu` [K, H, W], slice k at z0 + k*thickness)
     with the patient, study and geometry attributes a DICOM-SEG needs; return the files in
@@ -47,30 +61,20 @@ def write_ct_series(folder, hu: np.ndarray, *, spacing=(0.7, 0.8), thickness=2.5
     study, series, frame = generate_uid(), generate_uid(), generate_uid()
     paths = []
     for k, plane in enumerate(hu):
-        uid = generate_uid()
-        meta = FileMetaDataset()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = uid
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CTImageStorage, uid, "CT"
-        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Test^P", "P1", "", "O"
-        ds.StudyInstanceUID, ds.StudyDate, ds.StudyTime = study, "20260102", "030405"
-        ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "A1", ""
-        ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = series, 3, k + 1
-        ds.FrameOfReferenceUID = frame
-        ds.ImagePositionPatient = [-10.0, -20.0, z0 + thickness * k]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.PixelSpacing = list(spacing)
-        ds.SliceThickness = thickness
-        ds.Rows, ds.Columns = plane.shape
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.RescaleSlope, ds.RescaleIntercept = 1.0, -1024.0
-        ds.PixelData = np.ascontiguousarray(plane + 1024, "<i2").tobytes()
-        path = folder / f"IM{K - k:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
+        path = write_ct_dicom(
+            folder / f"IM{K - k:04d}.dcm",
+            plane + 1024,  # stored values: HU + 1024
+            intercept=-1024.0,
+            position=(-10.0, -20.0, z0 + thickness * k),
+            pixel_spacing=spacing,
+            thickness=thickness,
+            series=series,
+            study=study,
+            frame_of_reference=frame,
+            number=k + 1,
+            patient_id="P1",
+            **PATIENT_STUDY,
+        )
         paths.append(path)
     return paths
 

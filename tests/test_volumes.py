@@ -10,6 +10,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import write_ct_dicom
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 
 from stitchnet_tf.data import io, volumes
@@ -157,33 +158,23 @@ def write_dicom(
     intercept=-1024.0,
 ):
     """A CT-like single-frame DICOM file of `hu` (stored as (hu - intercept) / slope)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    stored_values = np.rint((np.asarray(hu, float) - intercept) / slope).astype("<i2")
-    uid = generate_uid()
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = uid
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, uid
-    ds.PatientID, ds.StudyInstanceUID = "P1", "1.2.826.0.1.3680043.7.100"
-    ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.7.300"
-    ds.Modality, ds.SeriesInstanceUID, ds.SeriesDescription = modality, series, description
-    ds.InstanceNumber = number
-    ds.Rows, ds.Columns = stored_values.shape
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    ds.PixelSpacing = [SPACING[1], SPACING[2]]  # row spacing, column spacing
-    ds.SliceThickness = SPACING[0]
-    ds.ImagePositionPatient = [float(x) for x in position]
-    ds.ImageOrientationPatient = [float(x) for x in orientation]
-    ds.PixelData = stored_values.tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return write_ct_dicom(
+        path,
+        hu=hu,
+        slope=slope,
+        intercept=intercept,
+        position=position,
+        orientation=orientation,
+        pixel_spacing=(SPACING[1], SPACING[2]),  # row spacing, column spacing
+        thickness=SPACING[0],
+        series=series,
+        study="1.2.826.0.1.3680043.7.100",
+        frame_of_reference="1.2.826.0.1.3680043.7.300",
+        number=number,
+        modality=modality,
+        description=description,
+        patient_id="P1",
+    )
 
 
 #: LPS origin of the series: the first slice's top left pixel
