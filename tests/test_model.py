@@ -50,7 +50,7 @@ def trained(batch):
     model = StitchNet(**GENERATIVE)
     model.compile(optimizer=keras.optimizers.Adam(3e-3))
     data = tf.data.Dataset.from_tensors({"x": x, "allowed": allowed}).repeat()
-    history = model.fit(data, epochs=8, steps_per_epoch=20, verbose=0)
+    history = model.fit(data, epochs=5, steps_per_epoch=20, verbose=0)
     return model, history.history
 
 
