@@ -32,18 +32,7 @@ def pytest_addoption(parser):
     )
 
 
-#: The files that take longest (minutes: they train models through the CLI), longest first.
-#: The workers take whole files in collection order (`--dist loadfile`): starting these first
-#: keeps one long file from running alone at the end (longest-first scheduling).
-LONG_FILES = (
-    "test_cli_train.py", "test_model.py", "test_export.py", "test_demo.py", "test_distribute.py",
-    "test_battery.py", "test_base.py", "test_wheel.py", "test_hostile.py", "test_consistency.py",
-)  # fmt: skip
-
-
 def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONG_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable
     if config.getoption("--learning"):
         return
     skip = pytest.mark.skip(reason="learning guard: run with --learning")
