@@ -13,7 +13,6 @@ A name whose files are missing is a `DataError`, never a silent fallback to anot
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,15 +114,6 @@ def resolve(model: str | os.PathLike) -> Path:
         return Path(model)
     path = shipped_path(str(model))
     return path.parent if SHIPPED[str(model)].kind == "lesion" else path
-
-
-def sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file (a model's identity in provenance records)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def list_models() -> list[dict]:
