@@ -125,9 +125,10 @@ MAX_SKIPPED = 0.5
 
 
 def make_optimizer(config: TrainConfig):
-    """The run's optimizer: AdamW (default) or Adam on `learning_rate_schedule(config)`, with
-    an EMA of the weights when `config.ema` is set (used for validation and the checkpoints)."""
-    import keras
+    """The run's optimizer: AdamW (default) or Adam, fused (`models.optimizers`), on
+    `learning_rate_schedule(config)`, with an EMA of the weights when `config.ema` is set
+    (used for validation and the checkpoints)."""
+    from stitchnet_tf.models.optimizers import FusedAdam, FusedAdamW
 
     if config.optimizer not in OPTIMIZERS:
         raise DataError(None, f"unknown optimizer {config.optimizer!r}: use adamw or adam")
@@ -137,10 +138,8 @@ def make_optimizer(config: TrainConfig):
         raise DataError(None, f"--ema must be in (0, 1), got {config.ema}")
     ema = dict(use_ema=config.ema is not None, ema_momentum=config.ema or 0.99)
     if config.optimizer == "adam":
-        return keras.optimizers.Adam(learning_rate_schedule(config), **ema)
-    optimizer = keras.optimizers.AdamW(
-        learning_rate_schedule(config), weight_decay=config.weight_decay, **ema
-    )
+        return FusedAdam(learning_rate_schedule(config), **ema)
+    optimizer = FusedAdamW(learning_rate_schedule(config), weight_decay=config.weight_decay, **ema)
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "gain"])
     return optimizer
 

@@ -215,7 +215,7 @@ def test_unet_baseline_trains_and_evaluates(data, tmp_path):
 
     best = keras.saving.load_model(out / "best.keras", safe_mode=True)
     last = keras.saving.load_model(out / "last.keras", safe_mode=True)
-    assert type(last.optimizer).__name__ == "AdamW" and last.optimizer.use_ema
+    assert type(last.optimizer).__name__ == "FusedAdamW" and last.optimizer.use_ema
     averaged = last.optimizer._model_variables_moving_average
     for b, avg in zip(best.trainable_variables, averaged, strict=True):
         np.testing.assert_allclose(b.numpy(), avg.numpy(), rtol=1e-6, atol=1e-7)

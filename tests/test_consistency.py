@@ -17,6 +17,7 @@ from stitchnet_tf.models.consistency import (
     rampup,
     strong_intensity,
 )
+from stitchnet_tf.models.optimizers import FusedAdam
 from stitchnet_tf.models.stitchnet import StitchNet, ordered_logits
 
 
@@ -118,7 +119,7 @@ def test_a_baseline_trains_with_the_term_and_round_trips(tmp_path):
     model = SegNet(
         width=0.125, seed=0, consistency_weight=1.0, consistency_threshold=0.3, teacher="ema"
     )
-    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    model.compile(optimizer=FusedAdam(1e-3))
     history = model.fit(tf.data.Dataset.from_tensors(data).repeat(2), epochs=1, verbose=0).history
     assert history["consistency"][-1] > 0 and 0 < history["confident"][-1] <= 1
     model.save(tmp_path / "m.keras")
@@ -163,7 +164,7 @@ def test_stitchnet_informative_likelihood_and_consistency_term():
         x, tf.zeros_like(a), a, b, tf.constant([0.0, 1, 1, 1]) + tf.zeros_like(a)
     )
     assert list(np.argmax(r.numpy()[0, 0], -1)) == [1, 2, 3]
-    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    model.compile(optimizer=FusedAdam(1e-3))
     value, confident = model.consistency_term(data, model(data["x"], training=True))
     assert np.isfinite(float(value)) and float(value) > 0 and float(confident) == pytest.approx(1.0)
 

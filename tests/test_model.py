@@ -15,6 +15,7 @@ from helpers import lesion_batch
 from stitchnet_tf.models.backbone import Backbone
 from stitchnet_tf.models.ladder import SVAELadder, precision_weighted_merge
 from stitchnet_tf.models.layers import BOTTLENECK_ABOVE, Conv, LatentParams
+from stitchnet_tf.models.optimizers import FusedAdam
 from stitchnet_tf.models.stitchnet import StitchNet
 
 TINY = dict(width=0.25, backbone_alpha=0.35, seed=0)
@@ -48,7 +49,7 @@ def trained(batch):
     keras.utils.set_random_seed(0)
     x, allowed = batch
     model = StitchNet(**GENERATIVE)
-    model.compile(optimizer=keras.optimizers.Adam(3e-3))
+    model.compile(optimizer=FusedAdam(3e-3))
     data = tf.data.Dataset.from_tensors({"x": x, "allowed": allowed}).repeat()
     history = model.fit(data, epochs=5, steps_per_epoch=20, verbose=0)
     return model, history.history
@@ -92,6 +93,21 @@ def test_bottleneck_above_64_filters():
 
 
 # --------------------------------------------------------------------------- sharing
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
+def test_ladder_symbolic_outputs_match_a_real_call(policy):
+    """The ladder builds its blocks eagerly and states its output shapes instead of Keras
+    tracing it: the stated shapes and dtypes must be those of a real call."""
+    filters = (8, 8, 16, 16, 32)
+    ladder = SVAELadder(filters, dtype=policy)
+    ds = [tf.zeros((2, 32 // 2**i, 48 // 2**i, f)) for i, f in enumerate(filters)]
+    real = ladder(ds, training=False)
+    symbolic = ladder([keras.KerasTensor((None, None, None, f)) for f in filters])
+    keras.tree.assert_same_structure(real, symbolic)
+    for r, s in zip(keras.tree.flatten(real), keras.tree.flatten(symbolic), strict=True):
+        assert r.shape[-1] == s.shape[-1] and r.dtype == s.dtype
+    assert len(ladder.weights) > 100  # every block was built by the eager pass
 
 
 def test_mapping_b_is_shared_by_inference_and_prior():
@@ -239,7 +255,7 @@ def test_mixed_bfloat16_training_step_is_finite(batch):
         model = StitchNet(**TINY)
         assert model.backbone.compute_dtype == "bfloat16"
         # run_eagerly: the same train_step without the minute-long graph trace
-        model.compile(optimizer=keras.optimizers.Adam(1e-3), run_eagerly=True)
+        model.compile(optimizer=FusedAdam(1e-3), run_eagerly=True)
         data = tf.data.Dataset.from_tensors({"x": x[:2], "allowed": allowed[:2]}).repeat()
         history = model.fit(data, epochs=1, steps_per_epoch=2, verbose=0).history
         out = model(x[:2])

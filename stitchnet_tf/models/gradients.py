@@ -42,14 +42,28 @@ class GradientMonitor:
     def metrics(self) -> list:
         return [self.global_norm, self.clipped, *self.norms.values()]
 
-    def update(self, grads, blocks, global_norm, clipped) -> None:
+    def update(self, halves, blocks, global_norm, clipped, scale=None) -> None:
+        """Record one step from the per-variable ½‖g‖² `halves` (None for no gradient), their
+        `blocks`, the global norm, whether clipping bound and the loss scale (None: 1)."""
         finite = tf.math.is_finite(global_norm)  # a skipped step (NaN/Inf) is left out
         for name in self.blocks:
-            part = [g for g, b in zip(grads, blocks, strict=True) if b == name and g is not None]
+            part = [h for h, b in zip(halves, blocks, strict=True) if b == name and h is not None]
             if part:
-                update_if_finite(self.norms[name], tf.linalg.global_norm(part), finite)
+                norm = _norm_of(part) if scale is None else _norm_of(part) / scale
+                update_if_finite(self.norms[name], norm, finite)
         update_if_finite(self.global_norm, global_norm, finite)
         update_if_finite(self.clipped, tf.cast(clipped, tf.float32), finite)
+
+
+def _halves(grads) -> list:
+    """½‖g‖² of each gradient in float32 (None stays None): one graph op per variable, shared by
+    the global norm, the block norms and the finiteness check. A model has hundreds of
+    variables, and every per-variable op is paid again in each `train_step` trace."""
+    return [None if g is None else tf.nn.l2_loss(tf.cast(g, tf.float32)) for g in grads]
+
+
+def _norm_of(halves):
+    return tf.sqrt(2.0 * tf.add_n(halves))
 
 
 def clip_gradients(
@@ -79,51 +93,62 @@ def clip_gradients(
         summed = iter(ctx.all_reduce(tf.distribute.ReduceOp.SUM, present))
         grads = [None if g is None else next(summed) for g in grads]
     scale = getattr(optimizer, "dynamic_scale", None)
-    scale = 1.0 if scale is None else ops.cast(scale, "float32")
-    unscaled = [None if g is None else tf.cast(g, tf.float32) / scale for g in grads]
-    norm = tf.linalg.global_norm([g for g in unscaled if g is not None])
-    clipped_any = tf.constant(False)
-    out = []
-    for g in grads:
-        if g is not None:
-            c = g
-            if clipvalue:
-                c = tf.clip_by_value(c, -clipvalue * scale, clipvalue * scale)
-            if clipnorm:
-                c = tf.clip_by_norm(c, clipnorm * scale)
-            g = tf.where(tf.math.is_finite(g), c, g)
-        out.append(g)
+    scale = None if scale is None else ops.cast(scale, "float32")
+    halves = _halves(grads)
+    norm = _norm_of([h for h in halves if h is not None])
+    if scale is not None:  # the norm in the units of the unscaled loss
+        norm = norm / scale
+    out, clipped_any = grads, tf.constant(False)
     if clipvalue or clipnorm:
+        s = 1.0 if scale is None else scale
+        out = []
+        for g in grads:
+            if g is not None:
+                c = g
+                if clipvalue:
+                    c = tf.clip_by_value(c, -clipvalue * s, clipvalue * s)
+                if clipnorm:
+                    c = tf.clip_by_norm(c, clipnorm * s)
+                g = tf.where(tf.math.is_finite(g), c, g)
+            out.append(g)
         changed = [tf.reduce_any(a != b) for a, b in zip(out, grads, strict=True) if a is not None]
         clipped_any = tf.reduce_any(tf.stack(changed))
     if global_clipnorm:
         factor = tf.minimum(1.0, global_clipnorm / tf.maximum(norm, 1e-12))
         factor = tf.where(tf.math.is_finite(norm), factor, 1.0)
         clipped_any = clipped_any | (factor < 1.0)
-        out = [None if g is None else g * tf.cast(factor, g.dtype) for g in out]
+        factors = {}  # one cast per dtype, not per variable
+        out = [
+            None if g is None else g * factors.setdefault(g.dtype, tf.cast(factor, g.dtype))
+            for g in out
+        ]
     if monitor is not None:
-        monitor.update(unscaled, blocks, norm, clipped_any)
+        monitor.update(halves, blocks, norm, clipped_any, scale)
     if replicas > 1:
         out = [None if g is None else g * (1.0 / replicas) for g in out]
     return out
 
 
 def skip_non_finite(grads, optimizer, skipped=None):
-    """Guard one step against a bad batch: when any gradient is NaN or infinite, every gradient
-    of the step becomes zero, so the weights are not poisoned. Returns (grads, finite), finite a
-    scalar bool tensor; `skipped` (a Mean metric) records whether the step was skipped.
+    """Guard one step against a bad batch: when any gradient is NaN or infinite (or their global
+    norm overflows float32), every gradient of the step becomes zero, so the weights are not
+    poisoned. Returns (grads, finite), finite a scalar bool tensor; `skipped` (a Mean metric)
+    records whether the step was skipped.
 
     A zeroed step still moves the weights by Adam's momentum and the weight decay. Under a
     `LossScaleOptimizer` the gradients are returned as they are: it skips such steps itself
     (and lowers its loss scale).
     """
-    present = [g for g in grads if g is not None]
-    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in present])
+    finite = tf.math.is_finite(_norm_of([h for h in _halves(grads) if h is not None]))
     if skipped is not None:
         skipped.update_state(1.0 - tf.cast(finite, tf.float32))
     if getattr(optimizer, "dynamic_scale", None) is not None:
         return grads, finite
-    return [None if g is None else tf.where(finite, g, tf.zeros_like(g)) for g in grads], finite
+    zeros = {}  # a scalar zero per dtype, broadcast by `where`
+    return [
+        None if g is None else tf.where(finite, g, zeros.setdefault(g.dtype, tf.zeros((), g.dtype)))
+        for g in grads
+    ], finite
 
 
 def update_if_finite(metric, value, finite) -> None:

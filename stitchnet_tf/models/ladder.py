@@ -12,6 +12,7 @@ Generation runs the same pass with q = p at every level.
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 from keras import layers, ops
 
 from stitchnet_tf.likelihood import gaussian_kl, gaussian_kl_mc
@@ -95,6 +96,41 @@ class SVAELadder(layers.Layer):
             )
             for i in range(self.levels)
         ]
+        if tf.executing_eagerly():
+            self._build_blocks(input_shape)
+
+    def _build_blocks(self, ds_shape):
+        """Create every block's weights with one eager pass on zeros (1 px at level L).
+
+        Keras would otherwise trace `call` into a throw-away graph to infer the output shapes
+        of the functional StitchNet: some 46 000 graph ops, half a minute on a CPU for every
+        model built or loaded, against about a second eagerly. `compute_output_spec` then gives
+        the shapes from this pass.
+        """
+        n = self.levels
+        ds = [
+            ops.zeros((1, 2 ** (n - 1 - i), 2 ** (n - 1 - i), shape[-1]), self.compute_dtype)
+            for i, shape in enumerate(ds_shape)
+        ]
+        out = self._descend(ds, training=False, sample=False, kl=True)
+        self._spec = {  # key -> (channels, dtype); lists share one entry
+            k: (v[0] if isinstance(v, list) else v).shape[-1:] for k, v in out.items()
+        }
+        self._dtypes = {k: (v[0] if isinstance(v, list) else v).dtype for k, v in out.items()}
+
+    def compute_output_spec(self, ds, training=None, sample=None, kl=True):
+        if not hasattr(self, "_spec"):
+            return super().compute_output_spec(ds, training=training, sample=sample, kl=kl)
+
+        def like(d, key):
+            return keras.KerasTensor((*d.shape[:-1], *self._spec[key]), dtype=self._dtypes[key])
+
+        out = {"features": like(ds[0], "features")}
+        for key in ("z", "mu", "sigma", "prior_mu", "prior_sigma"):
+            out[key] = [like(d, key) for d in ds]
+        if kl:
+            out["kl"] = keras.KerasTensor((ds[0].shape[0], self.levels), dtype=self._dtypes["kl"])
+        return out
 
     @property
     def levels(self) -> int:

@@ -33,6 +33,17 @@ def _register(cls):
     return keras.saving.register_keras_serializable(package="stitchnet_tf")(cls)
 
 
+class Block(layers.Layer):
+    """A layer made of other layers, which build on its first eager or traced call.
+
+    Without a `build`, Keras builds a layer by first tracing `call` into a scratch graph, even
+    when the call is eager: seconds per block on a CPU, half a minute per StitchNet.
+    """
+
+    def build(self, input_shape):
+        pass
+
+
 @_register
 class Norm(layers.Layer):
     """The blocks' normalisation: BatchNorm (the paper) or GroupNorm.
@@ -67,7 +78,7 @@ class Norm(layers.Layer):
 
 
 @_register
-class Conv(layers.Layer):
+class Conv(Block):
     """The paper's k×k convolution to `filters` channels, [B, H, W, C] -> [B, H, W, filters].
 
     Above `BOTTLENECK_ABOVE` filters it is a bottleneck 1×1 (f/4) → BN → ReLU → k×k (f/4) →
@@ -157,7 +168,7 @@ class ResBlock(layers.Layer):
 
 
 @_register
-class Smooth(layers.Layer):
+class Smooth(Block):
     """Conv → BN → ReLU → Conv, `n_res` ResBlocks, BN → ReLU: [B,H,W,C] -> [B,H,W,filters].
 
     `n_res=3` is the paper's Smooth, `n_res=1` its LightSmooth (see `LightSmooth`).
@@ -200,7 +211,7 @@ def LightSmooth(filters: int, **kwargs) -> Smooth:  # noqa: N802 (a block name f
 
 
 @_register
-class Upsample(layers.Layer):
+class Upsample(Block):
     """×2 upsampling to `filters` channels → Norm → ReLU: [B,h,w,C] -> [B,2h,2w,filters].
 
     `mode="resize"` (default): nearest-neighbour ×2 then a 3×3 `Conv` (bottlenecked above 64
@@ -258,7 +269,7 @@ class Upsample(layers.Layer):
 
 
 @_register
-class TopDown(layers.Layer):
+class TopDown(Block):
     """Mapping (a), d_i -> d̃_{i−1}: Upsample (×2) → LightSmooth.
 
     [B, h, w, f_i] -> [B, 2h, 2w, `filters`] with `filters` = f_{i−1}, so that the shared
@@ -287,7 +298,7 @@ class TopDown(layers.Layer):
 
 
 @_register
-class LatentParams(layers.Layer):
+class LatentParams(Block):
     """Mapping (b), d -> (μ, σ) of a one-channel Gaussian z (paper Fig. 5b).
 
     Conv 3×3 to f/2 → LightSmooth, then two branches, each Conv 3×3 to f/4 → LightSmooth →
@@ -342,7 +353,7 @@ class LatentParams(layers.Layer):
 
 
 @_register
-class LatentToFeatures(layers.Layer):
+class LatentToFeatures(Block):
     """Mapping (c), z_i -> d_i (paper Fig. 5c): [B,h,w,1] -> [B,h,w,f].
 
     Conv 3×3 to f/2 → LightSmooth → Conv 3×3 to f → LightSmooth → Smooth (`light=True`
