@@ -74,14 +74,14 @@ def _tiny(classes=3, seed=0):
 def test_only_unknown_lung_pixels_take_part_and_the_threshold_filters():
     net = _tiny()
     term = Consistency(net, weight=2.0, threshold=0.0, seed=0)
-    probs = lambda x: tf.nn.softmax(net(x))  # noqa: E731
+    probs = lambda x, keep=None: tf.nn.softmax(net(x))  # noqa: E731
     labelled_only = _batch(n_unlabelled=0)
     value, confident = term.loss(labelled_only, 0, probs, net)
     assert float(value) == 0.0 and float(confident) == 0.0  # nothing unknown: no term
     value, confident = term.loss(_batch(), 0, probs, net)
     assert float(value) > 0 and float(confident) == pytest.approx(1.0)
     strict = Consistency(net, weight=2.0, threshold=0.999, seed=0)
-    uniform = lambda x: tf.ones(tf.concat([tf.shape(x)[:3], [3]], 0)) / 3.0  # noqa: E731
+    uniform = lambda x, keep=None: tf.ones(tf.concat([tf.shape(x)[:3], [3]], 0)) / 3.0  # noqa: E731
     value, confident = strict.loss(_batch(), 0, uniform, net)
     assert float(value) == 0.0 and float(confident) == 0.0  # no teacher pixel is confident
     # the term is the weight x the ramp x the cross-entropy: ramp 0.0067 at step 0 of 100
@@ -181,3 +181,18 @@ def test_consistency_without_unlabelled_slices_is_refused_before_reading():
         check_config(TrainConfig(**base, unlabelled="u", unlabelled_per_batch=0, model_options=on))
     check_config(TrainConfig(**base, unlabelled="u", model_options=on))
     check_config(TrainConfig(**base, max_labelled=2, model_options=on))
+
+
+def test_a_baseline_as_its_own_teacher_reuses_the_steps_forward():
+    """teacher="self": the pseudo-labels come from the batch's forward handed to the term
+    (confident where those logits are), not from a second pass of the model."""
+    data = _batch(size=32)
+    model = SegNet(width=0.125, seed=0, consistency_weight=1.0, consistency_threshold=0.9)
+    model.compile(optimizer=FusedAdam(1e-3))
+    shape = (*data["x"].shape[:3], 3)
+    sure = tf.constant(np.eye(3, dtype="float32")[np.ones(shape[:3], int)] * 50.0)
+    unsure = tf.zeros(shape)
+    _, confident = model.consistency_term(data, sure)
+    assert float(confident) == pytest.approx(1.0)
+    _, confident = model.consistency_term(data, unsure)
+    assert float(confident) == 0.0

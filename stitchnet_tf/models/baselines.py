@@ -27,7 +27,7 @@ from stitchnet_tf.data.classes import BACKGROUND, CON, GGO, HEALTHY
 from stitchnet_tf.data.intensity import check_intensity
 from stitchnet_tf.models.backbone import scaled_filters, set_bn_momentum
 from stitchnet_tf.models.base import SegmentationModel, SetDice
-from stitchnet_tf.models.consistency import Consistency
+from stitchnet_tf.models.consistency import Consistency, consistency_options
 from stitchnet_tf.models.gradients import (
     clip_gradients,
     replica_loss,
@@ -239,28 +239,38 @@ class SetSupervisedMixin(SegmentationModel):
             grads, self.optimizer, self.clipnorm, self.clipvalue, self.global_clipnorm
         )
 
+    #: whether `perturbed_logits` exists: UniMatch's feature-perturbed pass (U-Net only)
+    feature_perturbation = False
+
     def perturbed_logits(self, x):
-        """The feature-perturbed pass of the consistency term, or None (SegNet: none)."""
-        return None
+        """The feature-perturbed pass of the consistency term (see `feature_perturbation`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no feature-perturbed pass")
 
-    def consistency_term(self, data):
+    def consistency_term(self, data, logits):
         """Weak-to-strong consistency on the batch's unlabelled pixels (`models.consistency`):
-        teacher and student in training mode (batch statistics), as in FixMatch."""
+        teacher and student in training mode (batch statistics), as in FixMatch. `logits` is
+        this step's forward on the batch: with the model as its own teacher, the teacher's
+        view of the weak slices is that forward, not a second one."""
 
-        def teacher_probs(x_u):
-            return ops.softmax(ops.cast(self(x_u, training=True), "float32"), axis=-1)
+        def teacher_probs(x_u, keep):
+            if self.consistency.teacher == "ema":  # the teacher's weights: a pass of its own
+                teacher = self(x_u, training=True)
+            else:
+                teacher = tf.boolean_mask(logits, keep)
+            return ops.softmax(ops.cast(teacher, "float32"), axis=-1)
 
         def student_logits(x_s):
             return self(x_s, training=True)
 
-        perturbed = None
-        if type(self).perturbed_logits is not SetSupervisedMixin.perturbed_logits:
-
-            def perturbed(x_u, keep):
-                return self.perturbed_logits(x_u)
+        def perturbed(x_u, keep):
+            return self.perturbed_logits(x_u)
 
         return self.consistency.loss(
-            data, self.optimizer.iterations, teacher_probs, student_logits, perturbed
+            data,
+            self.optimizer.iterations,
+            teacher_probs,
+            student_logits,
+            perturbed if self.feature_perturbation else None,
         )
 
     def _update_metrics(self, loss, allowed, logits, finite=None, extra=()):
@@ -284,7 +294,7 @@ class SetSupervisedMixin(SegmentationModel):
             loss = self.compute_set_loss(allowed, logits)
             extra = ()
             if self.consistency.on:
-                extra = self.consistency_term(data)
+                extra = self.consistency_term(data, logits)
                 loss = loss + extra[0]
             scaled = self.optimizer.scale_loss(replica_loss(loss))
         variables = self.trainable_variables
@@ -369,12 +379,8 @@ class UNet(SetSupervisedMixin, keras.Model):
         **kwargs,
     ):
         self._check_options(loss)
-        consistency = dict(
-            weight=consistency_weight,
-            threshold=consistency_threshold,
-            rampup_steps=consistency_rampup,
-            teacher=teacher,
-            decay=teacher_decay,
+        consistency = consistency_options(
+            consistency_weight, consistency_threshold, consistency_rampup, teacher, teacher_decay
         )
         filters = scaled_filters(width, UNET_FILTERS)
         with _seeded(seed):
@@ -419,6 +425,8 @@ class UNet(SetSupervisedMixin, keras.Model):
         self._init_training(
             loss, focal_gamma, clipnorm, clipvalue, seed, global_clipnorm, intensity, consistency
         )
+
+    feature_perturbation = True
 
     def perturbed_logits(self, x, rate: float = 0.5):
         """UniMatch's feature perturbation: the decoder on the encoder's skips and bottleneck
@@ -494,12 +502,8 @@ class SegNet(SetSupervisedMixin, keras.Model):
         **kwargs,
     ):
         self._check_options(loss)
-        consistency = dict(
-            weight=consistency_weight,
-            threshold=consistency_threshold,
-            rampup_steps=consistency_rampup,
-            teacher=teacher,
-            decay=teacher_decay,
+        consistency = consistency_options(
+            consistency_weight, consistency_threshold, consistency_rampup, teacher, teacher_decay
         )
         filters = scaled_filters(width, SEGNET_FILTERS)
         with _seeded(seed):

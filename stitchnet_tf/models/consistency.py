@@ -158,9 +158,10 @@ class Consistency:
         """The consistency term and the share of taking-part pixels with a confident label.
 
         data: the batch {x [B,H,W,1], allowed [B,H,W,4], lung [B,H,W,1]}; step: the optimizer
-        step (ramp-up). teacher_probs(x) -> lesion-view probabilities [b,H,W,C] (no gradient
-        needed); student_logits(x) -> logits [b,H,W,C] in training mode; perturbed_logits(x,
-        keep) -> feature-perturbed student logits on the weak slices, or None (no FP pass).
+        step (ramp-up). teacher_probs(x_u, keep) -> lesion-view probabilities [b,H,W,C] of the
+        weak slices x_u = x[keep] (no gradient needed); student_logits(x) -> logits [b,H,W,C]
+        in training mode; perturbed_logits(x, keep) -> feature-perturbed student logits on the
+        weak slices, or None (no FP pass).
         Returns (ramped weight × term, confident share), scalars.
         """
         x, allowed, lung = data["x"], tf.cast(data["allowed"], tf.float32), data["lung"]
@@ -173,7 +174,7 @@ class Consistency:
 
         def term():
             with self.teacher_scope():
-                probs = tf.stop_gradient(tf.cast(teacher_probs(x_u), tf.float32))
+                probs = tf.stop_gradient(tf.cast(teacher_probs(x_u, keep), tf.float32))
             target = tf.argmax(probs, -1, output_type=tf.int32)
             weight = tf.cast(tf.reduce_max(probs, -1) >= self.threshold, tf.float32) * region
             # strong view: CutMix the slices and their pseudo-labels, then intensity jitter
@@ -197,6 +198,24 @@ class Consistency:
         zero = tf.constant(0.0)
         value, confident = tf.cond(tf.reduce_any(keep), term, lambda: (zero, zero))
         return self.weight * rampup(step, self.rampup_steps) * value, confident
+
+
+def consistency_options(
+    consistency_weight: float = CONSISTENCY_DEFAULTS["consistency_weight"],
+    consistency_threshold: float = CONSISTENCY_DEFAULTS["consistency_threshold"],
+    consistency_rampup: int = CONSISTENCY_DEFAULTS["consistency_rampup"],
+    teacher: str = CONSISTENCY_DEFAULTS["teacher"],
+    teacher_decay: float = CONSISTENCY_DEFAULTS["teacher_decay"],
+) -> dict:
+    """A model's consistency arguments (the names of `Consistency.config`) -> the keyword
+    arguments of `Consistency`."""
+    return dict(
+        weight=consistency_weight,
+        threshold=consistency_threshold,
+        rampup_steps=consistency_rampup,
+        teacher=teacher,
+        decay=teacher_decay,
+    )
 
 
 class _NullScope:

@@ -535,7 +535,7 @@ class StitchNet(SegmentationModel, keras.Model):
         lesion_only = ops.convert_to_tensor([0.0, 1.0, 1.0, 1.0], "float32")
         posterior = self.decision == "posterior"
 
-        def teacher_probs(x_u):
+        def teacher_probs(x_u, keep):
             out = self.forward(x_u, training=True, sample=False, kl=False, styles=posterior)
             if posterior:
                 allowed = lesion_only + ops.zeros_like(out["alpha"])
