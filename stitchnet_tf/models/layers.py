@@ -43,6 +43,12 @@ class Block(layers.Layer):
     def build(self, input_shape):
         pass
 
+    def call(self, x, training=None):
+        """Blocks that are a plain sequence keep their layers in `self.steps`."""
+        for step in self.steps:
+            x = step(x, training=training)
+        return x
+
 
 @_register
 class Norm(layers.Layer):
@@ -113,11 +119,6 @@ class Conv(Block):
                     dtype=self.dtype_policy,
                 )
             ]
-
-    def call(self, x, training=None):
-        for step in self.steps:
-            x = step(x, training=training)
-        return x
 
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], self.filters)
@@ -251,11 +252,6 @@ class Upsample(Block):
             ]
         self.steps += [Norm(self.norm, dtype=policy), layers.ReLU(dtype=policy)]
 
-    def call(self, x, training=None):
-        for step in self.steps:
-            x = step(x, training=training)
-        return x
-
     def compute_output_shape(self, input_shape):
         b, h, w, _ = input_shape
         return (b, None if h is None else 2 * h, None if w is None else 2 * w, self.filters)
@@ -373,11 +369,6 @@ class LatentToFeatures(Block):
             LightSmooth(self.filters, norm=self.norm, dtype=policy),
             Smooth(self.filters, n_res=1 if self.light else 3, norm=self.norm, dtype=policy),
         ]
-
-    def call(self, z, training=None):
-        for step in self.steps:
-            z = step(z, training=training)
-        return z
 
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], self.filters)
