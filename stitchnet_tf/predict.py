@@ -165,9 +165,12 @@ def hounsfield(volume: Volume) -> np.ndarray | None:
 
 
 def dicom_sources(volume: Volume) -> list:
-    """The DICOM datasets (no pixel data) of a series volume, in `to_stored_slices` order."""
+    """The DICOM datasets (no pixel data) of a series volume, in `to_stored_slices` order:
+    those read when its series was found, else read again."""
     from stitchnet_tf.data.volumes import read_dicom
 
+    if volume.series is not None and len(volume.series.headers) == len(volume.files):
+        return list(volume.series.headers)
     return [read_dicom(Path(f), pixels=False) for f in volume.files]
 
 

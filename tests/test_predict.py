@@ -62,3 +62,22 @@ def test_burden_csv_matches_the_written_label_maps(tiny_data, tmp_path):
         assert float(row["ggo_pct"]) == pytest.approx(100 * ggo / lung, abs=1e-3)
         assert float(row["lesion_pct"]) == pytest.approx(100 * (ggo + con) / lung, abs=1e-3)
     assert _counts(png)[1] > 0  # the rule does find GGO on these slices: the test means something
+
+
+def test_dicom_sources_are_the_headers_read_with_the_series(tmp_path, write_ct_dicom):
+    """DICOM-SEG sources come from the series scan, in slice order: no second read."""
+    from stitchnet_tf.data.volumes import read_volume
+    from stitchnet_tf.predict import dicom_sources
+
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for number, z in ((1, 10.0), (2, 0.0), (3, 5.0)):  # stored out of slice order
+        write_ct_dicom(folder / f"s{number}.dcm", np.zeros((32, 32), np.int16), z=z, number=number)
+    volume = read_volume(folder)
+    for f in folder.iterdir():
+        f.unlink()  # a re-read would fail now
+    sources = dicom_sources(volume)
+    assert [float(ds.ImagePositionPatient[2]) for ds in sources] == [0.0, 5.0, 10.0]
+    assert [str(f) for f in volume.files] == [
+        str(folder / n) for n in ("s2.dcm", "s3.dcm", "s1.dcm")
+    ]

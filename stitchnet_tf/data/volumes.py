@@ -144,6 +144,8 @@ class Series:
     positions: tuple[tuple[float, float, float], ...] | None = None
     pixel_spacing: tuple[float, float] | None = None
     thickness: float | None = None
+    #: the files' datasets without pixel data, in `files` order (DICOM-SEG sources)
+    headers: tuple = field(default=(), compare=False, repr=False)
 
     @property
     def slices(self) -> int:
@@ -591,7 +593,7 @@ def _series_of(uid: str, members: list) -> Series:
             along = pos[2]
         else:
             along = float(number)
-        keyed.append((along, number, str(f), pos))
+        keyed.append((along, number, str(f), pos, ds))
     keyed.sort(key=lambda t: t[:3])
     positions = tuple(t[3] for t in keyed)
     return Series(
@@ -605,6 +607,7 @@ def _series_of(uid: str, members: list) -> Series:
         positions=None if any(q is None for q in positions) else positions,
         pixel_spacing=_floats(getattr(first, "PixelSpacing", None), 2),
         thickness=_thickness(first),
+        headers=tuple(t[4] for t in keyed),
     )
 
 
