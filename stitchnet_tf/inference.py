@@ -63,6 +63,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     import keras
 
     import stitchnet_tf.models.baselines  # noqa: F401  (registers the model classes)
+    import stitchnet_tf.models.optimizers  # noqa: F401  (the optimizer saved in run checkpoints)
     import stitchnet_tf.models.stitchnet  # noqa: F401
     from stitchnet_tf import exported
 

@@ -292,11 +292,16 @@ def _make_callbacks(
         """Last of the epoch's callbacks, after the CSV log has its row: save last.keras, then
         state.json, so that a resumed run never lacks the log row of an epoch it skips."""
 
+        def on_train_begin(self, logs=None):
+            self.begin, self.before = time.time(), state.get("train_seconds", 0.0)
+
         def on_epoch_end(self, epoch, logs=None):
             if state.pop("finished_epoch", None) != epoch + 1:
                 return
             _atomic_save(self.model, Run(run).last)
             state["epochs_done"] = epoch + 1
+            # with each epoch, so that a run cut off and resumed still counts all its time
+            state["train_seconds"] = self.before + time.time() - self.begin
             Run(run).write_state(state)
             if os.environ.get(KILL_AFTER_EPOCH_ENV) == str(epoch + 1):  # tests: a crash here
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -709,11 +714,14 @@ def _model(config: TrainConfig, run: Path, state: dict, strategy, log):
     return model
 
 
-def _report(run: Path, state: dict, history, seconds: float, policy: str) -> dict:
-    """Finish the run folder (curves, state) and summarise; a NaN stop is a `TrainingError`."""
+def _report(
+    run: Path, state: dict, history, seconds: float, policy: str, before: float = 0.0
+) -> dict:
+    """Finish the run folder (curves, state) and summarise; a NaN stop is a `TrainingError`.
+    `before`: the training seconds of the run's earlier (resumed-from) calls."""
     if (run / "log.csv").is_file():
         plot_curves(run / "log.csv", run / "curves.png")
-    state["train_seconds"] = state.get("train_seconds", 0.0) + seconds
+    state["train_seconds"] = before + seconds
     state["policy"] = policy
     Run(run).write_state(state)
     if state.get("nan_epoch"):
@@ -799,7 +807,7 @@ def train(
         if chief:
             epochs_left = config.epochs - state["epochs_done"]
             callbacks.append(_estimate(log, config.steps_per_epoch, epochs_left))
-        start = time.time()
+        before, start = state.get("train_seconds", 0.0), time.time()
         history = model.fit(
             batches,
             epochs=config.epochs,
@@ -821,4 +829,4 @@ def train(
             shutil.rmtree(run, ignore_errors=True)
     if not chief:
         return {"run": None, "epochs_done": state["epochs_done"], "seconds": seconds}
-    return _report(run, state, history, seconds, policy)
+    return _report(run, state, history, seconds, policy, before)
