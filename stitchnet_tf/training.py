@@ -292,6 +292,10 @@ def _make_callbacks(
         """Last of the epoch's callbacks, after the CSV log has its row: save last.keras, then
         state.json, so that a resumed run never lacks the log row of an epoch it skips."""
 
+        def __init__(self):
+            super().__init__()
+            self.begin, self.before = time.time(), state.get("train_seconds", 0.0)
+
         def on_train_begin(self, logs=None):
             self.begin, self.before = time.time(), state.get("train_seconds", 0.0)
 
