@@ -294,7 +294,7 @@ def _make_callbacks(
 
         def __init__(self):
             super().__init__()
-            self.begin, self.before = time.time(), state.get("train_seconds", 0.0)
+            self.on_train_begin()  # a clock also for callers that drive epochs by hand
 
         def on_train_begin(self, logs=None):
             self.begin, self.before = time.time(), state.get("train_seconds", 0.0)

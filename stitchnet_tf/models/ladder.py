@@ -113,23 +113,23 @@ class SVAELadder(layers.Layer):
             for i, shape in enumerate(ds_shape)
         ]
         out = self._descend(ds, training=False, sample=False, kl=True)
-        self._spec = {  # key -> (channels, dtype); lists share one entry
-            k: (v[0] if isinstance(v, list) else v).shape[-1:] for k, v in out.items()
-        }
-        self._dtypes = {k: (v[0] if isinstance(v, list) else v).dtype for k, v in out.items()}
+        firsts = {k: v[0] if isinstance(v, list) else v for k, v in out.items()}
+        # key -> (channels, dtype); the entries of a list (one per level) share theirs
+        self._spec = {k: (v.shape[-1], v.dtype) for k, v in firsts.items()}
 
     def compute_output_spec(self, ds, training=None, sample=None, kl=True):
         if not hasattr(self, "_spec"):
             return super().compute_output_spec(ds, training=training, sample=sample, kl=kl)
 
         def like(d, key):
-            return keras.KerasTensor((*d.shape[:-1], *self._spec[key]), dtype=self._dtypes[key])
+            channels, dtype = self._spec[key]
+            return keras.KerasTensor((*d.shape[:-1], channels), dtype=dtype)
 
         out = {"features": like(ds[0], "features")}
         for key in ("z", "mu", "sigma", "prior_mu", "prior_sigma"):
             out[key] = [like(d, key) for d in ds]
         if kl:
-            out["kl"] = keras.KerasTensor((ds[0].shape[0], self.levels), dtype=self._dtypes["kl"])
+            out["kl"] = keras.KerasTensor((ds[0].shape[0], self.levels), dtype=self._spec["kl"][1])
         return out
 
     @property
