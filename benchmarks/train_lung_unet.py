@@ -6,7 +6,9 @@ Usage (from the repository root):
         [--medseg ../shared/data/medseg-covid/labelled [--medseg-exclude SPLIT.json ...]]
         [--init saved_models/lung_unet/lung_unet.keras]
 
-The slices are split by patient with `split_dataset` (fractions 0.6/0.2/0.2, `--seed`): the
+The slices are split by patient with `split_dataset` (fractions 0.6/0.2/0.2, `--seed`; or
+`--split SPLIT.json`, e.g. a cross-validation fold's, so that a fold's lung model never saw its
+test patients): the
 network trains on the train patients, the val patients pick the best checkpoint, and the test
 patients are only used at the end. Augmentation aims beyond zenodo's full-frame CLAHE look
 (MedSeg slices are cropped tight to the thorax, rotated and plainly windowed): crops tight to the
@@ -365,6 +367,12 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (cosine)")
     parser.add_argument("--seed", type=int, default=0, help="split, augmentation and init seed")
+    parser.add_argument(
+        "--split",
+        type=Path,
+        default=None,
+        help="split JSON of --data to use instead of the seeded one (e.g. a CV fold's)",
+    )
     parser.add_argument("--synthetic", type=int, default=30, help="synthetic patients (10 slices)")
     parser.add_argument("--synthetic-fraction", type=float, default=0.15)
     parser.add_argument(
@@ -395,14 +403,20 @@ def main() -> int:
     from stitchnet_tf.data.datasets import discover
     from stitchnet_tf.data.lung_unet import LearnedLungMask, build_lung_unet, mask_from_probability
     from stitchnet_tf.data.lungmask import AutoLungMask
-    from stitchnet_tf.data.splits import split_dataset
+    from stitchnet_tf.data.splits import Split, split_dataset
     from stitchnet_tf.fileio import atomic_write_text
 
     t_start = time.perf_counter()
     keras.utils.set_random_seed(args.seed)
     dataset = discover(args.data, masks_subdir="infection", lungs_subdir="lungs")
-    split = split_dataset(dataset, seed=args.seed)
-    print(f"split (seed {args.seed}): {split.patients}", flush=True)
+    if args.split is not None:
+        split = Split.load(args.split)
+        split.check(dataset)
+        how = f"from `{args.split.name}`"
+    else:
+        split = split_dataset(dataset, seed=args.seed)
+        how = f"with `split_dataset` (seed {args.seed}, fractions {list(split.fractions)})"
+    print(f"split {how}: {split.patients}", flush=True)
     tr_img, tr_lung, _ = load_part(args.data, split.train, dataset)
     va_img, va_lung, va_pat = load_part(args.data, split.val, dataset)
     synth_hu, synth_lung = (
@@ -514,6 +528,7 @@ def main() -> int:
         "benchmark": "train_lung_unet",
         "data": str(args.data),
         "split": {
+            "file": None if args.split is None else str(args.split),
             "seed": args.seed,
             "fractions": list(split.fractions),
             "patients": split.patients,
@@ -564,8 +579,7 @@ def main() -> int:
         "",
         f"U-Net `{out['model']['file']}`: {out['model']['parameters']:,} parameters, "
         f"{args.size}x{args.size} working size, filters {list(filters)}, "
-        f"{out['model']['bytes'] / 1e6:.1f} MB. Split by patient with `split_dataset` "
-        f"(seed {args.seed}, fractions {list(split.fractions)}):",
+        f"{out['model']['bytes'] / 1e6:.1f} MB. Split by patient {how}:",
         "",
         f"- train: {', '.join(split.patients['train'])} ({len(split.train)} slices"
         f"{f' + {len(synth_hu)} synthetic' if synth_hu else ''})",
