@@ -327,6 +327,19 @@ def stats(values: list[float]) -> dict:
     return {"n": n, "mean": mean, "std": std, "sem": std / math.sqrt(n)}
 
 
+def distinct(runs: list[dict]) -> list[dict]:
+    """`runs` without repeats: a deterministic contender (the threshold rule fitted on the same
+    training slices) gives the same scores under every seed, and counts as one observation."""
+    seen, out = set(), []
+    for r in runs:
+        scores = sorted((k, v) for k, v in r.items() if k.startswith(("dice_", "pooled_")))
+        key = (r["contender"], r["fold"], tuple(scores), r.get("low"), r.get("high"))
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
 def report(results: Path) -> None:
     """Rebuild accuracy_cv.md / .json from every finished run under `results/cv/`."""
     from pipeline_throughput import machine
@@ -343,7 +356,9 @@ def report(results: Path) -> None:
         "Per-image Dice (Table 1 F1, lung field from the image alone), mean ± std over folds x "
         "seeds (n runs), standard error in brackets; pooled Dice over each fold's test slices, "
         "mean over runs; Δ rule: mean paired difference in mean lesion Dice to the threshold "
-        "rule on the same folds. Folds: benchmarks/splits/<dataset>_cv5_fold<k>.json.",
+        "rule on the same folds. A contender that scores the same under every seed (the "
+        "threshold rule on the same training slices) counts once a fold. "
+        "Folds: benchmarks/splits/<dataset>_cv5_fold<k>.json.",
         "",
     ]
     for dataset in sorted({r["dataset"] for r in rows}):
@@ -385,7 +400,7 @@ def report(results: Path) -> None:
             ]
             variants = []
             for contender in CONTENDERS:
-                runs = [r for r in group if r["contender"] == contender]
+                runs = distinct([r for r in group if r["contender"] == contender])
                 variants.append((contender, runs))
                 tta = [r | r["tta"] for r in runs if "tta" in r]
                 if tta:

@@ -1,0 +1,63 @@
+"""The cross-validation report's statistics (benchmarks/accuracy.py): repeats count once,
+the paired difference to the rule is taken fold by fold."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+spec = importlib.util.spec_from_file_location("accuracy", BENCHMARKS / "accuracy.py")
+accuracy = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(accuracy)
+
+
+def _run(contender: str, fold: int, seed: int, ggo: float, con: float, **extra) -> dict:
+    return {
+        "dataset": "medseg",
+        "budget": "full",
+        "protocol": "full",
+        "contender": contender,
+        "fold": fold,
+        "seed": seed,
+        "dice_ggo": ggo,
+        "pooled_ggo": ggo,
+        "dice_con": con,
+        "pooled_con": con,
+        "mean_lesion_dice": (ggo + con) / 2,
+        "lung_model": "shipped",
+        **extra,
+    }
+
+
+def test_stats_are_the_sample_mean_std_and_standard_error():
+    s = accuracy.stats([0.2, 0.4, 0.6])
+    assert s["n"] == 3 and s["mean"] == pytest.approx(0.4)
+    assert s["std"] == pytest.approx(0.2) and s["sem"] == pytest.approx(0.2 / 3**0.5)
+
+
+def test_a_seed_independent_rule_counts_once_and_pairs_by_fold(tmp_path):
+    runs = [
+        _run("threshold", 0, 0, 0.4, 0.2, low=0.27, high=0.5),
+        _run("threshold", 0, 1, 0.4, 0.2, low=0.27, high=0.5),  # the same fit again
+        _run("threshold", 1, 0, 0.5, 0.3, low=0.25, high=0.5),
+        _run("unet", 0, 0, 0.5, 0.3),
+        _run("unet", 0, 1, 0.6, 0.2),
+        _run("unet", 1, 0, 0.5, 0.5),
+    ]
+    assert len(accuracy.distinct(runs)) == 5  # only the repeated rule fit goes
+    folder = tmp_path / "cv" / "medseg" / "full"
+    folder.mkdir(parents=True)
+    for r in runs:
+        name = f"{r['contender']}-f{r['fold']}-s{r['seed']}.json"
+        (folder / name).write_text(json.dumps(r))
+    accuracy.report(tmp_path)
+    table = json.loads((tmp_path / "accuracy_cv.json").read_text())["table"]["medseg"]["full"]
+    assert table["threshold"]["runs"] == 2 and table["unet"]["runs"] == 3
+    # unet - rule on the same fold: 0.4 - 0.3, 0.4 - 0.3, 0.5 - 0.4
+    assert table["unet"]["delta_rule"]["mean"] == pytest.approx(0.1)
+    assert table["unet"]["mean_lesion_dice"]["mean"] == pytest.approx((0.4 + 0.4 + 0.5) / 3)
+    assert "| threshold | 2 | 2 |" in (tmp_path / "accuracy_cv.md").read_text()
