@@ -98,7 +98,8 @@ DATASETS = {
     ),
     "zenodo": dict(
         folder="zenodo20-lungs",
-        read={"mask_values": "binary", "masks_subdir": "infection"},
+        # its radiologists' lung masks are labels: the lung field comes from the image alone
+        read={"mask_values": "binary", "masks_subdir": "infection", "lungs_subdir": None},
         classes=("lesion",),
     ),
 }

@@ -88,7 +88,10 @@ def data_options(f):
         "--masks-subdir", default="masks", show_default=True, help="Folder of lesion masks."
     )
     @click.option(
-        "--lungs-subdir", default="lungs", show_default=True, help="Folder of lung masks."
+        "--lungs-subdir",
+        default="lungs",
+        show_default=True,
+        help="Folder of lung masks; 'none' reads none, so the lung field comes from the image.",
     )
     @functools.wraps(f)
     def wrapper(*args, mask_values, patient_pattern, masks_subdir, lungs_subdir, **kwargs):
@@ -98,7 +101,8 @@ def data_options(f):
 
             if path is None:
                 return None
-            return DatasetSpec(path, mask_values, patient_pattern, masks_subdir, lungs_subdir)
+            lungs = None if lungs_subdir.lower() == "none" else lungs_subdir
+            return DatasetSpec(path, mask_values, patient_pattern, masks_subdir, lungs)
 
         return f(*args, reading=reading, **kwargs)
 

@@ -75,7 +75,7 @@ class TrainConfig:
     patient_pattern: str | None = None
     unlabelled_patient_pattern: str | None = None
     masks_subdir: str = "masks"
-    lungs_subdir: str = "lungs"
+    lungs_subdir: str | None = "lungs"
     # model options (see StitchNet / UNet / SegNet)
     model_options: dict = field(default_factory=dict)
     preset: str | None = None  # the preset that filled size, widths and budget (see PRESETS)

@@ -442,6 +442,9 @@ def test_masks_subdir_and_lungs_subdir(tmp_path):
     assert s.mask == str(tmp_path / "infection" / "a.png")
     assert s.lung == str(tmp_path / "lungfield" / "a.png")
     assert not discover(tmp_path).labelled  # the default "masks" folder is absent
+    # lungs_subdir=None: the lung masks are not read (the lung field comes from the image)
+    (s,) = discover(tmp_path, masks_subdir="infection", lungs_subdir=None).samples
+    assert s.lung is None and s.mask is not None
 
 
 def test_dataset_spec_carries_the_reading_whole(tmp_path):
@@ -469,6 +472,25 @@ def test_dataset_spec_carries_the_reading_whole(tmp_path):
     unlabelled = config.unlabelled_spec()  # its own patients, the same sub-folders, no masks
     assert unlabelled.patient_pattern == r"(p\d+)_" and unlabelled.lungs_subdir == "lungfield"
     assert unlabelled.mask_values is None
+
+
+def test_cli_lungs_subdir_none_reads_no_lung_masks(tmp_path):
+    import click
+    from click.testing import CliRunner
+
+    from cli.options import data_options
+
+    png(tmp_path / "images" / "a.png")
+    png(tmp_path / "lungs" / "a.png", 255)
+
+    @click.command()
+    @data_options
+    def show(reading):
+        (s,) = reading(tmp_path).discover().samples
+        click.echo(f"lung={s.lung is not None}")
+
+    assert CliRunner().invoke(show, []).output.strip() == "lung=True"
+    assert CliRunner().invoke(show, ["--lungs-subdir", "none"]).output.strip() == "lung=False"
 
 
 # --------------------------------------------------------------------------- Dataset / Sample

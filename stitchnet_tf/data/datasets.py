@@ -234,14 +234,15 @@ class DatasetSpec:
         mask_values: what stored mask values mean (see `discover`); None: the folder's
             dataset.json, else medseg.
         patient_pattern: a regex on file names whose first group is the patient id.
-        masks_subdir, lungs_subdir: the sub-folders of lesion masks and lung masks.
+        masks_subdir, lungs_subdir: the sub-folders of lesion masks and lung masks (None: no
+            lung masks are read).
     """
 
     path: Path
     mask_values: str | None = None
     patient_pattern: str | None = None
     masks_subdir: str = "masks"
-    lungs_subdir: str = "lungs"
+    lungs_subdir: str | None = "lungs"
 
     def __post_init__(self):
         object.__setattr__(self, "path", Path(self.path))
@@ -272,7 +273,7 @@ def discover(
     patient_pattern: str | None = None,
     require_labels: bool = False,
     masks_subdir: str = "masks",
-    lungs_subdir: str = "lungs",
+    lungs_subdir: str | None = "lungs",
     skip_bad: bool = False,
     warn=None,
 ) -> Dataset:
@@ -285,7 +286,8 @@ def discover(
             patient id, used when there is no manifest column or `patients.csv`.
         require_labels: error if the folder has no masks.
         masks_subdir, lungs_subdir: the sub-folder names of lesion masks and lung masks
-            (e.g. `infection` for the zenodo20 layout).
+            (e.g. `infection` for the zenodo20 layout); `lungs_subdir=None` reads no lung
+            masks, so that the lung field comes from the image alone.
         skip_bad: with `warn`, skip images without masks or unreadable volumes instead of
             stopping at the first one.
         warn: called with a one-line message for each skipped file.
@@ -313,9 +315,9 @@ def discover(
     else:
         images_dir = root / "images" if (root / "images").is_dir() else root
         masks_dir = root / masks_subdir if (root / masks_subdir).is_dir() else None
-        lungs_dir = root / lungs_subdir if (root / lungs_subdir).is_dir() else None
+        lungs_dir = root / lungs_subdir if lungs_subdir and (root / lungs_subdir).is_dir() else None
         images = _list_images(
-            images_dir, side_files=images_dir == root, exclude=(masks_subdir, lungs_subdir)
+            images_dir, side_files=images_dir == root, exclude=(masks_subdir, lungs_subdir or "")
         )
         if not images:
             raise DataError(images_dir, "no images found (empty folder)")
