@@ -79,8 +79,10 @@ PROJECT = {
     "stitchnet-semi-cons": ("stitchnet", STYLES | CONSISTENCY, True),
 }
 CONTENDERS = ("threshold", "reference", *PROJECT)
-#: The labelled-only contender each semi-supervised one is paired with in the report.
+#: The contender each one is paired with in the report's Δ base column: the labelled-only
+#: model for a semi-supervised one, the project's U-Net for StitchNet.
 PAIRED_BASE = {
+    "stitchnet": "unet",
     "unet-cons": "unet",
     "stitchnet-semi": "stitchnet-image",
     "stitchnet-semi-cons": "stitchnet-image",
@@ -427,13 +429,15 @@ def report(results: Path) -> None:
                 d = stats(paired)
                 entry["delta_rule"] = d
                 delta = f"{d['mean']:+.3f} ({d['sem']:.3f})" if d["n"] else "n/a"
+                tta = contender.endswith(" + TTA")
                 base = PAIRED_BASE.get(contender.removesuffix(" + TTA"))
                 pairs = [
-                    r["mean_lesion_dice"] - b["mean_lesion_dice"]
+                    r["mean_lesion_dice"] - (b | b["tta"] if tta else b)["mean_lesion_dice"]
                     for r in runs
-                    if (b := by_run.get((base, r["fold"], r["seed"])))
+                    if (b := by_run.get((base, r["fold"], r["seed"]))) and (not tta or "tta" in b)
                 ]
                 b = stats(pairs)
+                base = f"{base} + TTA" if tta else base  # TTA is paired with TTA
                 entry["delta_base"] = b | {"base": base}
                 delta_base = f"{b['mean']:+.3f} ({b['sem']:.3f}) vs {base}" if b["n"] else "-"
                 minutes = [r["train_seconds"] / 60 for r in runs if r.get("train_seconds")]
