@@ -437,9 +437,9 @@ def report(results: Path) -> None:
                     if (b := by_run.get((base, r["fold"], r["seed"]))) and (not tta or "tta" in b)
                 ]
                 b = stats(pairs)
-                base = f"{base} + TTA" if tta else base  # TTA is paired with TTA
-                entry["delta_base"] = b | {"base": base}
-                delta_base = f"{b['mean']:+.3f} ({b['sem']:.3f}) vs {base}" if b["n"] else "-"
+                against = f"{base} + TTA" if tta else base  # TTA is paired with TTA
+                entry["delta_base"] = b | {"base": against}
+                delta_base = f"{b['mean']:+.3f} ({b['sem']:.3f}) vs {against}" if b["n"] else "-"
                 minutes = [r["train_seconds"] / 60 for r in runs if r.get("train_seconds")]
                 train = f"{sum(minutes) / len(minutes):.1f}" if minutes else "-"
                 lines.append(

@@ -287,7 +287,8 @@ def discover(
         require_labels: error if the folder has no masks.
         masks_subdir, lungs_subdir: the sub-folder names of lesion masks and lung masks
             (e.g. `infection` for the zenodo20 layout); `lungs_subdir=None` reads no lung
-            masks, so that the lung field comes from the image alone.
+            masks, so that the lung field comes from the image alone. A manifest names its own
+            files, so these apply to folder layouts only.
         skip_bad: with `warn`, skip images without masks or unreadable volumes instead of
             stopping at the first one.
         warn: called with a one-line message for each skipped file.
@@ -317,7 +318,7 @@ def discover(
         masks_dir = root / masks_subdir if (root / masks_subdir).is_dir() else None
         lungs_dir = root / lungs_subdir if lungs_subdir and (root / lungs_subdir).is_dir() else None
         images = _list_images(
-            images_dir, side_files=images_dir == root, exclude=(masks_subdir, lungs_subdir or "")
+            images_dir, side_files=images_dir == root, exclude=(masks_subdir, lungs_subdir)
         )
         if not images:
             raise DataError(images_dir, "no images found (empty folder)")
