@@ -10,6 +10,7 @@ every model: the field is x > 0, since preprocessing zeroes everything outside i
 from __future__ import annotations
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import ops
 
@@ -120,21 +121,25 @@ class SegmentationModel:
         lung = default_lung(x, lung)
         if samples > 0:
             return segmentation_output(self.sampled_probabilities(x, lung, samples, decision))
-        return segmentation_output(self._traced_probabilities(decision)(x, lung))
+        fn = self._traced_probabilities(decision, tuple(x.shape[1:3]))
+        return segmentation_output(fn(x, lung))
 
-    def _traced_probabilities(self, decision: str | None):
-        """`segmentation_probabilities` for one decision rule, traced once and reused (an eager
-        call of StitchNet's graph costs seconds)."""
+    def _traced_probabilities(self, decision: str | None, size: tuple[int, int]):
+        """`segmentation_probabilities` for one decision rule and slice size [H, W], traced
+        once for any batch size and reused (an eager call of StitchNet's graph costs seconds,
+        and so does a trace: a trace per batch size would double it for a last, short batch)."""
         cache = self.__dict__.get("_probability_fns")
         if cache is None:
             cache = {}
             object.__setattr__(self, "_probability_fns", cache)  # not tracked by Keras
-        if decision not in cache:
-            cache[decision] = tf.function(
+        key = (decision, *size)
+        if key not in cache:
+            spec = tf.TensorSpec([None, *size, 1], tf.float32)
+            cache[key] = tf.function(
                 lambda x, lung: self.segmentation_probabilities(x, lung, decision),
-                reduce_retracing=True,
+                input_signature=[spec, spec],
             )
-        return cache[decision]
+        return cache[key]
 
     @classmethod
     def from_config(cls, config):
@@ -183,26 +188,43 @@ def recalibrate_batchnorm(model, batches, steps: int = 20, momentum: float = 0.9
     forward in training mode without gradients, through the model's `calibration_forward`
     (z at the posterior mean) when it has one: the first batch sets the statistics outright,
     the others are averaged in with `momentum`. Returns the number of batches used.
+
+    Each forward runs with the layers' momentum at 0 (a BatchNorm layer reads its momentum when
+    traced, so the forward is traced once per model and reused every epoch), which leaves the
+    batch's own statistics in the moving variables; the average is taken here.
     """
     norms = [
         la for la in model._flatten_layers() if isinstance(la, keras.layers.BatchNormalization)
     ]
     if not norms:
         return 0
-    forward = getattr(model, "calibration_forward", None) or (lambda x: model(x, training=True))
+    step = model.__dict__.get("_calibration_fn")
+    if step is None:
+        forward = getattr(model, "calibration_forward", None) or (lambda x: model(x, training=True))
+        step = tf.function(forward, reduce_retracing=True)
+        object.__setattr__(model, "_calibration_fn", step)  # not tracked by Keras
     saved = [layer.momentum for layer in norms]
+    stats = [(layer.moving_mean, layer.moving_variance) for layer in norms]
+    average: list[list[np.ndarray]] = []
     used = 0
     try:
+        for layer in norms:
+            layer.momentum = 0.0
         for batch in batches.take(steps):
-            # the momentum is read when the function is traced: one function per momentum
-            m = 0.0 if used == 0 else momentum
-            for layer in norms:
-                layer.momentum = m
-            if used <= 1:
-                step = tf.function(forward, reduce_retracing=True)
             step(batch["x"])
+            now = [[np.asarray(v) for v in pair] for pair in stats]
+            if used == 0:
+                average = now
+            else:
+                average = [
+                    [momentum * a + (1.0 - momentum) * b for a, b in zip(old, new, strict=True)]
+                    for old, new in zip(average, now, strict=True)
+                ]
             used += 1
     finally:
         for layer, m in zip(norms, saved, strict=True):
             layer.momentum = m
+        for pair, values in zip(stats, average, strict=False):
+            for variable, value in zip(pair, values, strict=True):
+                variable.assign(value)
     return used
