@@ -227,19 +227,23 @@ def set_cross_entropy(pi_logits: TensorLike, allowed: TensorLike) -> tf.Tensor:
 
 
 def set_dice_terms(
-    probabilities: TensorLike, allowed: TensorLike, k: int
+    probabilities: TensorLike, allowed: TensorLike, k: int | tuple[int, ...]
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Soft-Dice sums of class k under set semantics, per image: ([B], [B], [B]).
+    """Soft-Dice sums of class k, or of a group of classes G (p_G = Σ_{k∈G} p_k), under set
+    semantics, per image: ([B], [B], [B]).
 
-    A pixel is positive when its allowed set is exactly {k}, negative when k is not allowed,
-    and left out otherwise (unlabelled, or "GGO or consolidation"). Returns Σ p_k·t,
-    Σ p_k over scored pixels, and Σ t.
+    A pixel is positive when its allowed set lies inside G (exactly {k} for one class), negative
+    when no class of G is allowed, and left out otherwise (unlabelled, or "GGO or consolidation"
+    for one class). Returns Σ p_G·t, Σ p_G over scored pixels, and Σ t.
     """
+    group = (k,) if isinstance(k, int) else tuple(k)
     probs, allowed = _f32(probabilities), _f32(allowed)
+    inside = tf.constant([float(c in group) for c in range(allowed.shape[-1])])
     n_allowed = tf.reduce_sum(allowed, -1)
-    truth = tf.cast((allowed[..., k] > 0.5) & (n_allowed < 1.5), tf.float32)
-    scored = truth + tf.cast(allowed[..., k] < 0.5, tf.float32)
-    p = probs[..., k] * scored
+    n_inside = tf.reduce_sum(allowed * inside, -1)
+    truth = tf.cast((n_inside > 0.5) & (n_allowed - n_inside < 0.5), tf.float32)
+    scored = truth + tf.cast(n_inside < 0.5, tf.float32)
+    p = tf.reduce_sum(probs * inside, -1) * scored
     axes = tf.range(1, tf.rank(p))
     return (
         tf.reduce_sum(p * truth, axes),
@@ -251,17 +255,30 @@ def set_dice_terms(
 def soft_set_dice_loss(
     pi_logits: TensorLike, allowed: TensorLike, classes=(2, 3), smooth: float = 1.0
 ) -> tf.Tensor:
-    """1 − mean over `classes` of the batch soft Dice (nnU-Net's DC term), set-aware.
+    """1 − mean of the batch soft Dice (nnU-Net's DC term) of each of `classes`, set-aware,
+    and of their union when the batch has pixels labelled only "one of `classes`".
 
     Sums run over the whole batch (as nnU-Net's batch Dice), so slices without a class do not
-    each pull its prediction to zero. pi_logits, allowed [B, H, W, K] -> scalar float32.
+    each pull its prediction to zero. The union term is what a dataset that marks "lesion"
+    without its kind (zenodo20) trains on: such pixels are left out of every class's own Dice,
+    whose only scored pixels are then negatives, pushing the lesion classes to zero. Where
+    every labelled pixel names its class the union term is off and the loss is the classes'
+    mean alone. pi_logits, allowed [B, H, W, K] -> scalar float32.
     """
     probs = tf.nn.softmax(_f32(pi_logits), axis=-1)
-    dices = []
-    for k in classes:
-        inter, pred, truth = (tf.reduce_sum(t) for t in set_dice_terms(probs, allowed, k))
-        dices.append((2.0 * inter + smooth) / (pred + truth + smooth))
-    return 1.0 - tf.add_n(dices) / float(len(dices))
+    allowed = _f32(allowed)
+
+    def dice(group) -> tf.Tensor:
+        inter, pred, truth = (tf.reduce_sum(t) for t in set_dice_terms(probs, allowed, group))
+        return (2.0 * inter + smooth) / (pred + truth + smooth)
+
+    total = tf.add_n([dice(k) for k in classes])
+    inside = tf.constant([float(c in classes) for c in range(allowed.shape[-1])])
+    n_inside = tf.reduce_sum(allowed * inside, -1)
+    ambiguous = (n_inside > 1.5) & (tf.reduce_sum(allowed, -1) - n_inside < 0.5)
+    on = tf.cast(tf.reduce_any(ambiguous), tf.float32)
+    total += on * dice(tuple(classes))
+    return 1.0 - total / (float(len(classes)) + on)
 
 
 #: Bounds of the Beta concentration α + β of a style: a ceiling keeps every density finite

@@ -306,6 +306,15 @@ def test_low_precision_inputs_give_float32(dtype):
     np.testing.assert_allclose(kl.numpy(), gaussian_kl(MU_Q, SIGMA_Q, MU_P, SIGMA_P), atol=0.05)
 
 
+def _numpy_set_dice(p, allowed, group):
+    inside = np.isin(np.arange(allowed.shape[-1]), group)
+    n_in = (allowed * inside).sum(-1)
+    truth = (n_in > 0) & (allowed.sum(-1) == n_in)
+    scored = truth | (n_in == 0)
+    p_g = (p * inside).sum(-1)
+    return (2 * (p_g * truth).sum() + 1) / ((p_g * scored).sum() + truth.sum() + 1)
+
+
 def test_soft_set_dice_loss_matches_numpy():
     from stitchnet_tf.likelihood import soft_set_dice_loss
 
@@ -315,20 +324,39 @@ def test_soft_set_dice_loss_matches_numpy():
     allowed[..., 1] = 1
     allowed[0, :3, :3] = [0, 0, 1, 0]  # GGO
     allowed[1, 4:, 4:] = [0, 0, 0, 1]  # consolidation
-    allowed[1, :2] = [0, 0, 1, 1]  # "lesion": ignored by both classes' Dice
     allowed[0, 6:] = 1  # unlabelled: ignored
     p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-    dices = []
-    for k in (2, 3):
-        truth = (allowed[..., k] == 1) & (allowed.sum(-1) == 1)
-        scored = truth | (allowed[..., k] == 0)
-        inter = (p[..., k] * truth).sum()
-        dices.append((2 * inter + 1) / ((p[..., k] * scored).sum() + truth.sum() + 1))
-    loss = float(soft_set_dice_loss(logits, allowed))
-    np.testing.assert_allclose(loss, 1 - np.mean(dices), rtol=1e-5)
+    exact = [_numpy_set_dice(p, allowed, [k]) for k in (2, 3)]
+    # every labelled pixel names its class: the classes' mean alone (no union term)
+    np.testing.assert_allclose(
+        float(soft_set_dice_loss(logits, allowed)), 1 - np.mean(exact), rtol=1e-5
+    )
+    allowed[1, :2] = [0, 0, 1, 1]  # "lesion": left out of both classes' Dice; the union's
+    with_union = [_numpy_set_dice(p, allowed, g) for g in ([2], [3], [2, 3])]
+    np.testing.assert_allclose(
+        float(soft_set_dice_loss(logits, allowed)), 1 - np.mean(with_union), rtol=1e-5
+    )
     perfect = np.where(allowed > 0, 20.0, -20.0).astype("float32")
     perfect[..., 1] = np.where((allowed.sum(-1) == 1) & (allowed[..., 1] == 1), 20.0, -20.0)
     assert float(soft_set_dice_loss(perfect[:1, :6], allowed[:1, :6])) < 0.05
+
+
+def test_soft_set_dice_loss_rewards_a_lesion_of_unknown_kind():
+    """zenodo20 marks "lesion" only: predicting it there must lower the loss (without the union
+    term the only scored pixels were negatives, and the U-Net learned to predict no lesion)."""
+    from stitchnet_tf.likelihood import soft_set_dice_loss
+
+    allowed = np.zeros((1, 16, 16, 4), "float32")
+    allowed[..., :2] = 1  # background or healthy lung
+    allowed[0, 4:8, 4:8] = [0, 0, 1, 1]  # a lesion, kind unknown
+    lesion = allowed[..., 2] > 0
+    losses = []
+    for logit in (-4.0, 0.0, 4.0):  # lesion classes' logit on the lesion pixels
+        logits = np.full(allowed.shape, -4.0, "float32")
+        logits[..., 1] = 4.0
+        logits[lesion] = [-4.0, -4.0, logit, logit]
+        losses.append(float(soft_set_dice_loss(logits, allowed)))
+    assert losses[0] > losses[1] > losses[2]
 
 
 def test_beta_from_mean_concentration_is_bounded():
