@@ -255,30 +255,37 @@ def set_dice_terms(
 def soft_set_dice_loss(
     pi_logits: TensorLike, allowed: TensorLike, classes=(2, 3), smooth: float = 1.0
 ) -> tf.Tensor:
-    """1 − mean of the batch soft Dice (nnU-Net's DC term) of each of `classes`, set-aware,
-    and of their union when the batch has pixels labelled only "one of `classes`".
+    """1 − mean of batch soft Dice terms (nnU-Net's DC term), set-aware: one per class of
+    `classes`, and one for their union when the batch has pixels labelled only "one of
+    `classes`" (a lesion of unknown kind).
 
     Sums run over the whole batch (as nnU-Net's batch Dice), so slices without a class do not
-    each pull its prediction to zero. The union term is what a dataset that marks "lesion"
-    without its kind (zenodo20) trains on: such pixels are left out of every class's own Dice,
-    whose only scored pixels are then negatives, pushing the lesion classes to zero. Where
-    every labelled pixel names its class the union term is off and the loss is the classes'
-    mean alone. pi_logits, allowed [B, H, W, K] -> scalar float32.
+    each pull its prediction to zero. A lesion of unknown kind is left out of each class's own
+    Dice; in a batch where such pixels exist and a class has no pixel that names it, that
+    class's term would score negatives only (pushing the class to zero on every lesion) and is
+    dropped: the union term trains on those lesions (zenodo20, which marks "lesion" only).
+    Where every labelled pixel names its class (MedSeg) the loss is the classes' mean alone.
+    pi_logits, allowed [B, H, W, K] -> scalar float32.
     """
     probs = tf.nn.softmax(_f32(pi_logits), axis=-1)
     allowed = _f32(allowed)
-
-    def dice(group) -> tf.Tensor:
-        inter, pred, truth = (tf.reduce_sum(t) for t in set_dice_terms(probs, allowed, group))
-        return (2.0 * inter + smooth) / (pred + truth + smooth)
-
-    total = tf.add_n([dice(k) for k in classes])
     inside = tf.constant([float(c in classes) for c in range(allowed.shape[-1])])
     n_inside = tf.reduce_sum(allowed * inside, -1)
     ambiguous = (n_inside > 1.5) & (tf.reduce_sum(allowed, -1) - n_inside < 0.5)
-    on = tf.cast(tf.reduce_any(ambiguous), tf.float32)
-    total += on * dice(tuple(classes))
-    return 1.0 - total / (float(len(classes)) + on)
+    any_ambiguous = tf.cast(tf.reduce_any(ambiguous), tf.float32)
+
+    def dice(group) -> tuple[tf.Tensor, tf.Tensor]:
+        inter, pred, truth = (tf.reduce_sum(t) for t in set_dice_terms(probs, allowed, group))
+        return (2.0 * inter + smooth) / (pred + truth + smooth), truth
+
+    total, terms = 0.0, 0.0
+    for k in classes:
+        d, truth = dice(k)
+        on = 1.0 - any_ambiguous * tf.cast(truth < 0.5, tf.float32)
+        total, terms = total + on * d, terms + on
+    d, _ = dice(tuple(classes))
+    total, terms = total + any_ambiguous * d, terms + any_ambiguous
+    return 1.0 - total / terms
 
 
 #: Bounds of the Beta concentration α + β of a style: a ceiling keeps every density finite

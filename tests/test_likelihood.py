@@ -336,6 +336,12 @@ def test_soft_set_dice_loss_matches_numpy():
     np.testing.assert_allclose(
         float(soft_set_dice_loss(logits, allowed)), 1 - np.mean(with_union), rtol=1e-5
     )
+    # no pixel names consolidation: its negatives-only term is dropped beside such lesions
+    allowed[1, 4:, 4:] = [0, 0, 1, 1]
+    kept = [_numpy_set_dice(p, allowed, g) for g in ([2], [2, 3])]
+    np.testing.assert_allclose(
+        float(soft_set_dice_loss(logits, allowed)), 1 - np.mean(kept), rtol=1e-5
+    )
     perfect = np.where(allowed > 0, 20.0, -20.0).astype("float32")
     perfect[..., 1] = np.where((allowed.sum(-1) == 1) & (allowed[..., 1] == 1), 20.0, -20.0)
     assert float(soft_set_dice_loss(perfect[:1, :6], allowed[:1, :6])) < 0.05
@@ -357,6 +363,7 @@ def test_soft_set_dice_loss_rewards_a_lesion_of_unknown_kind():
         logits[lesion] = [-4.0, -4.0, logit, logit]
         losses.append(float(soft_set_dice_loss(logits, allowed)))
     assert losses[0] > losses[1] > losses[2]
+    assert losses[2] < 0.1  # the lesion found, whatever its kind: nothing left to gain
 
 
 def test_beta_from_mean_concentration_is_bounded():
