@@ -158,12 +158,19 @@ def _reference_ce_dice(logits, sets4, smooth=1.0):
     sets3 = np.stack([np.maximum(sets4[..., 0], sets4[..., 1]), sets4[..., 2], sets4[..., 3]], -1)
     labelled = sets3.sum(-1) < 3
     ce = -np.log((p * sets3).sum(-1))[labelled].sum() / max(labelled.sum(), 1)
+    # "GGO or CON" pixels (LESION): the union's term joins, classes no pixel names drop out
+    ambiguous = ((sets3[..., 1] + sets3[..., 2]) == 2) & (sets3[..., 0] == 0)
     dices = []
-    for k in (1, 2):
-        truth = (sets3[..., k] == 1) & (sets3.sum(-1) == 1)
-        scored = truth | (sets3[..., k] == 0)
-        pk = p[..., k] * scored
-        dices.append((2 * (pk * truth).sum() + smooth) / (pk.sum() + truth.sum() + smooth))
+    for group in ((1,), (2,), (1, 2)):
+        n_in = sets3[..., list(group)].sum(-1)
+        truth = (n_in > 0) & (sets3.sum(-1) == n_in)
+        scored = truth | (n_in == 0)
+        if (len(group) == 1 and ambiguous.any() and not truth.any()) or (
+            len(group) == 2 and not ambiguous.any()
+        ):
+            continue
+        pg = p[..., list(group)].sum(-1) * scored
+        dices.append((2 * (pg * truth).sum() + smooth) / (pg.sum() + truth.sum() + smooth))
     return ce + (labelled.any()) * (1 - np.mean(dices))
 
 
@@ -176,6 +183,10 @@ def test_ce_dice_loss_equals_numpy():
     logits = rng.normal(scale=2.0, size=(2, 3, 4, 3)).astype("float32")
     got = float(model.compute_set_loss(allowed, logits))
     np.testing.assert_allclose(got, _reference_ce_dice(logits, allowed), rtol=1e-5)
+    exact = allowed_to_onehot(np.array([bits(k) for k in range(4)] * 6, np.uint8).reshape(2, 3, 4))
+    np.testing.assert_allclose(  # every pixel names its class: no union term
+        float(model.compute_set_loss(exact, logits)), _reference_ce_dice(logits, exact), rtol=1e-5
+    )
     unlabelled = allowed_to_onehot(np.full((2, 3, 4), LUNG, np.uint8))
     assert float(model.compute_set_loss(unlabelled, logits)) == 0.0
 
