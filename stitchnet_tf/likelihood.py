@@ -268,23 +268,19 @@ def soft_set_dice_loss(
     pi_logits, allowed [B, H, W, K] -> scalar float32.
     """
     probs = tf.nn.softmax(_f32(pi_logits), axis=-1)
-    allowed = _f32(allowed)
-    inside = tf.constant([float(c in classes) for c in range(allowed.shape[-1])])
-    n_inside = tf.reduce_sum(allowed * inside, -1)
-    ambiguous = (n_inside > 1.5) & (tf.reduce_sum(allowed, -1) - n_inside < 0.5)
-    any_ambiguous = tf.cast(tf.reduce_any(ambiguous), tf.float32)
 
     def dice(group) -> tuple[tf.Tensor, tf.Tensor]:
         inter, pred, truth = (tf.reduce_sum(t) for t in set_dice_terms(probs, allowed, group))
         return (2.0 * inter + smooth) / (pred + truth + smooth), truth
 
-    total, terms = 0.0, 0.0
-    for k in classes:
-        d, truth = dice(k)
+    singles = [dice(k) for k in classes]
+    union, union_truth = dice(tuple(classes))
+    # the union's positives are the classes' own plus the lesions of unknown kind
+    any_ambiguous = tf.cast(union_truth > tf.add_n([t for _, t in singles]) + 0.5, tf.float32)
+    total, terms = any_ambiguous * union, any_ambiguous
+    for d, truth in singles:
         on = 1.0 - any_ambiguous * tf.cast(truth < 0.5, tf.float32)
         total, terms = total + on * d, terms + on
-    d, _ = dice(tuple(classes))
-    total, terms = total + any_ambiguous * d, terms + any_ambiguous
     return 1.0 - total / terms
 
 

@@ -204,27 +204,24 @@ def recalibrate_batchnorm(model, batches, steps: int = 20, momentum: float = 0.9
         step = tf.function(forward, reduce_retracing=True)
         object.__setattr__(model, "_calibration_fn", step)  # not tracked by Keras
     saved = [layer.momentum for layer in norms]
-    stats = [(layer.moving_mean, layer.moving_variance) for layer in norms]
-    average: list[list[np.ndarray]] = []
+    moving = [v for layer in norms for v in (layer.moving_mean, layer.moving_variance)]
+    average: list[np.ndarray] = []
     used = 0
     try:
         for layer in norms:
             layer.momentum = 0.0
         for batch in batches.take(steps):
             step(batch["x"])
-            now = [[np.asarray(v) for v in pair] for pair in stats]
-            if used == 0:
-                average = now
-            else:
-                average = [
-                    [momentum * a + (1.0 - momentum) * b for a, b in zip(old, new, strict=True)]
-                    for old, new in zip(average, now, strict=True)
+            now = [np.asarray(v) for v in moving]
+            if used:
+                now = [
+                    momentum * a + (1.0 - momentum) * b for a, b in zip(average, now, strict=True)
                 ]
+            average = now
             used += 1
     finally:
         for layer, m in zip(norms, saved, strict=True):
             layer.momentum = m
-        for pair, values in zip(stats, average, strict=False):
-            for variable, value in zip(pair, values, strict=True):
-                variable.assign(value)
+        for variable, value in zip(moving, average, strict=False):
+            variable.assign(value)
     return used
