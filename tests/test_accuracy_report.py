@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -61,3 +62,41 @@ def test_a_seed_independent_rule_counts_once_and_pairs_by_fold(tmp_path):
     assert table["unet"]["delta_rule"]["mean"] == pytest.approx(0.1)
     assert table["unet"]["mean_lesion_dice"]["mean"] == pytest.approx((0.4 + 0.4 + 0.5) / 3)
     assert "| threshold | 2 | 2 |" in (tmp_path / "accuracy_cv.md").read_text()
+
+
+# ---------------------------------------------------------------- error analysis
+
+spec_e = importlib.util.spec_from_file_location("error_analysis", BENCHMARKS / "error_analysis.py")
+error_analysis = importlib.util.module_from_spec(spec_e)
+spec_e.loader.exec_module(error_analysis)
+
+
+def test_error_analysis_scores_lesions_merged_and_split():
+    from stitchnet_tf.data.classes import BACKGROUND, CON, GGO, HEALTHY, bits
+
+    truth = np.full((2, 4), bits(BACKGROUND, HEALTHY), np.uint8)
+    truth[0, :2], truth[1, :2] = bits(GGO), bits(CON)
+    # every lesion pixel found, but GGO and CON swapped: class Dice 0, lesion Dice 1
+    swapped = np.full((2, 4), HEALTHY)
+    swapped[0, :2], swapped[1, :2] = CON, GGO
+    (row,) = error_analysis.slice_rows({"a": (swapped, truth)})
+    assert row["ggo"] == row["con"] == 0.0
+    assert row["lesion"] == 1.0
+    assert row["share"] == 0.5
+    # the rule's split where the rule sees a lesion, the model's class elsewhere
+    rule = np.full((2, 4), HEALTHY)
+    rule[0, 0], rule[1, 0] = GGO, CON
+    mixed = error_analysis.hybrid(swapped, rule)
+    assert mixed.tolist() == [[GGO, CON, HEALTHY, HEALTHY], [CON, GGO, HEALTHY, HEALTHY]]
+
+
+def test_error_analysis_pairs_slices_with_the_rule():
+    rule = [{"fold": 0, "id": i, "ggo": 0.5, "con": None, "lesion": 0.5} for i in "abc"]
+    rows = [
+        {"fold": 0, "id": i, "ggo": g, "con": None, "lesion": 0.5}
+        for i, g in zip("cba", (0.8, 0.6, 0.7), strict=True)
+    ]
+    d, se = error_analysis.paired(rows, rule, "class_mean")
+    assert d == pytest.approx(0.2)
+    assert se == pytest.approx(np.std([0.3, 0.1, 0.2], ddof=1) / np.sqrt(3))
+    assert error_analysis.paired(rows, rule, "lesion") == (0.0, 0.0)
