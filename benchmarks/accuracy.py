@@ -89,6 +89,8 @@ PAIRED_BASE = {
     "stitchnet-image": "stitchnet",
 }
 PROJECT_MODELS = tuple(PROJECT)
+#: scored variants of a finished run (`--add-tta`, `--add-decision`): result key -> row suffix
+VARIANTS = {"tta": " + TTA", "auto": " (val-chosen rule)"}
 BUDGETS = {"short": (3, 100), "full": (12, 100)}  # epochs x steps, batch 8
 BATCH = 8
 DATASETS = {
@@ -282,21 +284,28 @@ def run_one(args, contender: str, fold: int, seed: int) -> dict:
     }
 
 
-def add_tta(args) -> None:
-    """Score the TTA variant of finished project-model runs that lack it (from their run
-    folders' best.keras)."""
+def add_variants(args, tta: bool, decision: bool) -> None:
+    """Score variants of finished project-model runs that lack them, from their run folders'
+    best.keras: `tta` (flip test-time augmentation) and, for StitchNet, `auto` (the decision
+    rule that scores best on the fold's val slices, as `train --decision auto` chooses it,
+    here for the epoch that `prior` chose)."""
     from stitchnet_tf.data.datasets import discover
     from stitchnet_tf.data.lung_unet import default_segmenter
     from stitchnet_tf.data.splits import Split
     from stitchnet_tf.evaluation import SliceScorer
     from stitchnet_tf.fileio import atomic_write_text
     from stitchnet_tf.inference import load_model
+    from stitchnet_tf.options import DECISIONS
 
     spec = DATASETS[args.dataset]
     dataset = discover(args.data / spec["folder"], require_labels=True, **spec["read"])
     for path in sorted((args.results / "cv" / args.dataset / protocol(args)).glob("*.json")):
         result = json.loads(path.read_text())
-        if result["contender"] not in PROJECT_MODELS or "tta" in result or "failed" in result:
+        if result["contender"] not in PROJECT_MODELS or "failed" in result:
+            continue
+        stitchnet = PROJECT[result["contender"]][0] == "stitchnet"
+        wanted = tta and "tta" not in result, decision and stitchnet and "auto" not in result
+        if not any(wanted):
             continue
         run = args.runs / args.dataset / protocol(args) / path.stem
         if not (run / "best.keras").is_file():
@@ -304,16 +313,36 @@ def add_tta(args) -> None:
             continue
         split = Split.load(fold_file(args.dataset, result["fold"]))
         use_lung_model(args, result["fold"])
-        scorer = SliceScorer(
-            dataset.subset(split.test),
-            result["size"],
-            default_segmenter(),
-            intensity=result.get("intensity", "none"),
-        )
-        table = scorer.table(load_model(run).model, tta=True)
-        result["tta"] = scores(table, spec["classes"])
+        model = load_model(run).model
+
+        def scorer(ids, result=result):
+            return SliceScorer(
+                dataset.subset(ids),
+                result["size"],
+                default_segmenter(),
+                intensity=result.get("intensity", "none"),
+            )
+
+        test = scorer(split.test)
+        if wanted[0]:
+            result["tta"] = scores(test.table(model, tta=True), spec["classes"])
+            print(f"{path.name}: with TTA {result['tta']['mean_lesion_dice']:.4f}", flush=True)
+        if wanted[1]:
+            val = scorer(split.val)
+            on_val = {
+                rule: scores(val.table(model, decision=rule), spec["classes"])["mean_lesion_dice"]
+                for rule in DECISIONS
+            }
+            rule = max(DECISIONS, key=lambda r: (on_val[r] or -1.0, -DECISIONS.index(r)))
+            result["auto"] = scores(test.table(model, decision=rule), spec["classes"]) | {
+                "decision": rule,
+                "val_mean_lesion_dice": on_val,
+            }
+            print(
+                f"{path.name}: val-chosen rule {rule} {result['auto']['mean_lesion_dice']:.4f}",
+                flush=True,
+            )
         atomic_write_text(path, json.dumps(result, indent=1) + "\n")
-        print(f"{path.name}: with TTA {result['tta']['mean_lesion_dice']:.4f}", flush=True)
 
 
 def result_path(args, contender: str, fold: int, seed: int) -> Path:
@@ -405,9 +434,10 @@ def report(results: Path) -> None:
             for contender in CONTENDERS:
                 runs = distinct([r for r in group if r["contender"] == contender])
                 variants.append((contender, runs))
-                tta = [r | r["tta"] for r in runs if "tta" in r]
-                if tta:
-                    variants.append((f"{contender} + TTA", tta))
+                for key, suffix in VARIANTS.items():
+                    extra = [r | r[key] for r in runs if key in r]
+                    if extra:
+                        variants.append((contender + suffix, extra))
             for contender, runs in variants:
                 if not runs:
                     continue
@@ -429,15 +459,21 @@ def report(results: Path) -> None:
                 d = stats(paired)
                 entry["delta_rule"] = d
                 delta = f"{d['mean']:+.3f} ({d['sem']:.3f})" if d["n"] else "n/a"
-                tta = contender.endswith(" + TTA")
-                base = PAIRED_BASE.get(contender.removesuffix(" + TTA"))
+                key, own = next(
+                    ((k, contender.removesuffix(x)) for k, x in VARIANTS.items() if x in contender),
+                    (None, contender),
+                )
+                if key == "auto":  # the val-chosen rule is paired with the same runs' `prior`
+                    base, key = own, None
+                else:  # TTA is paired with TTA
+                    base = PAIRED_BASE.get(own)
                 pairs = [
-                    r["mean_lesion_dice"] - (b | b["tta"] if tta else b)["mean_lesion_dice"]
+                    r["mean_lesion_dice"] - (b | b[key] if key else b)["mean_lesion_dice"]
                     for r in runs
-                    if (b := by_run.get((base, r["fold"], r["seed"]))) and (not tta or "tta" in b)
+                    if (b := by_run.get((base, r["fold"], r["seed"]))) and (not key or key in b)
                 ]
                 b = stats(pairs)
-                against = f"{base} + TTA" if tta else base  # TTA is paired with TTA
+                against = base + VARIANTS[key] if key and base else base
                 entry["delta_base"] = b | {"base": against}
                 delta_base = f"{b['mean']:+.3f} ({b['sem']:.3f}) vs {against}" if b["n"] else "-"
                 minutes = [r["train_seconds"] / 60 for r in runs if r.get("train_seconds")]
@@ -487,8 +523,8 @@ def label_efficiency(table: dict) -> dict:
             else:
                 n = len(json.loads(fold_file(dataset, 0).read_text())["train"])
             for contender, entry in contenders.items():
-                if contender.endswith("+ TTA"):  # the plot shows plain inference only
-                    continue
+                if any(contender.endswith(x) for x in VARIANTS.values()):
+                    continue  # the plot shows each run's own inference only
                 curves.setdefault((dataset, base), {}).setdefault(contender, {})[n] = entry[
                     "mean_lesion_dice"
                 ]
@@ -562,10 +598,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--add-tta", action="store_true", help="score finished runs with flip TTA, then report"
     )
+    parser.add_argument(
+        "--add-decision",
+        action="store_true",
+        help="score finished StitchNet runs with the decision rule chosen on val (what "
+        "`train --decision auto` does), then report",
+    )
     args = parser.parse_args(argv)
-    if args.add_tta:
-        add_tta(args)
-    if args.report or args.add_tta:
+    if args.add_tta or args.add_decision:
+        add_variants(args, args.add_tta, args.add_decision)
+    if args.report or args.add_tta or args.add_decision:
         report(args.results)
         return 0
     if not (args.data / DATASETS[args.dataset]["folder"]).is_dir():

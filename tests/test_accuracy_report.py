@@ -64,6 +64,36 @@ def test_a_seed_independent_rule_counts_once_and_pairs_by_fold(tmp_path):
     assert "| threshold | 2 | 2 |" in (tmp_path / "accuracy_cv.md").read_text()
 
 
+def test_variants_pair_with_their_own_kind(tmp_path):
+    """TTA rows pair with the base's TTA; the val-chosen rule pairs with the run's own `prior`."""
+    auto = {"dice_ggo": 0.6, "pooled_ggo": 0.6, "dice_con": 0.4, "pooled_con": 0.4}
+    runs = [
+        _run("unet", 0, 0, 0.5, 0.3, tta=_run("unet", 0, 0, 0.6, 0.4)),
+        _run(
+            "stitchnet",
+            0,
+            0,
+            0.5,
+            0.4,
+            tta=_run("stitchnet", 0, 0, 0.5, 0.5),
+            auto=auto | {"mean_lesion_dice": 0.5, "decision": "posterior"},
+        ),
+    ]
+    folder = tmp_path / "cv" / "medseg" / "full"
+    folder.mkdir(parents=True)
+    for r in runs:
+        (folder / f"{r['contender']}-f0-s0.json").write_text(json.dumps(r))
+    accuracy.report(tmp_path)
+    table = json.loads((tmp_path / "accuracy_cv.json").read_text())["table"]["medseg"]["full"]
+    assert table["stitchnet"]["delta_base"]["mean"] == pytest.approx(0.05)  # 0.45 - 0.40
+    tta = table["stitchnet + TTA"]["delta_base"]
+    assert tta["base"] == "unet + TTA" and tta["mean"] == pytest.approx(0.0)  # 0.5 - 0.5
+    chosen = table["stitchnet (val-chosen rule)"]
+    assert chosen["delta_base"]["base"] == "stitchnet"
+    assert chosen["delta_base"]["mean"] == pytest.approx(0.05)  # 0.5 - 0.45
+    assert chosen["dice_ggo"]["mean"] == pytest.approx(0.6)
+
+
 # ---------------------------------------------------------------- error analysis
 
 spec_e = importlib.util.spec_from_file_location("error_analysis", BENCHMARKS / "error_analysis.py")
