@@ -6,6 +6,9 @@ Usage (from the repository root):
     python benchmarks/accuracy.py --budget full --contenders stitchnet unet
     python benchmarks/accuracy.py --dataset zenodo        # zenodo20, by patient, lesion vs none
     python benchmarks/accuracy.py --report                # only rebuild the report
+    python benchmarks/accuracy.py --add-decision          # StitchNet runs also scored with the
+                                                          # decision rule chosen on val (as
+                                                          # `train --decision auto` does)
     python benchmarks/accuracy.py --lung-models DIR       # each fold scored with its own lung
                                                           # model (DIR/medseg_cv5_fold<k>.keras)
     python benchmarks/accuracy.py --intensity standardise # models and rule on standardised x
