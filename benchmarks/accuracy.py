@@ -307,8 +307,9 @@ def add_variants(args, tta: bool, decision: bool) -> None:
         if result["contender"] not in PROJECT_MODELS or "failed" in result:
             continue
         stitchnet = PROJECT[result["contender"]][0] == "stitchnet"
-        wanted = tta and "tta" not in result, decision and stitchnet and "auto" not in result
-        if not any(wanted):
+        want_tta = tta and "tta" not in result
+        want_auto = decision and stitchnet and "auto" not in result
+        if not (want_tta or want_auto):
             continue
         run = args.runs / args.dataset / protocol(args) / path.stem
         if not (run / "best.keras").is_file():
@@ -327,10 +328,10 @@ def add_variants(args, tta: bool, decision: bool) -> None:
             )
 
         test = scorer(split.test)
-        if wanted[0]:
+        if want_tta:
             result["tta"] = scores(test.table(model, tta=True), spec["classes"])
             print(f"{path.name}: with TTA {result['tta']['mean_lesion_dice']:.4f}", flush=True)
-        if wanted[1]:
+        if want_auto:
             val = scorer(split.val)
             on_val = {
                 rule: scores(val.table(model, decision=rule), spec["classes"])["mean_lesion_dice"]
@@ -463,7 +464,11 @@ def report(results: Path) -> None:
                 entry["delta_rule"] = d
                 delta = f"{d['mean']:+.3f} ({d['sem']:.3f})" if d["n"] else "n/a"
                 key, own = next(
-                    ((k, contender.removesuffix(x)) for k, x in VARIANTS.items() if x in contender),
+                    (
+                        (k, contender.removesuffix(x))
+                        for k, x in VARIANTS.items()
+                        if contender.endswith(x)
+                    ),
                     (None, contender),
                 )
                 if key == "auto":  # the val-chosen rule is paired with the same runs' `prior`

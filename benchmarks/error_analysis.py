@@ -7,7 +7,7 @@ For each fold it fits the threshold rule on the fold's train slices and loads th
 StitchNet runs (`<runs>/<contender>-f<k>-s<seed>/best.keras`), then scores, in inference mode
 with the label-free lung field (as `accuracy.py` does):
 - every test slice: GGO and CON Dice, the binary lesion Dice (lesion vs no lesion: detection
-  without the GGO/CON split) and the lesion share of the slice's lesion + healthy pixels;
+  without the GGO/CON split) and the lesion pixels' share of the slice;
 - the fold's own train slices, the same way (the generalisation gap, inference mode on both).
 Writes `<results>/error_analysis.md` / `.json`: per-image means by lesion-share tercile, class
 Dice against binary lesion Dice, train against test.
@@ -17,21 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import numpy as np
+from accuracy import DATA, DATASETS, RESULTS, fold_file  # also puts the repository on sys.path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-DATA = ROOT.parent / "shared" / "data"
-RESULTS = ROOT / "benchmarks" / "results"
 CONTENDERS = ("threshold", "unet", "stitchnet", "stitchnet posterior")
 #: the models' lesion extent with the rule's GGO/CON split (`hybrid`)
 HYBRIDS = ("unet + rule split", "stitchnet + rule split")
@@ -60,29 +52,32 @@ def hybrid(labels: np.ndarray, rule: np.ndarray) -> np.ndarray:
 
 def slice_rows(predicted: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[dict]:
     """Per-slice Dice ({id, ggo, con, lesion, share, counts}) of predicted labels."""
-    from stitchnet_tf.data.classes import CON, GGO, bits
     from stitchnet_tf.metrics import confusion_counts
-
-    def dice(tp: int, fp: int, fn: int) -> float | None:
-        return None if tp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
 
     rows = []
     for image_id, (labels, truth) in predicted.items():
         multi = confusion_counts(labels, truth, "multiclass")
         lesion = confusion_counts(labels, truth, "lesion")
-        is_lesion = (truth.astype(np.int64) & ~(bits(GGO) | bits(CON))) == 0
+        tp, _, fn = lesion["lesion"]
         rows.append(
             {
                 "id": image_id,
                 "ggo": dice(*multi["ggo"]),
                 "con": dice(*multi["con"]),
                 "lesion": dice(*lesion["lesion"]),
-                "share": float(is_lesion.mean()),
+                "share": (tp + fn) / truth.size,  # lesion pixels' share of the slice
                 "counts": {k: [int(v) for v in multi[k]] for k in ("ggo", "con")}
                 | {"lesion": [int(v) for v in lesion["lesion"]]},
             }
         )
     return rows
+
+
+def dice(tp: int, fp: int, fn: int) -> float | None:
+    """F1 from counts; None when the class is absent from the truth."""
+    from stitchnet_tf.metrics import scores_from_counts
+
+    return scores_from_counts(tp, fp, fn, absent="exclude")["f1"]
 
 
 def mean(values) -> float | None:
@@ -95,7 +90,7 @@ def summary(rows: list[dict]) -> dict:
     out = {k: mean(r[k] for r in rows) for k in ("ggo", "con", "lesion")}
     for k in ("ggo", "con", "lesion"):
         tp, fp, fn = np.sum([r["counts"][k] for r in rows], axis=0) if rows else (0, 0, 0)
-        out[f"pooled_{k}"] = float(2 * tp / (2 * tp + fp + fn)) if tp + fn else None
+        out[f"pooled_{k}"] = dice(int(tp), int(fp), int(fn))
     out["class_mean"] = mean([out["ggo"], out["con"]])
     out["n"] = len(rows)
     return out
@@ -109,12 +104,12 @@ def analyse(args) -> dict:
     from stitchnet_tf.inference import load_model
     from stitchnet_tf.threshold_fit import fit_threshold_rule
 
-    dataset = discover(args.data / "medseg-covid" / "labelled", require_labels=True)
+    dataset = discover(args.data / DATASETS["medseg"]["folder"], require_labels=True)
     segmenter = default_segmenter()
     test_rows: dict[str, list[dict]] = {c: [] for c in CONTENDERS + HYBRIDS}
     train_rows: dict[str, list[dict]] = {c: [] for c in CONTENDERS + HYBRIDS}
     for fold in args.folds:
-        split = Split.load(ROOT / "benchmarks" / "splits" / f"medseg_cv5_fold{fold}.json")
+        split = Split.load(fold_file("medseg", fold))
         split.check(dataset)
         test = SliceScorer(dataset.subset(split.test), args.size, segmenter)
         train = SliceScorer(dataset.subset(split.train), args.size, segmenter)
