@@ -254,7 +254,10 @@ def test_two_workers_train_in_sync(tmp_path):
         a, b = np.load(dump / f"{name}-0.npz"), np.load(dump / f"{name}-1.npz")
         assert len(a.files) == len(b.files) > 0
         for k in a.files:
-            np.testing.assert_array_equal(a[k], b[k])
+            # Equal up to float rounding: one run in many showed a single element a last bit
+            # apart (a collective reduction's summation order); workers out of sync differ by
+            # whole gradient steps, far beyond this tolerance.
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-7)
 
 
 # ---------------------------------------------------------------- mixed precision
