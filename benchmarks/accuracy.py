@@ -518,7 +518,7 @@ def report(results: Path) -> None:
 def label_efficiency(table: dict) -> dict:
     """{(dataset, protocol without +nN): {contender: {N: mean_lesion_dice stats}}} for every
     protocol that has `--labelled N` runs; the all-labels point is the protocol without +nN at
-    N = the folds' train slices."""
+    N = the folds' train slices. TTA rows are left out, val-chosen rows kept."""
     import re
 
     curves: dict = {}
@@ -531,8 +531,8 @@ def label_efficiency(table: dict) -> dict:
             else:
                 n = len(json.loads(fold_file(dataset, 0).read_text())["train"])
             for contender, entry in contenders.items():
-                if any(contender.endswith(x) for x in VARIANTS.values()):
-                    continue  # the plot shows each run's own inference only
+                if contender.endswith(VARIANTS["tta"]):
+                    continue  # the plot shows what `train --decision auto` users get, no TTA
                 curves.setdefault((dataset, base), {}).setdefault(contender, {})[n] = entry[
                     "mean_lesion_dice"
                 ]

@@ -94,6 +94,28 @@ def test_variants_pair_with_their_own_kind(tmp_path):
     assert chosen["dice_ggo"]["mean"] == pytest.approx(0.6)
 
 
+def test_label_efficiency_curves_keep_the_val_chosen_rule_and_drop_tta():
+    """The plot shows what users get: each run's own rule and the val-chosen one, not TTA;
+    the all-labels point sits at the folds' train-slice count."""
+    entry = {"mean_lesion_dice": {"mean": 0.4, "sem": 0.01, "n": 2}}
+    table = {
+        "medseg": {
+            "short+n10": {
+                "stitchnet": entry,
+                "stitchnet + TTA": entry,
+                "stitchnet (val-chosen rule)": entry,
+            },
+            "short": {"stitchnet": entry},
+        }
+    }
+    curves = accuracy.label_efficiency(table)
+    assert set(curves) == {("medseg", "short")}
+    per = curves[("medseg", "short")]
+    assert set(per) == {"stitchnet", "stitchnet (val-chosen rule)"}
+    all_labels = len(json.loads(accuracy.fold_file("medseg", 0).read_text())["train"])
+    assert sorted(per["stitchnet"]) == [10, all_labels]
+
+
 # ---------------------------------------------------------------- error analysis
 
 spec_e = importlib.util.spec_from_file_location("error_analysis", BENCHMARKS / "error_analysis.py")
