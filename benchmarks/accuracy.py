@@ -14,6 +14,8 @@ Usage (from the repository root):
     python benchmarks/accuracy.py --intensity standardise # models and rule on standardised x
     python benchmarks/accuracy.py --labelled 10 --contenders threshold unet unet-cons \
         stitchnet-image stitchnet-semi stitchnet-semi-cons   # label efficiency (issue 12)
+    python benchmarks/accuracy.py --dataset zenodo --labelled-patients 1 --contenders \
+        threshold unet stitchnet-image stitchnet-semi   # label efficiency by patient
 
 Folds: `benchmarks/splits/<dataset>_cv5_fold<k>.json` (`stitchnet_tf.data.splits.kfold_splits`,
 k = 5, seed 0; MedSeg by slice: 30 train / 10 val / 10 test per fold, every labelled slice
@@ -33,7 +35,9 @@ tested once; zenodo20 by patient). Contenders, all at 128 px on the same train s
   informative stitch likelihood: one Beta per class per image, ordered means; labelled only),
   `stitchnet-semi` (the same + unlabelled slices through the stitch likelihood),
   `stitchnet-semi-cons` (+ consistency). Every run sees 8 labelled slices per step; the semi runs
-  add 8 unlabelled ones (`--unlabelled-per-batch`).
+  add 8 unlabelled ones (`--unlabelled-per-batch`). `--labelled-patients N` (zenodo20): every
+  slice of N seed-chosen train patients keeps its labels, the other train patients' slices are
+  the unlabelled ones (the derived split is saved beside the runs, `split-f<k>-s<seed>.json`).
 Budgets: `short` (3 x 100 steps of 8, about 10 min a StitchNet run alone on a 2-core CPU)
 compares contenders cheaply; `full` is the cpu preset (12 x 100 steps of 8). The reference
 U-Net gets the same number of steps and batch size.
@@ -126,6 +130,8 @@ def protocol(args) -> str:
         name += "+std"
     if args.labelled is not None:
         name += f"+n{args.labelled}"
+    if args.labelled_patients is not None:
+        name += f"+p{args.labelled_patients}"
     return name
 
 
@@ -171,6 +177,8 @@ def scores(table, classes) -> dict:
 
 def train_project_model(args, contender: str, fold: int, seed: int, labelled: Path, size: int):
     """Train StitchNet / U-Net / SegNet on the fold (resumable); returns (model, info)."""
+    from stitchnet_tf.data.datasets import discover
+    from stitchnet_tf.data.splits import Split
     from stitchnet_tf.inference import load_model
     from stitchnet_tf.training import TrainConfig, preset_options, train
 
@@ -178,6 +186,13 @@ def train_project_model(args, contender: str, fold: int, seed: int, labelled: Pa
     model, extra, semi = PROJECT[contender]
     budget, options = preset_options("cpu", model)
     unlabelled = DATASETS[args.dataset].get("unlabelled")
+    split = fold_file(args.dataset, fold)
+    if args.labelled_patients is not None:  # train reads the withheld slices from the split
+        dataset = discover(labelled, require_labels=True, **DATASETS[args.dataset]["read"])
+        withheld = withheld_split(args, Split.load(split), dataset, seed)
+        split = args.runs / args.dataset / protocol(args) / f"split-f{fold}-s{seed}.json"
+        split.parent.mkdir(parents=True, exist_ok=True)
+        withheld.save(split)
     config = TrainConfig(
         labelled=str(labelled),
         unlabelled=str(args.data / unlabelled[0]) if semi and unlabelled else None,
@@ -192,7 +207,7 @@ def train_project_model(args, contender: str, fold: int, seed: int, labelled: Pa
         steps_per_epoch=steps,
         batch_size=BATCH,
         seed=seed,
-        split=str(fold_file(args.dataset, fold)),
+        split=str(split),
         model_options=options | extra,
         preset="cpu",
         choose_decision=False,  # StitchNet's `prior` rule in every fold (runs made before auto)
@@ -213,6 +228,19 @@ def train_project_model(args, contender: str, fold: int, seed: int, labelled: Pa
     return load_model(run).model, info
 
 
+def withheld_split(args, split, dataset, seed: int):
+    """The fold's split with the labels of all but the run's labelled train slices withheld
+    (listed in `unlabelled`): `--labelled N` the same N slices as `train --max-labelled N`,
+    `--labelled-patients N` every slice of N seed-chosen train patients."""
+    from stitchnet_tf.data.splits import withhold_labels, withhold_patients
+
+    if args.labelled_patients is not None:
+        return withhold_patients(split, dataset, args.labelled_patients, seed=seed)
+    if args.labelled is not None:
+        return withhold_labels(split, dataset, args.labelled, seed=seed)
+    return split
+
+
 def run_one(args, contender: str, fold: int, seed: int) -> dict:
     """Train (or fit) one contender on one fold and score it on the fold's test slices."""
     from stitchnet_tf.data.datasets import discover
@@ -225,13 +253,8 @@ def run_one(args, contender: str, fold: int, seed: int) -> dict:
     dataset = discover(labelled, require_labels=True, **spec["read"])
     split = Split.load(fold_file(args.dataset, fold))
     split.check(dataset)
-    if args.labelled is not None:  # the same N labelled slices as `train --max-labelled N`
-        from stitchnet_tf.data.splits import withhold_labels
-
-        withheld = set(withhold_labels(split, dataset, args.labelled, seed=seed).unlabelled)
-        fit_ids = [i for i in split.train if i not in withheld]
-    else:
-        fit_ids = split.train
+    withheld = set(withheld_split(args, split, dataset, seed).unlabelled)
+    fit_ids = [i for i in split.train if i not in withheld]
     lung_model = use_lung_model(args, fold)
     segmenter = default_segmenter()
     test = SliceScorer(dataset.subset(split.test), args.size, segmenter, intensity=args.intensity)
@@ -516,37 +539,43 @@ def report(results: Path) -> None:
 
 
 def label_efficiency(table: dict) -> dict:
-    """{(dataset, protocol without +nN): {contender: {N: mean_lesion_dice stats}}} for every
-    protocol that has `--labelled N` runs; the all-labels point is the protocol without +nN at
-    N = the folds' train slices. TTA rows are left out, val-chosen rows kept."""
+    """{(dataset, protocol without +nN / +pN, unit): {contender: {N: mean_lesion_dice stats}}}
+    for every protocol that has `--labelled N` (unit "slices") or `--labelled-patients N`
+    ("patients") runs; the all-labels point is the protocol without the suffix, at N = fold 0's
+    train slices or train patients. TTA rows are left out, val-chosen rows kept."""
     import re
 
+    units = {"n": "slices", "p": "patients"}
     curves: dict = {}
     for dataset, protocols in table.items():
+        fold0 = json.loads(fold_file(dataset, 0).read_text())
+        all_labels = {
+            "slices": len(fold0["train"]),
+            "patients": len(fold0.get("patients", {}).get("train", [])),  # none when by slice
+        }
         for name, contenders in protocols.items():
-            match = re.search(r"\+n(\d+)$", name)
+            match = re.search(r"\+([np])(\d+)$", name)
             base = name[: match.start()] if match else name
-            if match:
-                n = int(match.group(1))
-            else:
-                n = len(json.loads(fold_file(dataset, 0).read_text())["train"])
-            for contender, entry in contenders.items():
-                if contender.endswith(VARIANTS["tta"]):
-                    continue  # the plot shows what `train --decision auto` users get, no TTA
-                curves.setdefault((dataset, base), {}).setdefault(contender, {})[n] = entry[
-                    "mean_lesion_dice"
-                ]
+            for unit in [units[match.group(1)]] if match else units.values():
+                n = int(match.group(2)) if match else all_labels[unit]
+                for contender, entry in contenders.items():
+                    if contender.endswith(VARIANTS["tta"]):
+                        continue  # the plot shows what `train --decision auto` users get, no TTA
+                    curves.setdefault((dataset, base, unit), {}).setdefault(contender, {})[n] = (
+                        entry["mean_lesion_dice"]
+                    )
     with_n = {
-        (dataset, re.sub(r"\+n\d+$", "", name))
+        (dataset, name[: m.start()], units[m.group(1)])
         for dataset, protocols in table.items()
         for name in protocols
-        if re.search(r"\+n\d+$", name)
+        if (m := re.search(r"\+([np])(\d+)$", name))
     }
     return {key: per for key, per in curves.items() if key in with_n}
 
 
 def plot_label_efficiency(curves: dict, output: Path) -> None:
-    """Mean lesion Dice ± SE against labelled slices: a panel per (dataset, protocol)."""
+    """Mean lesion Dice ± SE against labelled slices or patients: a panel per (dataset,
+    protocol, unit)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -555,7 +584,7 @@ def plot_label_efficiency(curves: dict, output: Path) -> None:
     from stitchnet_tf.fileio import save_figure
 
     fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.5), squeeze=False)
-    for ax, ((dataset, base), per) in zip(axes[0], sorted(curves.items()), strict=True):
+    for ax, ((dataset, base, unit), per) in zip(axes[0], sorted(curves.items()), strict=True):
         for contender, points in sorted(per.items()):
             ns = sorted(points)
             ax.errorbar(
@@ -568,7 +597,7 @@ def plot_label_efficiency(curves: dict, output: Path) -> None:
             )
         ax.set(
             title=f"{dataset}, {base}",
-            xlabel="labelled training slices",
+            xlabel=f"labelled training {unit}",
             ylabel="test mean lesion Dice (± SE)",
         )
         ax.grid(alpha=0.3)
@@ -602,6 +631,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="labelled train slices per fold (label efficiency; default: all)",
     )
+    parser.add_argument(
+        "--labelled-patients",
+        type=int,
+        default=None,
+        help="labelled train patients per fold, the other train patients' slices unlabelled "
+        "(label efficiency by patient, zenodo20)",
+    )
     parser.add_argument("--report", action="store_true", help="only rebuild the report")
     parser.add_argument(
         "--add-tta", action="store_true", help="score finished runs with flip TTA, then report"
@@ -613,6 +649,8 @@ def main(argv: list[str] | None = None) -> int:
         "`train --decision auto` does), then report",
     )
     args = parser.parse_args(argv)
+    if args.labelled is not None and args.labelled_patients is not None:
+        parser.error("give --labelled or --labelled-patients, not both")
     if args.add_tta or args.add_decision:
         add_variants(args, args.add_tta, args.add_decision)
     if args.report or args.add_tta or args.add_decision:

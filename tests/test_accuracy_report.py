@@ -109,11 +109,32 @@ def test_label_efficiency_curves_keep_the_val_chosen_rule_and_drop_tta():
         }
     }
     curves = accuracy.label_efficiency(table)
-    assert set(curves) == {("medseg", "short")}
-    per = curves[("medseg", "short")]
+    assert set(curves) == {("medseg", "short", "slices")}
+    per = curves[("medseg", "short", "slices")]
     assert set(per) == {"stitchnet", "stitchnet (val-chosen rule)"}
     all_labels = len(json.loads(accuracy.fold_file("medseg", 0).read_text())["train"])
     assert sorted(per["stitchnet"]) == [10, all_labels]
+
+
+def test_label_efficiency_by_patient_is_its_own_curve():
+    """`--labelled-patients N` runs (+pN) count patients, and the all-labels point sits at
+    fold 0's train patients."""
+    entry = {"mean_lesion_dice": {"mean": 0.5, "sem": 0.02, "n": 1}}
+    table = {
+        "zenodo": {
+            "short+std+p1": {"unet": entry},
+            "short+std+p3": {"unet": entry},
+            "short+std": {"unet": entry},
+        }
+    }
+    curves = accuracy.label_efficiency(table)
+    assert set(curves) == {("zenodo", "short+std", "patients")}
+    fold0 = json.loads(accuracy.fold_file("zenodo", 0).read_text())
+    assert sorted(curves[("zenodo", "short+std", "patients")]["unet"]) == [
+        1,
+        3,
+        len(fold0["patients"]["train"]),
+    ]
 
 
 # ---------------------------------------------------------------- error analysis

@@ -6,7 +6,13 @@ import pytest
 
 from stitchnet_tf.data.classes import MaskValueMap
 from stitchnet_tf.data.datasets import Dataset, Sample
-from stitchnet_tf.data.splits import Split, kfold_splits, split_dataset, withhold_labels
+from stitchnet_tf.data.splits import (
+    Split,
+    kfold_splits,
+    split_dataset,
+    withhold_labels,
+    withhold_patients,
+)
 from stitchnet_tf.errors import DataError
 
 
@@ -88,6 +94,28 @@ def test_withhold_labels_subsets_train_only_and_is_seeded():
     assert withhold_labels(s, ds, max_labelled=10_000).unlabelled == []
     with pytest.raises(DataError, match="not both"):
         withhold_labels(s, ds, max_labelled=1, label_fraction=0.5)
+
+
+def test_withhold_patients_keeps_whole_train_patients_and_is_seeded():
+    ds = _dataset()
+    s = split_dataset(ds, seed=0)
+    train_patients = _patients_of(ds, s.train)
+    a = withhold_patients(s, ds, 2, seed=1)
+    kept = set(s.train) - set(a.unlabelled)
+    assert set(a.unlabelled) <= set(s.train) and a.val == s.val and a.test == s.test
+    assert len(_patients_of(ds, kept)) == 2  # every slice of the two chosen patients
+    assert not _patients_of(ds, kept) & _patients_of(ds, a.unlabelled)
+    assert _patients_of(ds, kept) | _patients_of(ds, a.unlabelled) == train_patients
+    assert withhold_patients(s, ds, 2, seed=1).unlabelled == a.unlabelled
+    assert {tuple(withhold_patients(s, ds, 2, seed=k).unlabelled) for k in range(5)} != {
+        tuple(a.unlabelled)
+    }
+    assert withhold_patients(s, ds, len(train_patients)).unlabelled == []
+    with pytest.raises(DataError, match="labelled patients must be 1 to the"):
+        withhold_patients(s, ds, 0)
+    no_ids = _dataset(patients=False)
+    with pytest.raises(DataError, match="need patient ids"):
+        withhold_patients(split_dataset(no_ids, seed=0), no_ids, 1)
 
 
 @pytest.mark.parametrize("patients", [True, False])

@@ -250,6 +250,35 @@ def withhold_labels(
     )
 
 
+def withhold_patients(split: Split, dataset: Dataset, n_patients: int, seed: int = 0) -> Split:
+    """Keep labels on `n_patients` seed-chosen train patients only (label efficiency by
+    patient, as a hospital labels whole scans): the other train patients' slices are listed in
+    `split.unlabelled`, still training images, used unlabelled."""
+    train = set(split.train)
+    patient_of = {s.id: s.patient for s in dataset.samples if s.labelled and s.id in train}
+    if not patient_of or not all(patient_of.values()):
+        raise DataError(split.source, "labelled patients need patient ids for every train slice")
+    patients = sorted(set(patient_of.values()))
+    if not 1 <= n_patients <= len(patients):
+        raise DataError(
+            split.source,
+            f"labelled patients must be 1 to the {len(patients)} train patients, got {n_patients}",
+        )
+    order = np.random.default_rng(seed).permutation(len(patients))
+    keep = {patients[i] for i in order[:n_patients]}
+    withheld = sorted(i for i, p in patient_of.items() if p not in keep)
+    return Split(
+        split.train,
+        split.val,
+        split.test,
+        split.by,
+        split.seed,
+        split.fractions,
+        unlabelled=withheld,
+        patients=split.patients,
+    )
+
+
 def kfold_splits(dataset: Dataset, k: int = 5, seed: int = 0) -> list[Split]:
     """k cross-validation splits by patient (by slice without patient ids).
 
