@@ -137,6 +137,21 @@ def test_label_efficiency_by_patient_is_its_own_curve():
     ]
 
 
+def test_protocol_names_the_labelled_patients_and_refuses_both_counts():
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(
+        budget="short",
+        lung_models=None,
+        intensity="standardise",
+        labelled=None,
+        labelled_patients=3,
+    )
+    assert accuracy.protocol(args) == "short+std+p3"
+    with pytest.raises(SystemExit):
+        accuracy.main(["--labelled", "10", "--labelled-patients", "1", "--report"])
+
+
 # ---------------------------------------------------------------- error analysis
 
 spec_e = importlib.util.spec_from_file_location("error_analysis", BENCHMARKS / "error_analysis.py")
