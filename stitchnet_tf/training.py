@@ -662,7 +662,8 @@ def _pipelines(config: TrainConfig, labelled, unlabelled, split: Split, epoch: i
         config.size,
         config.batch_size,
         train_ids=split.train,
-        withheld_ids=split.unlabelled if semi else (),
+        withheld_ids=split.unlabelled,  # never trained on as labelled (--max-labelled)
+        use_withheld=semi,
         unlabelled_per_batch=config.unlabelled_per_batch,
         seed=config.seed + epoch,
         augmentation=config.augmentation if config.augment else False,

@@ -260,3 +260,32 @@ def test_training_batches_follow_the_split_and_withheld_labels(tmp_path: Path):
     assert next(iter(only_labelled))["x"].shape == (2, 32, 32, 1)
     with pytest.raises(DataError, match="no labelled training slices"):
         training_batches(lab, unl, 32, 2, train_ids=split.train, withheld_ids=split.train)
+    # a supervised run (`train --max-labelled 2 --model unet`) leaves the withheld slices out:
+    # it sees the 2 labelled slices only, never the withheld ones with their labels
+    supervised = training_batches(
+        lab,
+        None,
+        32,
+        1,
+        train_ids=split.train,
+        withheld_ids=split.unlabelled,
+        use_withheld=False,
+        augmentation=False,
+    )
+    seen = {batch["x"].numpy().tobytes() for batch in supervised.take(40)}
+    assert len(split.train) > 2 and len(seen) == 2
+    # and `train` asks for exactly that (it once handed a supervised run the withheld slices
+    # as labelled ones, so "--max-labelled N" U-Nets trained on every train slice)
+    from stitchnet_tf.training import TrainConfig, _pipelines
+
+    config = TrainConfig(
+        labelled=str(tmp_path / "d" / "labelled"),
+        output=str(tmp_path / "run"),
+        model="unet",
+        size=32,
+        batch_size=1,
+        augment=False,
+        max_labelled=2,
+    )
+    batches = _pipelines(config, lab, None, split, 0, 1)[0]
+    assert len({batch["x"].numpy().tobytes() for batch in batches.take(40)}) == 2

@@ -479,6 +479,7 @@ def training_batches(
     *,
     train_ids: Sequence[str] | None = None,
     withheld_ids: Sequence[str] = (),
+    use_withheld: bool = True,
     unlabelled_per_batch: int | None = None,
     seed: int = 0,
     augmentation: str | dict | bool = True,
@@ -493,8 +494,9 @@ def training_batches(
     Args:
         labelled: the labelled dataset; `train_ids` (a split's train part) selects from it.
         unlabelled: an unlabelled dataset, or None.
-        withheld_ids: train ids whose labels are withheld (`Split.unlabelled`): they join the
-            unlabelled stream without their masks.
+        withheld_ids: train ids whose labels are withheld (`Split.unlabelled`): never in the
+            labelled stream; they join the unlabelled stream without their masks when
+            `use_withheld`, else (a supervised run) they are left out.
         batch_size: labelled examples in each batch.
         unlabelled_per_batch: unlabelled examples added to each batch when there are any
             (default: `batch_size`), so that a run with unlabelled data sees as many labelled
@@ -504,6 +506,7 @@ def training_batches(
     withheld = set(withheld_ids)
     lab = [s for s in labelled.samples if s.id in wanted and s.id not in withheld and s.labelled]
     pool = [s.unlabel() for s in labelled.samples if s.id in wanted and s.id in withheld]
+    pool = pool if use_withheld else []
     if not lab:
         raise DataError(labelled.root, "no labelled training slices (check the split)")
     common = dict(
