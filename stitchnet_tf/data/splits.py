@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -238,16 +238,7 @@ def withhold_labels(
         keep = int(round(label_fraction * len(labelled)))
     order = np.random.default_rng(seed).permutation(len(labelled))
     withheld = sorted(labelled[i] for i in order[keep:])
-    return Split(
-        split.train,
-        split.val,
-        split.test,
-        split.by,
-        split.seed,
-        split.fractions,
-        unlabelled=withheld,
-        patients=split.patients,
-    )
+    return replace(split, unlabelled=withheld)
 
 
 def withhold_patients(split: Split, dataset: Dataset, n_patients: int, seed: int = 0) -> Split:
@@ -267,16 +258,7 @@ def withhold_patients(split: Split, dataset: Dataset, n_patients: int, seed: int
     order = np.random.default_rng(seed).permutation(len(patients))
     keep = {patients[i] for i in order[:n_patients]}
     withheld = sorted(i for i, p in patient_of.items() if p not in keep)
-    return Split(
-        split.train,
-        split.val,
-        split.test,
-        split.by,
-        split.seed,
-        split.fractions,
-        unlabelled=withheld,
-        patients=split.patients,
-    )
+    return replace(split, unlabelled=withheld)
 
 
 def kfold_splits(dataset: Dataset, k: int = 5, seed: int = 0) -> list[Split]:
