@@ -175,10 +175,11 @@ def scores(table, classes) -> dict:
     return out
 
 
-def train_project_model(args, contender: str, fold: int, seed: int, labelled: Path, size: int):
-    """Train StitchNet / U-Net / SegNet on the fold (resumable); returns (model, info)."""
-    from stitchnet_tf.data.datasets import discover
-    from stitchnet_tf.data.splits import Split
+def train_project_model(
+    args, contender: str, fold: int, seed: int, labelled: Path, size: int, withheld
+):
+    """Train StitchNet / U-Net / SegNet on the fold (resumable); returns (model, info).
+    `withheld`: the fold's split with the run's labels withheld (`withheld_split`)."""
     from stitchnet_tf.inference import load_model
     from stitchnet_tf.training import TrainConfig, preset_options, train
 
@@ -188,8 +189,6 @@ def train_project_model(args, contender: str, fold: int, seed: int, labelled: Pa
     unlabelled = DATASETS[args.dataset].get("unlabelled")
     split = fold_file(args.dataset, fold)
     if args.labelled_patients is not None:  # train reads the withheld slices from the split
-        dataset = discover(labelled, require_labels=True, **DATASETS[args.dataset]["read"])
-        withheld = withheld_split(args, Split.load(split), dataset, seed)
         split = args.runs / args.dataset / protocol(args) / f"split-f{fold}-s{seed}.json"
         split.parent.mkdir(parents=True, exist_ok=True)
         withheld.save(split)
@@ -253,8 +252,9 @@ def run_one(args, contender: str, fold: int, seed: int) -> dict:
     dataset = discover(labelled, require_labels=True, **spec["read"])
     split = Split.load(fold_file(args.dataset, fold))
     split.check(dataset)
-    withheld = set(withheld_split(args, split, dataset, seed).unlabelled)
-    fit_ids = [i for i in split.train if i not in withheld]
+    withheld = withheld_split(args, split, dataset, seed)
+    unlabelled = set(withheld.unlabelled)
+    fit_ids = [i for i in split.train if i not in unlabelled]
     lung_model = use_lung_model(args, fold)
     segmenter = default_segmenter()
     test = SliceScorer(dataset.subset(split.test), args.size, segmenter, intensity=args.intensity)
@@ -293,7 +293,9 @@ def run_one(args, contender: str, fold: int, seed: int) -> dict:
         measured["mean_lesion_dice"] = sum(values) / len(values)
         info |= {"train_seconds": seconds, "steps": epochs * steps, "final_loss": loss}
     else:
-        model, trained = train_project_model(args, contender, fold, seed, labelled, args.size)
+        model, trained = train_project_model(
+            args, contender, fold, seed, labelled, args.size, withheld
+        )
         info |= trained
     if contender != "reference":
         measured = scores(test.table(model), spec["classes"])
