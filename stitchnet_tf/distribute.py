@@ -170,6 +170,29 @@ def broadcast_from_chief(strategy: tf.distribute.Strategy, values: list) -> list
     return [tf.cast(r, d) for r, d in zip(reduced, dtypes, strict=True)]
 
 
+def share_chief_batchnorm(model) -> int:
+    """Give every worker of a multi-worker run the chief's BatchNorm moving statistics.
+
+    For after `models.base.recalibrate_batchnorm`, which each worker runs on the batches it
+    reads: without this the workers' inference-mode models, and their choice of best epoch,
+    drift apart. Returns the number of variables set (0 outside a multi-worker run).
+    """
+    import keras
+
+    strategy = getattr(model, "distribute_strategy", None)
+    if strategy is None or not is_multi_worker(strategy):
+        return 0
+    moving = [
+        v
+        for layer in model._flatten_layers()
+        if isinstance(layer, keras.layers.BatchNormalization)
+        for v in (layer.moving_mean, layer.moving_variance)
+    ]
+    for variable, value in zip(moving, broadcast_from_chief(strategy, moving), strict=True):
+        variable.assign(value)
+    return len(moving)
+
+
 def synchronize_batchnorm(model, on: bool = True) -> int:
     """Make every BatchNormalization layer of `model` use global-batch statistics in training.
 

@@ -205,6 +205,7 @@ def _make_callbacks(
     import keras
     import numpy as np
 
+    from stitchnet_tf import distribute
     from stitchnet_tf.models.base import recalibrate_batchnorm
 
     scorer = None
@@ -250,6 +251,7 @@ def _make_callbacks(
             if finite:
                 if recalibration_steps:
                     recalibrate_batchnorm(self.model, batches, recalibration_steps)
+                    distribute.share_chief_batchnorm(self.model)
                 val = self.model.evaluate(val_data, verbose=0, return_dict=True)
                 logs.update({f"val_{k}": float(v) for k, v in val.items()})
             if scorer is not None:

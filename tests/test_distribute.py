@@ -260,6 +260,73 @@ def test_two_workers_train_in_sync(tmp_path):
             np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-7)
 
 
+def _calibration_batches(seed: int):
+    """Four batches of random slices, different for each seed."""
+    import tensorflow as tf
+
+    x = np.random.default_rng(seed).normal(size=(16, 32, 32, 1)).astype("float32")
+    return tf.data.Dataset.from_tensor_slices({"x": x + seed}).batch(4)
+
+
+def _recalibrating_worker(dump: str) -> None:
+    """Recalibrate BatchNorm on this worker's own batches under a multi-worker strategy and
+    share the chief's statistics (as training does each epoch); dump the moving statistics."""
+    import keras
+
+    from stitchnet_tf import distribute
+    from stitchnet_tf.models.base import recalibrate_batchnorm
+    from stitchnet_tf.training import build_model
+
+    index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+    strategy = distribute.make_strategy("multi-worker")
+    with strategy.scope():
+        model = build_model("unet", TINY_UNET, seed=0)
+        model(np.zeros((1, 32, 32, 1), "float32"))
+    assert recalibrate_batchnorm(model, _calibration_batches(index), steps=4) == 4
+    assert distribute.share_chief_batchnorm(model) > 0
+    stats = [w.numpy() for w in model.weights if "moving" in w.path]
+    np.savez(Path(dump) / f"stats-{index}.npz", *stats)
+    keras.backend.clear_session()
+
+
+@pytest.mark.slow
+def test_recalibrated_statistics_are_the_chiefs_on_every_worker(tmp_path):
+    """Each worker reads its own batches; all must end with the chief's statistics, else the
+    workers' models (and their choice of best epoch) drift apart."""
+    from stitchnet_tf.models.base import recalibrate_batchnorm
+    from stitchnet_tf.training import build_model
+
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(HERE), "recalibrate", tmp_path],
+            env=_env(
+                TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=240)
+            assert p.returncode == 0, err[-4000:]
+    finally:
+        for p in procs:
+            p.kill()
+    chief, worker = np.load(tmp_path / "stats-0.npz"), np.load(tmp_path / "stats-1.npz")
+    model = build_model("unet", TINY_UNET, seed=0)
+    model(np.zeros((1, 32, 32, 1), "float32"))
+    recalibrate_batchnorm(model, _calibration_batches(0), steps=4)
+    alone = [w.numpy() for w in model.weights if "moving" in w.path]
+    assert len(chief.files) == len(worker.files) == len(alone) > 0
+    for k, expected in zip(chief.files, alone, strict=True):
+        np.testing.assert_array_equal(worker[k], chief[k])
+        np.testing.assert_allclose(chief[k], expected, rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------- mixed precision
 
 
@@ -308,3 +375,5 @@ if __name__ == "__main__":
         print(json.dumps(_mirrored_vs_single()))
     elif sys.argv[1] == "worker":
         _worker(*sys.argv[2:5])
+    elif sys.argv[1] == "recalibrate":
+        _recalibrating_worker(sys.argv[2])
