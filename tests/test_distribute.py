@@ -185,6 +185,31 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+def _run_two_workers(args, timeout: float) -> None:
+    """Run this file as the two workers of a local cluster (`args(i)`: worker i's arguments)
+    and wait for both to succeed."""
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(HERE), *map(str, args(i))],
+            env=_env(
+                TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=timeout)
+            assert p.returncode == 0, err[-4000:]
+    finally:
+        for p in procs:
+            p.kill()
+
+
 def _worker(data: str, output: str, dump: str) -> None:
     """Train one epoch with --strategy multi-worker; dump the weights at every checkpoint."""
     from stitchnet_tf import distribute, training
@@ -222,29 +247,11 @@ def test_two_workers_train_in_sync(tmp_path):
     write_demo_dataset(
         data, labelled_patients=5, unlabelled_patients=0, slices_per_patient=3, size=32, seed=2
     )
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
     dump = tmp_path / "dump"
     dump.mkdir()
-    procs = []
-    for i in range(2):
-        out = tmp_path / f"run{i}"
-        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(HERE), "worker", data / "labelled", out, dump],
-                env=_env(TF_CONFIG=tf_config),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    try:
-        for p in procs:
-            _, err = p.communicate(timeout=240)
-            assert p.returncode == 0, err[-4000:]
-    finally:
-        for p in procs:
-            p.kill()
+    _run_two_workers(
+        lambda i: ["worker", data / "labelled", tmp_path / f"run{i}", dump], timeout=240
+    )
     chief, worker = tmp_path / "run0", tmp_path / "run1"
     written = {p.name for p in chief.iterdir()}
     assert {"last.keras", "best.keras", "state.json", "log.csv"} <= written
@@ -296,26 +303,7 @@ def test_recalibrated_statistics_are_the_chiefs_on_every_worker(tmp_path):
     from stitchnet_tf.models.base import recalibrate_batchnorm
     from stitchnet_tf.training import build_model
 
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(HERE), "recalibrate", tmp_path],
-            env=_env(
-                TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
-            ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    try:
-        for p in procs:
-            _, err = p.communicate(timeout=240)
-            assert p.returncode == 0, err[-4000:]
-    finally:
-        for p in procs:
-            p.kill()
+    _run_two_workers(lambda i: ["recalibrate", tmp_path], timeout=240)
     chief, worker = np.load(tmp_path / "stats-0.npz"), np.load(tmp_path / "stats-1.npz")
     model = build_model("unet", TINY_UNET, seed=0)
     model(np.zeros((1, 32, 32, 1), "float32"))
