@@ -177,17 +177,12 @@ def share_chief_batchnorm(model) -> int:
     reads: without this the workers' inference-mode models, and their choice of best epoch,
     drift apart. Returns the number of variables set (0 outside a multi-worker run).
     """
-    import keras
+    from stitchnet_tf.models.base import batchnorm_layers
 
     strategy = getattr(model, "distribute_strategy", None)
     if strategy is None or not is_multi_worker(strategy):
         return 0
-    moving = [
-        v
-        for layer in model._flatten_layers()
-        if isinstance(layer, keras.layers.BatchNormalization)
-        for v in (layer.moving_mean, layer.moving_variance)
-    ]
+    moving = [v for la in batchnorm_layers(model) for v in (la.moving_mean, la.moving_variance)]
     for variable, value in zip(moving, broadcast_from_chief(strategy, moving), strict=True):
         variable.assign(value)
     return len(moving)
@@ -200,11 +195,9 @@ def synchronize_batchnorm(model, on: bool = True) -> int:
     share of the batch, so results would depend on the replica count. Returns the number of
     layers changed.
     """
-    import keras
+    from stitchnet_tf.models.base import batchnorm_layers
 
-    norms = [
-        la for la in model._flatten_layers() if isinstance(la, keras.layers.BatchNormalization)
-    ]
+    norms = batchnorm_layers(model)
     for layer in norms:
         layer.synchronized = on
     return len(norms)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+from stitchnet_tf.models.base import batchnorm_layers
+
 #: MobileNetV2 activations at strides 2, 4, 8, 16, 32 (the U-Net skips of the paper, plus the
 #: last activation).
 FEATURE_LAYERS = (
@@ -48,9 +50,8 @@ def set_bn_momentum(model, momentum: float = BN_MOMENTUM) -> None:
     on their initial values, and inference-mode predictions (BatchNorm with moving statistics)
     fall far behind training-mode ones. 0.99 is Keras' default elsewhere.
     """
-    for layer in model._flatten_layers():
-        if isinstance(layer, layers.BatchNormalization):
-            layer.momentum = momentum
+    for layer in batchnorm_layers(model):
+        layer.momentum = momentum
 
 
 @keras.saving.register_keras_serializable(package="stitchnet_tf")

@@ -179,6 +179,11 @@ class SegmentationModel:
         self.compile(**keras.saving.deserialize_keras_object(config))
 
 
+def batchnorm_layers(model) -> list:
+    """Every BatchNormalization layer of `model`, nested ones included."""
+    return [la for la in model._flatten_layers() if isinstance(la, keras.layers.BatchNormalization)]
+
+
 def recalibrate_batchnorm(model, batches, steps: int = 20, momentum: float = 0.9) -> int:
     """Re-estimate every BatchNorm layer's moving statistics under inference conditions.
 
@@ -193,9 +198,7 @@ def recalibrate_batchnorm(model, batches, steps: int = 20, momentum: float = 0.9
     traced, so the forward is traced once per model and reused every epoch), which leaves the
     batch's own statistics in the moving variables; the average is taken here.
     """
-    norms = [
-        la for la in model._flatten_layers() if isinstance(la, keras.layers.BatchNormalization)
-    ]
+    norms = batchnorm_layers(model)
     if not norms:
         return 0
     step = model.__dict__.get("_calibration_fn")
