@@ -188,3 +188,20 @@ def test_error_analysis_pairs_slices_with_the_rule():
     assert d == pytest.approx(0.2)
     assert se == pytest.approx(np.std([0.3, 0.1, 0.2], ddof=1) / np.sqrt(3))
     assert error_analysis.paired(rows, rule, "lesion") == (0.0, 0.0)
+
+
+def test_unlabelled_bias_averages_lesion_probability_by_intensity_decile():
+    """benchmarks/unlabelled_bias.py: π_GGO + π_CON (and r's) averaged within each decile."""
+    bias_spec = importlib.util.spec_from_file_location(
+        "unlabelled_bias", BENCHMARKS / "unlabelled_bias.py"
+    )
+    bias = importlib.util.module_from_spec(bias_spec)
+    bias_spec.loader.exec_module(bias)
+    x = np.arange(100, dtype=np.float32) / 100.0
+    lesion = (x >= 0.9).astype(np.float32)  # only the brightest decile is lesion
+    pi = np.stack([0 * x, 1 - lesion, lesion / 2, lesion / 2], -1)
+    r = np.stack([0 * x, 1 - x, x / 2, x / 2], -1)
+    edges = np.quantile(x, np.linspace(0.0, 1.0, bias.DECILES + 1))
+    rows = bias.by_decile({"x": x, "pi": pi, "r": r}, edges)
+    assert rows["pi_lesion"] == pytest.approx([0.0] * 9 + [1.0])
+    assert rows["r_lesion"] == pytest.approx([np.mean(x[i * 10 : i * 10 + 10]) for i in range(10)])
