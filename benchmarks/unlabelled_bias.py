@@ -12,9 +12,11 @@ in inference mode with the label-free lung field, as `accuracy.py` does, and rep
 - predicted / true lesion pixels on test (pooled, original geometry; above 1:
   over-segmentation);
 - test mean lesion Dice with the `prior` rule, with the rule chosen on val (what `train
-  --decision auto` gives), and with the rule and a lesion offset b chosen together on val (the
-  lesion probabilities scaled by e^b before the argmax; `OFFSETS`): whether a model's lesion
-  extent is miscalibrated in a way its val slices could correct;
+  --decision auto` gave before the lesion offset), and with the rule and a lesion offset b
+  chosen together on val (lesion probabilities × e^b before the argmax, b in
+  `models.base.LESION_OFFSETS`, as `train --decision auto` now chooses them, here for the
+  epoch the run chose without it): whether a model's lesion extent is miscalibrated in a way
+  its val slices can correct;
 - StitchNet: the lesion share of the lung field under the `prior` (softmax π) and `posterior`
   (r ∝ π·Beta(x)) rules; the mean lesion probability π_GGO + π_CON and r_GGO + r_CON by decile
   of the standardised intensity x inside the lung field (deciles of the first contender's
@@ -35,10 +37,10 @@ from pathlib import Path
 import numpy as np
 from accuracy import DATA, DATASETS, RESULTS, fold_file  # also puts the repository on sys.path
 
+from stitchnet_tf.models.base import LESION_OFFSETS as OFFSETS  # what `train` searches
+
 PAIR = ("stitchnet-image", "stitchnet-semi")
 DECILES = 10
-#: lesion offsets b (log scale on the lesion probabilities) searched on val
-OFFSETS = (-2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0)
 
 
 def predictions(scorer, model, decision: str | None) -> list[tuple]:
@@ -49,28 +51,12 @@ def predictions(scorer, model, decision: str | None) -> list[tuple]:
     predictor = Predictor(model, scorer.size, scorer.segmenter, decision=decision)
     out = []
     for chunk in scorer.batches():
-        for s, p in zip(
-            chunk, predictor.predict_prepared([s.prepared for s in chunk]), strict=True
-        ):
-            out.append((s.id, s.truth, p.probabilities, p.geometry, p.field))
+        predicted = predictor.predict_prepared([s.prepared for s in chunk])
+        out += [
+            (s.id, s.truth, p.probabilities, p.geometry, p.field)
+            for s, p in zip(chunk, predicted, strict=True)
+        ]
     return out
-
-
-def offset_scores(scorer, cached: list[tuple]) -> list[float]:
-    """Mean lesion Dice of the cached predictions with each lesion offset of `OFFSETS`."""
-    from stitchnet_tf.evaluation import summarize
-    from stitchnet_tf.inference import labels_to_original
-    from stitchnet_tf.metrics import Table1
-
-    scores = []
-    for b in OFFSETS:
-        scale = np.array([1.0, 1.0, np.exp(b), np.exp(b)], np.float32)
-        table = Table1(scheme=scorer.scheme, absent=scorer.absent)
-        for sid, truth, probs, geometry, field in cached:
-            table.add(sid, labels_to_original(probs * scale, geometry, field), truth)
-        value = summarize(table)["mean_lesion_dice"]
-        scores.append(-1.0 if value is None else float(value))
-    return scores
 
 
 def lesion_extent(cached: list[tuple]) -> dict[str, float]:
@@ -97,19 +83,23 @@ def calibration(scorers: dict, model) -> dict:
     """Test mean lesion Dice with `prior`, the val-chosen rule and the val-chosen rule and
     offset; plus the lesion extent of the model's own rule on test."""
     rules = ["prior", "posterior"] if getattr(model, "decision", None) is not None else [None]
-    val, test, extent = [], [], None
+    val, test = [], []
     for rule in rules:
         for part, into in (("val", val), ("test", test)):
-            cached = predictions(scorers[part], model, rule)
-            into.append(offset_scores(scorers[part], cached))
-            if part == "test" and rule == getattr(model, "decision", None):
-                extent = lesion_extent(cached)
+            by_offset = scorers[part].offset_scores(model, OFFSETS, decision=rule)
+            into.append(
+                [-1.0 if v is None else v for v in (s["mean_lesion_dice"] for s in by_offset)]
+            )
+    extent = lesion_extent(predictions(scorers["test"], model, getattr(model, "decision", None)))
     zero = OFFSETS.index(0.0)
     r = int(np.argmax([v[zero] for v in val]))
-    flat = int(np.argmax([x for v in val for x in v]))
-    rc, bc = divmod(flat, len(OFFSETS))
+    # as `train` chooses: the best val score, ties to the smaller |b|, then the earlier rule
+    rc, bc = max(
+        ((i, j) for i in range(len(rules)) for j in range(len(OFFSETS))),
+        key=lambda ij: (val[ij[0]][ij[1]], -abs(OFFSETS[ij[1]]), -ij[0]),
+    )
     return {
-        **(extent or {}),
+        **extent,
         "test_prior": test[0][zero],
         "val_chosen_rule": rules[r],
         "test_val_chosen": test[r][zero],
@@ -230,9 +220,11 @@ def report(out: dict) -> str:
         "Each run on its fold's test slices in inference mode with the label-free lung field. "
         "pred/true: pooled predicted over true lesion pixels with the model's own rule (above 1: "
         "over-segmentation). Test mean lesion Dice with `prior`, with the rule chosen on val "
-        "(`train --decision auto`) and with the rule and a lesion offset b chosen together on "
-        "val (lesion probabilities × e^b before the argmax, b in "
-        f"{', '.join(f'{b:g}' for b in OFFSETS)}). StitchNet also: the lesion share of the "
+        "(what `train --decision auto` gave before the offset) and with the rule and a lesion "
+        "offset b chosen together on val (lesion probabilities × e^b before the argmax, b in "
+        f"{', '.join(f'{b:g}' for b in OFFSETS)}; what `train --decision auto` now does, ties "
+        "to the smaller |b|; for the epoch each run chose without it). StitchNet also: the "
+        "lesion share of the "
         "lung-field pixels at the model size under `prior` (π) and `posterior` (r ∝ π·Beta(x)); "
         "the per-image style means / concentrations κ (healthy, GGO, CON); the mean lesion "
         "probability (GGO + CON) under π and r by decile of the standardised intensity inside "

@@ -249,7 +249,9 @@ from stitchnet_tf_cli.options import (
     show_default=True,
     type=click.Choice(["auto", *DECISIONS]),
     help="StitchNet decision rule (prior: softmax of pi; posterior: pi_k Beta_k(x)); auto: the "
-    "better of the two on the val slices, chosen with the best epoch.",
+    "better of the two on the val slices, chosen with the best epoch, together with a lesion "
+    "offset (every model: lesion probabilities x e^b, b in -2..2, corrects under- or "
+    "over-segmentation; prior/posterior: no offset).",
 )
 @click.option(
     "--style-pool",

@@ -42,6 +42,7 @@ from stitchnet_tf.fileio import (
 from stitchnet_tf.inference import (
     Predictor,
     check_stitchnet_options,
+    labels_to_original,
     load_model,
     model_intensity,
     prepare_inputs,
@@ -145,6 +146,15 @@ class SliceScorer:
         for i in range(0, len(self._cache), self.batch_size):
             yield self._cache[i : i + self.batch_size]
 
+    def _check_intensity(self, model) -> None:
+        trained = model_intensity(model)
+        if trained != self.intensity:
+            raise DataError(
+                None,
+                f"the model was trained with intensity '{trained}', "
+                f"these slices are prepared with '{self.intensity}'",
+            )
+
     def table(
         self,
         model,
@@ -159,13 +169,7 @@ class SliceScorer:
         averaged over flips) and score the labels in the original geometry; returns the
         filled `Table1`. `on_slice(id, labels, truth)` is called with every slice's predicted
         labels and truth bits in the original geometry (e.g. `CaseStacker.add`)."""
-        trained = model_intensity(model)
-        if trained != self.intensity:
-            raise DataError(
-                None,
-                f"the model was trained with intensity '{trained}', "
-                f"these slices are prepared with '{self.intensity}'",
-            )
+        self._check_intensity(model)
         predictor = Predictor(
             model, self.size, self.segmenter, samples, decision, self.margin, tta=tta
         )
@@ -179,6 +183,33 @@ class SliceScorer:
             if progress:
                 progress(len(chunk))
         return table
+
+    def offset_scores(
+        self, model, offsets: tuple[float, ...], *, decision: str | None = None
+    ) -> list[dict]:
+        """`score` of a Keras `model` with each lesion offset b of `offsets` (lesion
+        probabilities × e^b before the argmax, `models.base.calibrate_lesion`), from one
+        prediction pass; the model's own `lesion_offset` is set aside meanwhile."""
+        self._check_intensity(model)
+        saved = model.lesion_offset
+        cached = []
+        try:
+            model.lesion_offset = 0.0
+            predictor = Predictor(model, self.size, self.segmenter, 0, decision, self.margin)
+            for chunk in self.batches():
+                predictions = predictor.predict_prepared([s.prepared for s in chunk])
+                cached += [(s, p) for s, p in zip(chunk, predictions, strict=True)]
+        finally:
+            model.lesion_offset = saved
+        out = []
+        for b in offsets:
+            scale = np.array([1.0, 1.0, np.exp(b), np.exp(b)], np.float32)
+            table = Table1(scheme=self.scheme, absent=self.absent)
+            for s, p in cached:
+                labels = labels_to_original(p.probabilities * scale, p.geometry, p.field)
+                table.add(s.id, labels, s.truth)
+            out.append(summarize(table))
+        return out
 
     def score(
         self, model, *, samples: int = 0, decision: str | None = None, tta: bool = False

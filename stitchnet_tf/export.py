@@ -245,18 +245,21 @@ def _serving_functions(
     image_spec = tf.TensorSpec([None, size, size, 1], tf.float32, name="image")
     lung_spec = tf.TensorSpec([None, size, size, 1], tf.float32, name="lung")
 
-    from stitchnet_tf.models.base import segmentation_output
+    from stitchnet_tf.models.base import calibrate_lesion, segmentation_output
+
+    offset = float(getattr(model, "lesion_offset", 0.0))  # the val-chosen lesion offset
 
     def segment(image, lung):
         if not tta:
-            return segmentation_output(model.segmentation_probabilities(image, lung, decision))
+            probs = model.segmentation_probabilities(image, lung, decision)
+            return segmentation_output(calibrate_lesion(probs, offset))
         from stitchnet_tf.inference import FLIPS  # the Predictor's flips, in the graph
 
         total = 0.0
         for axes in FLIPS:
             flip = (lambda t, a=list(axes): tf.reverse(t, a)) if axes else (lambda t: t)
             probs = model.segmentation_probabilities(flip(image), flip(lung), decision)
-            total = total + flip(tf.cast(probs, tf.float32))
+            total = total + flip(tf.cast(calibrate_lesion(probs, offset), tf.float32))
         return segmentation_output(total / len(FLIPS))
 
     @tf.function(input_signature=[image_spec, lung_spec])

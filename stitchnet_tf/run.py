@@ -79,7 +79,8 @@ class TrainConfig:
     # model options (see StitchNet / UNet / SegNet)
     model_options: dict = field(default_factory=dict)
     preset: str | None = None  # the preset that filled size, widths and budget (see PRESETS)
-    # StitchNet: choose the decision rule (prior / posterior) on the val slices with the epoch
+    # choose on the val slices, with the epoch, the decision rule (StitchNet: prior / posterior)
+    # and the lesion offset (every model; `models.base.calibrate_lesion`)
     choose_decision: bool = True
 
     def to_json(self) -> str:

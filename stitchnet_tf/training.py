@@ -216,27 +216,36 @@ def _make_callbacks(
         scorer = SliceScorer(val_set, size, intensity=intensity)
 
     def per_image_scores(model) -> dict[str, float]:
-        """Val scores; with `choose_decision` (StitchNet) each decision rule is scored, the
-        best is kept as the model's `decision` (saved with it) and logged as `val_decision`
-        (0 prior, 1 posterior)."""
-        rules = [None]
-        if choose_decision and getattr(model, "decision", None) is not None:
-            from stitchnet_tf.options import DECISIONS
+        """Val scores. With `choose_decision` every decision rule (StitchNet) and lesion offset
+        (`models.base.LESION_OFFSETS`, any model) is scored; the best pair is kept as the
+        model's `decision` and `lesion_offset` (saved with it) and logged as `val_decision`
+        (0 prior, 1 posterior) and `val_lesion_offset`; ties keep the smaller offset."""
+        if not choose_decision:
+            scores = scorer.score(model)
+            out = {f"val_dice_{c}_image": v for c, v in scores["lesion_dice"].items()}
+            out["val_mean_lesion_dice"] = scores["mean_lesion_dice"]
+            return {k: float("nan") if v is None else float(v) for k, v in out.items()}
+        from stitchnet_tf.models.base import LESION_OFFSETS
+        from stitchnet_tf.options import DECISIONS
 
-            rules = list(DECISIONS)
+        rules = list(DECISIONS) if getattr(model, "decision", None) is not None else [None]
         out, best = {}, None
         for rule in rules:
-            scores = scorer.score(model, decision=rule)
-            value = scores["mean_lesion_dice"]
-            value = -1.0 if value is None else value
+            by_offset = scorer.offset_scores(model, LESION_OFFSETS, decision=rule)
             if rule is not None:
-                out[f"val_mean_lesion_dice_{rule}"] = scores["mean_lesion_dice"]
-            if best is None or value > best[0]:
-                best = (value, rule, scores)
-        _, rule, scores = best
+                plain = by_offset[LESION_OFFSETS.index(0.0)]["mean_lesion_dice"]
+                out[f"val_mean_lesion_dice_{rule}"] = plain
+            for offset, scores in zip(LESION_OFFSETS, by_offset, strict=True):
+                value = scores["mean_lesion_dice"]
+                key = (-1.0 if value is None else value, -abs(offset))
+                if best is None or key > best[0]:
+                    best = (key, rule, offset, scores)
+        _, rule, offset, scores = best
         if rule is not None:
             model.decision = rule
             out["val_decision"] = float(rules.index(rule))
+        model.lesion_offset = offset
+        out["val_lesion_offset"] = offset
         out |= {f"val_dice_{c}_image": v for c, v in scores["lesion_dice"].items()}
         out["val_mean_lesion_dice"] = scores["mean_lesion_dice"]
         return {k: float("nan") if v is None else float(v) for k, v in out.items()}
@@ -808,7 +817,7 @@ def train(
             chief,
             val_set=val,
             size=config.size,
-            choose_decision=config.choose_decision and config.model == "stitchnet",
+            choose_decision=config.choose_decision,
             intensity=config.intensity,
         )
         if chief:

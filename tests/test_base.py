@@ -12,7 +12,12 @@ from helpers import lesion_batch
 
 from stitchnet_tf.data.classes import BACKGROUND, CON, GGO, HEALTHY
 from stitchnet_tf.errors import DataError
-from stitchnet_tf.models.base import ENTROPY_FLOOR, SetDice, segmentation_output
+from stitchnet_tf.models.base import (
+    ENTROPY_FLOOR,
+    SetDice,
+    calibrate_lesion,
+    segmentation_output,
+)
 from stitchnet_tf.models.baselines import SegNet, UNet
 from stitchnet_tf.models.stitchnet import StitchNet
 from stitchnet_tf.models.threshold import ThresholdRule
@@ -104,6 +109,39 @@ def test_a_changed_decision_rule_is_followed(models, batch):
         model.head.style_mean.bias.assign(bias)
     np.testing.assert_allclose(now, posterior, atol=1e-6)
     assert not np.allclose(now, prior, atol=1e-4)
+
+
+def test_calibrate_lesion_equals_a_numpy_reference():
+    p = np.random.default_rng(0).dirichlet(np.ones(4), size=(2, 5)).astype(np.float32)
+    assert calibrate_lesion(p, 0.0) is p
+    for b in (1.0, -1.5):
+        expected = p * np.array([1.0, 1.0, np.exp(b), np.exp(b)])
+        expected /= expected.sum(-1, keepdims=True)
+        np.testing.assert_allclose(calibrate_lesion(p, b).numpy(), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["stitchnet", "unet", "segnet"])
+def test_a_lesion_offset_moves_the_lesion_extent_and_is_saved(models, batch, name, tmp_path):
+    """`lesion_offset` (chosen on val by `train --decision auto`) calibrates `segment`, also
+    after tracing, and travels in the saved model."""
+    x, _ = batch
+    model = models[name]
+    base = model.segment(x)["probabilities"].numpy()
+    try:
+        model.lesion_offset = 3.0
+        shifted = model.segment(x)
+        path = tmp_path / "model.keras"
+        model.save(path)
+    finally:
+        model.lesion_offset = 0.0
+    probs = shifted["probabilities"].numpy()
+    np.testing.assert_allclose(probs, calibrate_lesion(base, 3.0).numpy(), atol=1e-5)
+    lesion = np.isin(shifted["labels"].numpy(), (GGO, CON)).mean()
+    assert lesion > np.isin(base.argmax(-1), (GGO, CON)).mean()
+    np.testing.assert_allclose(model.segment(x)["probabilities"].numpy(), base, atol=1e-6)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    assert loaded.lesion_offset == 3.0 and loaded.get_config()["lesion_offset"] == 3.0
+    np.testing.assert_allclose(loaded.segment(x)["probabilities"].numpy(), probs, atol=1e-5)
 
 
 def test_set_dice_by_hand():

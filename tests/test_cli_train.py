@@ -109,6 +109,9 @@ def test_train_writes_a_complete_run_folder(stitchnet_run):
     assert scores[chosen] == max(scores.values())
     model = keras.saving.load_model(stitchnet_run / "best.keras", safe_mode=True)
     assert model.decision == chosen and config["choose_decision"] is True
+    # and with it the lesion offset (ties keep the smaller |b|, so 0 when nothing is gained)
+    assert model.lesion_offset == float(best["val_lesion_offset"])
+    assert float(best["val_mean_lesion_dice"]) >= scores[chosen]
     split = json.loads((stitchnet_run / "split.json").read_text())
     assert split["by"] == "patient" and split["val"]
 

@@ -346,3 +346,27 @@ def test_tta_export_averages_flips_like_the_predictor(unet, slices, tmp_path):
     out = export.load_exported(version).segment(x, lung)
     reference = flip_average(export.float32_model(model).segment, x, lung)
     assert np.abs(out["probabilities"] - reference["probabilities"]).max() < 1e-5
+
+
+def test_the_lesion_offset_is_carried_into_the_export(unet, slices, tmp_path):
+    """A val-chosen `lesion_offset` is part of the model: the SavedModel applies it, with and
+    without flip TTA, as the Keras model and the `Predictor` do."""
+    from stitchnet_tf.inference import flip_average
+    from stitchnet_tf.models.base import calibrate_lesion
+
+    x, lung = slices
+    model, _ = unet
+    reference = export.float32_model(model).segment(x, lung)["probabilities"]
+    model.lesion_offset = 1.5
+    try:
+        plain = export.export_savedmodel(model, tmp_path / "b", SIZE, lung_model=False)
+        tta = export.export_savedmodel(model, tmp_path / "t", SIZE, lung_model=False, tta=True)
+        keras_tta = flip_average(export.float32_model(model).segment, x, lung)["probabilities"]
+    finally:
+        model.lesion_offset = 0.0
+    out = export.load_exported(plain).segment(x, lung)["probabilities"]
+    expected = calibrate_lesion(reference, 1.5).numpy()
+    assert np.abs(out - expected).max() < 1e-5
+    assert np.abs(out - np.asarray(reference)).max() > 1e-3  # the offset did change them
+    out = export.load_exported(tta).segment(x, lung)["probabilities"]
+    assert np.abs(out - np.asarray(keras_tta)).max() < 1e-5

@@ -44,6 +44,26 @@ def segmentation_output(probabilities) -> dict:
     }
 
 
+#: Lesion offsets b that `train --decision auto` tries on the val slices (see `calibrate_lesion`).
+LESION_OFFSETS = (-2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0)
+
+
+def calibrate_lesion(probabilities, offset: float):
+    """Class probabilities [..., 4] with the lesion classes (GGO, CON) scaled by e^offset and
+    renormalised: a shift of offset nats in their logits, which moves the lesion extent of the
+    argmax (offset > 0: more lesion). offset 0 returns `probabilities` unchanged.
+
+    A model under- or over-segments lesions when its training slices' lesion share differs from
+    the slices it meets; the offset, chosen on the val slices with the epoch, corrects that
+    (docs/DESIGN.md §7.18)."""
+    if not offset:
+        return probabilities
+    p = tf.cast(probabilities, tf.float32)
+    w = float(np.exp(offset))
+    scaled = p * tf.constant([1.0, 1.0, w, w], tf.float32)
+    return scaled / tf.maximum(tf.reduce_sum(scaled, axis=-1, keepdims=True), 1e-12)
+
+
 class SetDice(keras.metrics.Metric):
     """Dice of a class (or a union of classes) over the labelled pixels seen, over batches.
 
@@ -98,6 +118,9 @@ class SegmentationModel:
 
     #: whether `samples` and `decision` mean anything for this model
     stochastic = False
+    #: lesion offset applied to every output probability (`calibrate_lesion`); saved in the
+    #: config and carried into the exports
+    lesion_offset = 0.0
 
     def segmentation_probabilities(self, x, lung, decision: str | None = None):
         """x [B,S,S,1], lung field [B,S,S,1] -> class probabilities [B,S,S,4], inference mode
@@ -119,31 +142,40 @@ class SegmentationModel:
             decision = decision or self.decision
         x = ops.convert_to_tensor(x, "float32")
         lung = default_lung(x, lung)
+        offset = float(self.lesion_offset)
         if samples > 0:
-            return segmentation_output(self.sampled_probabilities(x, lung, samples, decision))
-        fn = self._traced_probabilities(decision, tuple(x.shape[1:3]))
+            probabilities = self.sampled_probabilities(x, lung, samples, decision)
+            return segmentation_output(calibrate_lesion(probabilities, offset))
+        fn = self._traced_probabilities(decision, offset, tuple(x.shape[1:3]))
         return segmentation_output(fn(x, lung))
 
-    def _traced_probabilities(self, decision: str | None, size: tuple[int, int]):
-        """`segmentation_probabilities` for one decision rule and slice size [H, W], traced
-        once for any batch size and reused (an eager call of StitchNet's graph costs seconds,
-        and so does a trace: a trace per batch size would double it for a last, short batch)."""
+    def _traced_probabilities(self, decision: str | None, offset: float, size: tuple[int, int]):
+        """`segmentation_probabilities` for one decision rule, lesion offset and slice size
+        [H, W], traced once for any batch size and reused (an eager call of StitchNet's graph
+        costs seconds, and so does a trace: a trace per batch size would double it for a last,
+        short batch)."""
         cache = self.__dict__.get("_probability_fns")
         if cache is None:
             cache = {}
             object.__setattr__(self, "_probability_fns", cache)  # not tracked by Keras
-        key = (decision, *size)
+        key = (decision, offset, *size)
         if key not in cache:
             spec = tf.TensorSpec([None, *size, 1], tf.float32)
             cache[key] = tf.function(
-                lambda x, lung: self.segmentation_probabilities(x, lung, decision),
+                lambda x, lung: calibrate_lesion(
+                    self.segmentation_probabilities(x, lung, decision), offset
+                ),
                 input_signature=[spec, spec],
             )
         return cache[key]
 
     @classmethod
     def from_config(cls, config):
-        return cls(**config)
+        config = dict(config)
+        offset = float(config.pop("lesion_offset", 0.0))
+        model = cls(**config)
+        model.lesion_offset = offset
+        return model
 
     def compile(self, optimizer="adam", **kwargs):
         kwargs.setdefault("jit_compile", False)

@@ -207,6 +207,7 @@ class SetSupervisedMixin(SegmentationModel):
             "global_clipnorm": self.global_clipnorm,
             "seed": self.seed,
             "intensity": self.intensity,
+            "lesion_offset": float(self.lesion_offset),
             **self.consistency.config(),
         }
 

@@ -369,6 +369,7 @@ class StitchNet(SegmentationModel, keras.Model):
             "free_bits": self.free_bits,
             "eps": self.eps,
             "decision": self.decision,
+            "lesion_offset": float(self.lesion_offset),
             "global_clipnorm": self.global_clipnorm,
             "clipnorm": self.clipnorm,
             "clipvalue": self.clipvalue,
