@@ -106,12 +106,13 @@ def test_train_writes_a_complete_run_folder(stitchnet_run):
     best = rows[state["best_epoch"] - 1]
     scores = {r: float(best[f"val_mean_lesion_dice_{r}"]) for r in ("prior", "posterior")}
     chosen = ("prior", "posterior")[int(float(best["val_decision"]))]
-    assert scores[chosen] == max(scores.values())
     model = keras.saving.load_model(stitchnet_run / "best.keras", safe_mode=True)
     assert model.decision == chosen and config["choose_decision"] is True
-    # and with it the lesion offset (ties keep the smaller |b|, so 0 when nothing is gained)
+    # chosen with the lesion offset: the pair scores at least what either rule does at b = 0
     assert model.lesion_offset == float(best["val_lesion_offset"])
-    assert float(best["val_mean_lesion_dice"]) >= scores[chosen]
+    assert float(best["val_mean_lesion_dice"]) >= max(scores.values())
+    if model.lesion_offset == 0.0:
+        assert scores[chosen] == max(scores.values())
     split = json.loads((stitchnet_run / "split.json").read_text())
     assert split["by"] == "patient" and split["val"]
 
