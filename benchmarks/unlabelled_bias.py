@@ -43,35 +43,20 @@ PAIR = ("stitchnet-image", "stitchnet-semi")
 DECILES = 10
 
 
-def predictions(scorer, model, decision: str | None) -> list[tuple]:
-    """(id, truth bits, model-size probabilities [S, S, 4], geometry, lung field) of every
-    slice of the scorer, in inference mode with `decision`."""
-    from stitchnet_tf.inference import Predictor
-
-    predictor = Predictor(model, scorer.size, scorer.segmenter, decision=decision)
-    out = []
-    for chunk in scorer.batches():
-        predicted = predictor.predict_prepared([s.prepared for s in chunk])
-        out += [
-            (s.id, s.truth, p.probabilities, p.geometry, p.field)
-            for s, p in zip(chunk, predicted, strict=True)
-        ]
-    return out
-
-
-def lesion_extent(cached: list[tuple]) -> dict[str, float]:
-    """Pooled predicted and true lesion pixels of cached predictions (original geometry)."""
+def lesion_extent(scorer, model, decision: str | None) -> dict[str, float]:
+    """Pooled predicted and true lesion pixels of the scorer's slices (original geometry)."""
     from stitchnet_tf.data.classes import CON, GGO, LESION, NO_LESION
-    from stitchnet_tf.inference import labels_to_original
 
     counts = {"predicted": 0, "true": 0, "overlap": 0}
-    for _id, truth, probs, geometry, field in cached:
-        labels = labels_to_original(probs, geometry, field)
+
+    def add(_id: str, labels: np.ndarray, truth: np.ndarray) -> None:
         predicted = (labels == GGO) | (labels == CON)
         true = ((truth & LESION) > 0) & ((truth & NO_LESION) == 0)
         counts["predicted"] += int(np.count_nonzero(predicted))
         counts["true"] += int(np.count_nonzero(true))
         counts["overlap"] += int(np.count_nonzero(predicted & true))
+
+    scorer.table(model, decision=decision, on_slice=add)
     return {
         **counts,
         "predicted_over_true": counts["predicted"] / max(counts["true"], 1),
@@ -90,7 +75,7 @@ def calibration(scorers: dict, model) -> dict:
             into.append(
                 [-1.0 if v is None else v for v in (s["mean_lesion_dice"] for s in by_offset)]
             )
-    extent = lesion_extent(predictions(scorers["test"], model, getattr(model, "decision", None)))
+    extent = lesion_extent(scorers["test"], model, getattr(model, "decision", None))
     zero = OFFSETS.index(0.0)
     r = int(np.argmax([v[zero] for v in val]))
     # as `train` chooses: the best val score, ties to the smaller |b|, then the earlier rule

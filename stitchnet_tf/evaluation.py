@@ -201,9 +201,11 @@ class SliceScorer:
                 cached += [(s, p) for s, p in zip(chunk, predictions, strict=True)]
         finally:
             model.lesion_offset = saved
+        from stitchnet_tf.models.base import lesion_scale
+
         out = []
         for b in offsets:
-            scale = np.array([1.0, 1.0, np.exp(b), np.exp(b)], np.float32)
+            scale = lesion_scale(b)  # the argmax of `calibrate_lesion`: no renormalising needed
             table = Table1(scheme=self.scheme, absent=self.absent)
             for s, p in cached:
                 labels = labels_to_original(p.probabilities * scale, p.geometry, p.field)

@@ -220,16 +220,22 @@ def _make_callbacks(
         (`models.base.LESION_OFFSETS`, any model) is scored; the best pair is kept as the
         model's `decision` and `lesion_offset` (saved with it) and logged as `val_decision`
         (0 prior, 1 posterior) and `val_lesion_offset`; ties keep the smaller offset."""
-        if not choose_decision:
+        out: dict = {}
+        if choose_decision:
+            scores = choose_rule_and_offset(model, out)
+        else:
             scores = scorer.score(model)
-            out = {f"val_dice_{c}_image": v for c, v in scores["lesion_dice"].items()}
-            out["val_mean_lesion_dice"] = scores["mean_lesion_dice"]
-            return {k: float("nan") if v is None else float(v) for k, v in out.items()}
+        out |= {f"val_dice_{c}_image": v for c, v in scores["lesion_dice"].items()}
+        out["val_mean_lesion_dice"] = scores["mean_lesion_dice"]
+        return {k: float("nan") if v is None else float(v) for k, v in out.items()}
+
+    def choose_rule_and_offset(model, out: dict) -> dict:
+        """Sets the best val pair on `model`, logs it into `out`; returns its scores."""
         from stitchnet_tf.models.base import LESION_OFFSETS
         from stitchnet_tf.options import DECISIONS
 
         rules = list(DECISIONS) if getattr(model, "decision", None) is not None else [None]
-        out, best = {}, None
+        best = None
         for rule in rules:
             by_offset = scorer.offset_scores(model, LESION_OFFSETS, decision=rule)
             if rule is not None:
@@ -246,9 +252,7 @@ def _make_callbacks(
             out["val_decision"] = float(rules.index(rule))
         model.lesion_offset = offset
         out["val_lesion_offset"] = offset
-        out |= {f"val_dice_{c}_image": v for c, v in scores["lesion_dice"].items()}
-        out["val_mean_lesion_dice"] = scores["mean_lesion_dice"]
-        return {k: float("nan") if v is None else float(v) for k, v in out.items()}
+        return scores
 
     class RunState(keras.callbacks.Callback):
         """Each epoch: re-estimate BatchNorm statistics, validate (loss terms from `val_data`,

@@ -48,6 +48,13 @@ def segmentation_output(probabilities) -> dict:
 LESION_OFFSETS = (-2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0)
 
 
+def lesion_scale(offset: float) -> np.ndarray:
+    """[4] float32 factors of the class probabilities for a lesion offset: e^offset for GGO and
+    consolidation, 1 for background and healthy lung."""
+    w = np.exp(offset)
+    return np.array([1.0, 1.0, w, w], np.float32)
+
+
 def calibrate_lesion(probabilities, offset: float):
     """Class probabilities [..., 4] with the lesion classes (GGO, CON) scaled by e^offset and
     renormalised: a shift of offset nats in their logits, which moves the lesion extent of the
@@ -58,9 +65,7 @@ def calibrate_lesion(probabilities, offset: float):
     (docs/DESIGN.md §7.18)."""
     if not offset:
         return probabilities
-    p = tf.cast(probabilities, tf.float32)
-    w = float(np.exp(offset))
-    scaled = p * tf.constant([1.0, 1.0, w, w], tf.float32)
+    scaled = tf.cast(probabilities, tf.float32) * tf.constant(lesion_scale(offset))
     return scaled / tf.maximum(tf.reduce_sum(scaled, axis=-1, keepdims=True), 1e-12)
 
 
