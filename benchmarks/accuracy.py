@@ -97,7 +97,11 @@ PAIRED_BASE = {
 }
 PROJECT_MODELS = tuple(PROJECT)
 #: scored variants of a finished run (`--add-tta`, `--add-decision`): result key -> row suffix
-VARIANTS = {"tta": " + TTA", "auto": " (val-chosen rule)"}
+VARIANTS = {
+    "tta": " + TTA",
+    "auto": " (val-chosen rule)",
+    "calibrated": " (val-chosen rule + offset)",
+}
 BUDGETS = {"short": (3, 100), "full": (12, 100)}  # epochs x steps, batch 8
 BATCH = 8
 DATASETS = {
@@ -314,9 +318,10 @@ def run_one(args, contender: str, fold: int, seed: int) -> dict:
 
 def add_variants(args, tta: bool, decision: bool) -> None:
     """Score variants of finished project-model runs that lack them, from their run folders'
-    best.keras: `tta` (flip test-time augmentation) and, for StitchNet, `auto` (the decision
-    rule that scores best on the fold's val slices, as `train --decision auto` chooses it,
-    here for the epoch that `prior` chose)."""
+    best.keras: `tta` (flip test-time augmentation); for StitchNet `auto` (the decision rule
+    that scores best on the fold's val slices); for every model `calibrated` (the rule and
+    lesion offset chosen together on val, `SliceScorer.choose_calibration`: what `train
+    --decision auto` ships). Both are chosen here for the epoch that `prior` chose."""
     from stitchnet_tf.data.datasets import discover
     from stitchnet_tf.data.lung_unet import default_segmenter
     from stitchnet_tf.data.splits import Split
@@ -334,7 +339,8 @@ def add_variants(args, tta: bool, decision: bool) -> None:
         stitchnet = PROJECT[result["contender"]][0] == "stitchnet"
         want_tta = tta and "tta" not in result
         want_auto = decision and stitchnet and "auto" not in result
-        if not (want_tta or want_auto):
+        want_calibrated = decision and "calibrated" not in result
+        if not (want_tta or want_auto or want_calibrated):
             continue
         run = args.runs / args.dataset / protocol(args) / path.stem
         if not (run / "best.keras").is_file():
@@ -353,11 +359,11 @@ def add_variants(args, tta: bool, decision: bool) -> None:
             )
 
         test = scorer(split.test)
+        val = scorer(split.val) if want_auto or want_calibrated else None
         if want_tta:
             result["tta"] = scores(test.table(model, tta=True), spec["classes"])
             print(f"{path.name}: with TTA {result['tta']['mean_lesion_dice']:.4f}", flush=True)
         if want_auto:
-            val = scorer(split.val)
             on_val = {
                 rule: scores(val.table(model, decision=rule), spec["classes"])["mean_lesion_dice"]
                 for rule in DECISIONS
@@ -369,6 +375,20 @@ def add_variants(args, tta: bool, decision: bool) -> None:
             }
             print(
                 f"{path.name}: val-chosen rule {rule} {result['auto']['mean_lesion_dice']:.4f}",
+                flush=True,
+            )
+        if want_calibrated:
+            chosen = val.choose_calibration(model)
+            rule, b = chosen["decision"], chosen["lesion_offset"]
+            model.lesion_offset = b  # applied by `segment`, as in the shipped model
+            result["calibrated"] = scores(test.table(model, decision=rule), spec["classes"]) | {
+                "decision": rule,
+                "lesion_offset": b,
+                "val_mean_lesion_dice": chosen["scores"]["mean_lesion_dice"],
+            }
+            print(
+                f"{path.name}: val-chosen rule {rule} + offset {b:g} "
+                f"{result['calibrated']['mean_lesion_dice']:.4f}",
                 flush=True,
             )
         atomic_write_text(path, json.dumps(result, indent=1) + "\n")
@@ -496,9 +516,9 @@ def report(results: Path) -> None:
                     ),
                     (None, contender),
                 )
-                if key == "auto":  # the val-chosen rule is paired with the same runs' `prior`
-                    base, key = own, None
-                else:  # TTA is paired with TTA
+                if key == "auto" or (key == "calibrated" and own not in PAIRED_BASE):
+                    base, key = own, None  # paired with the same runs, plain
+                else:  # TTA with TTA, calibrated with calibrated (the unlabelled gain as shipped)
                     base = PAIRED_BASE.get(own)
                 pairs = [
                     r["mean_lesion_dice"] - (b | b[key] if key else b)["mean_lesion_dice"]

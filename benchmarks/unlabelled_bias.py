@@ -66,30 +66,27 @@ def lesion_extent(scorer, model, decision: str | None) -> dict[str, float]:
 
 def calibration(scorers: dict, model) -> dict:
     """Test mean lesion Dice with `prior`, the val-chosen rule and the val-chosen rule and
-    offset; plus the lesion extent of the model's own rule on test."""
-    rules = ["prior", "posterior"] if getattr(model, "decision", None) is not None else [None]
-    val, test = [], []
-    for rule in rules:
-        for part, into in (("val", val), ("test", test)):
-            by_offset = scorers[part].offset_scores(model, OFFSETS, decision=rule)
-            into.append(
-                [-1.0 if v is None else v for v in (s["mean_lesion_dice"] for s in by_offset)]
-            )
+    offset (`SliceScorer.choose_calibration`, as `train` chooses them); plus the lesion extent
+    of the model's own rule on test."""
+    chosen = scorers["val"].choose_calibration(model)
+    plain = {
+        r: -1.0 if s["mean_lesion_dice"] is None else s["mean_lesion_dice"]
+        for r, s in chosen["plain"].items()
+    }
+    rule = max(plain, key=lambda r: (plain[r], -list(plain).index(r)))
+    rules = list(plain)
+    test = {
+        r: scorers["test"].offset_scores(model, (0.0, chosen["lesion_offset"]), decision=r)
+        for r in rules
+    }
     extent = lesion_extent(scorers["test"], model, getattr(model, "decision", None))
-    zero = OFFSETS.index(0.0)
-    r = int(np.argmax([v[zero] for v in val]))
-    # as `train` chooses: the best val score, ties to the smaller |b|, then the earlier rule
-    rc, bc = max(
-        ((i, j) for i in range(len(rules)) for j in range(len(OFFSETS))),
-        key=lambda ij: (val[ij[0]][ij[1]], -abs(OFFSETS[ij[1]]), -ij[0]),
-    )
     return {
         **extent,
-        "test_prior": test[0][zero],
-        "val_chosen_rule": rules[r],
-        "test_val_chosen": test[r][zero],
-        "val_chosen_offset": {"rule": rules[rc], "b": OFFSETS[bc]},
-        "test_val_chosen_offset": test[rc][bc],
+        "test_prior": test[rules[0]][0]["mean_lesion_dice"],
+        "val_chosen_rule": rule,
+        "test_val_chosen": test[rule][0]["mean_lesion_dice"],
+        "val_chosen_offset": {"rule": chosen["decision"], "b": chosen["lesion_offset"]},
+        "test_val_chosen_offset": test[chosen["decision"]][1]["mean_lesion_dice"],
     }
 
 

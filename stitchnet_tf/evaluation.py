@@ -205,13 +205,38 @@ class SliceScorer:
 
         out = []
         for b in offsets:
-            scale = lesion_scale(b)  # the argmax of `calibrate_lesion`: no renormalising needed
+            scale = lesion_scale(b)
             table = Table1(scheme=self.scheme, absent=self.absent)
             for s, p in cached:
-                labels = labels_to_original(p.probabilities * scale, p.geometry, p.field)
+                # renormalised as `calibrate_lesion` does: the argmax is taken after upsampling
+                scaled = p.probabilities * scale
+                scaled /= np.maximum(scaled.sum(-1, keepdims=True), 1e-12)
+                labels = labels_to_original(scaled, p.geometry, p.field)
                 table.add(s.id, labels, s.truth)
             out.append(summarize(table))
         return out
+
+    def choose_calibration(self, model) -> dict:
+        """The decision rule (StitchNet's `options.DECISIONS`; None for a model without one) and
+        lesion offset b (`models.base.LESION_OFFSETS`) that score best on these slices, as
+        `train --decision auto` keeps them: ties go to the smaller |b|, then the earlier rule.
+        Returns {"decision", "lesion_offset", "scores" (`score` at that pair), "plain" (rule ->
+        `score` at b = 0)}; the model is left unchanged."""
+        from stitchnet_tf.models.base import LESION_OFFSETS
+        from stitchnet_tf.options import DECISIONS
+
+        rules = list(DECISIONS) if getattr(model, "decision", None) is not None else [None]
+        best, plain = None, {}
+        for rule in rules:
+            by_offset = self.offset_scores(model, LESION_OFFSETS, decision=rule)
+            plain[rule] = by_offset[LESION_OFFSETS.index(0.0)]
+            for offset, scores in zip(LESION_OFFSETS, by_offset, strict=True):
+                value = scores["mean_lesion_dice"]
+                key = (-1.0 if value is None else value, -abs(offset))
+                if best is None or key > best[0]:
+                    best = (key, rule, offset, scores)
+        _, rule, offset, scores = best
+        return {"decision": rule, "lesion_offset": offset, "scores": scores, "plain": plain}
 
     def score(
         self, model, *, samples: int = 0, decision: str | None = None, tta: bool = False

@@ -231,28 +231,18 @@ def _make_callbacks(
 
     def choose_rule_and_offset(model, out: dict) -> dict:
         """Sets the best val pair on `model`, logs it into `out`; returns its scores."""
-        from stitchnet_tf.models.base import LESION_OFFSETS
         from stitchnet_tf.options import DECISIONS
 
-        rules = list(DECISIONS) if getattr(model, "decision", None) is not None else [None]
-        best = None
-        for rule in rules:
-            by_offset = scorer.offset_scores(model, LESION_OFFSETS, decision=rule)
+        chosen = scorer.choose_calibration(model)
+        for rule, scores in chosen["plain"].items():
             if rule is not None:
-                plain = by_offset[LESION_OFFSETS.index(0.0)]["mean_lesion_dice"]
-                out[f"val_mean_lesion_dice_{rule}"] = plain
-            for offset, scores in zip(LESION_OFFSETS, by_offset, strict=True):
-                value = scores["mean_lesion_dice"]
-                key = (-1.0 if value is None else value, -abs(offset))
-                if best is None or key > best[0]:
-                    best = (key, rule, offset, scores)
-        _, rule, offset, scores = best
-        if rule is not None:
-            model.decision = rule
-            out["val_decision"] = float(rules.index(rule))
-        model.lesion_offset = offset
-        out["val_lesion_offset"] = offset
-        return scores
+                out[f"val_mean_lesion_dice_{rule}"] = scores["mean_lesion_dice"]
+        if chosen["decision"] is not None:
+            model.decision = chosen["decision"]
+            out["val_decision"] = float(DECISIONS.index(chosen["decision"]))
+        model.lesion_offset = chosen["lesion_offset"]
+        out["val_lesion_offset"] = chosen["lesion_offset"]
+        return chosen["scores"]
 
     class RunState(keras.callbacks.Callback):
         """Each epoch: re-estimate BatchNorm statistics, validate (loss terms from `val_data`,

@@ -94,6 +94,35 @@ def test_variants_pair_with_their_own_kind(tmp_path):
     assert chosen["dice_ggo"]["mean"] == pytest.approx(0.6)
 
 
+def test_the_calibrated_variant_pairs_as_shipped(tmp_path):
+    """The val-chosen rule + offset (what `train --decision auto` ships): the unlabelled gain
+    pairs calibrated with calibrated; a model without a paired base, with its own plain run."""
+
+    def cal(ggo, con):
+        return {"dice_ggo": ggo, "pooled_ggo": ggo, "dice_con": con, "pooled_con": con} | {
+            "mean_lesion_dice": (ggo + con) / 2,
+            "lesion_offset": 0.5,
+        }
+
+    runs = [
+        _run("unet", 0, 0, 0.4, 0.2, calibrated=cal(0.5, 0.3)),
+        _run("stitchnet-image", 0, 0, 0.4, 0.4, calibrated=cal(0.5, 0.4)),
+        _run("stitchnet-semi", 0, 0, 0.5, 0.4, calibrated=cal(0.5, 0.5)),
+    ]
+    folder = tmp_path / "cv" / "medseg" / "full"
+    folder.mkdir(parents=True)
+    for r in runs:
+        (folder / f"{r['contender']}-f0-s0.json").write_text(json.dumps(r))
+    accuracy.report(tmp_path)
+    table = json.loads((tmp_path / "accuracy_cv.json").read_text())["table"]["medseg"]["full"]
+    unet = table["unet (val-chosen rule + offset)"]["delta_base"]
+    assert unet["base"] == "unet" and unet["mean"] == pytest.approx(0.1)  # 0.4 - 0.3
+    semi = table["stitchnet-semi (val-chosen rule + offset)"]["delta_base"]
+    assert semi["base"] == "stitchnet-image (val-chosen rule + offset)"
+    assert semi["mean"] == pytest.approx(0.05)  # 0.5 - 0.45
+    assert table["stitchnet-semi"]["delta_base"]["mean"] == pytest.approx(0.05)  # 0.45 - 0.4
+
+
 def test_label_efficiency_curves_keep_the_val_chosen_rule_and_drop_tta():
     """The plot shows what users get: each run's own rule and the val-chosen one, not TTA;
     the all-labels point sits at the folds' train-slice count."""

@@ -263,3 +263,29 @@ def test_evaluate_stacks_2d_slices_per_patient(tiny_data, tmp_path):
     md = (tmp_path / "eval" / "metrics.md").read_text()
     assert "HD95 (px)" in md and "stacks of 2-D slice files" in md
     assert "unknown slice spacing" in md
+
+
+def test_offset_scores_match_the_calibrated_model_and_the_choice_is_their_best(tmp_path, unet_file):
+    """One prediction pass rescored per lesion offset gives what `score` gives with the
+    offset set on the model; `choose_calibration` keeps the best (ties: smaller |b|)."""
+    from stitchnet_tf.models.base import LESION_OFFSETS
+
+    data = write_folder(tmp_path / "d", *noisy(4), lungs=[LUNG] * 4)
+    model, _ = unet_file
+    scorer = SliceScorer(discover(data), 32)  # upsampled to the slices' 64 px before the argmax
+    by_offset = scorer.offset_scores(model, LESION_OFFSETS)
+    values = [-1.0 if s["mean_lesion_dice"] is None else s["mean_lesion_dice"] for s in by_offset]
+    assert len(set(values)) > 1  # the offset moves the lesion extent, so the score
+    for b in (-2.0, 0.0, 1.5):
+        model.lesion_offset = b
+        try:
+            direct = scorer.score(model)
+        finally:
+            model.lesion_offset = 0.0
+        assert direct == by_offset[LESION_OFFSETS.index(b)]
+    chosen = scorer.choose_calibration(model)
+    best = [b for b, v in zip(LESION_OFFSETS, values, strict=True) if v == max(values)]
+    assert chosen["decision"] is None and chosen["lesion_offset"] == min(best, key=abs)
+    assert chosen["scores"] == by_offset[LESION_OFFSETS.index(chosen["lesion_offset"])]
+    assert chosen["plain"] == {None: by_offset[LESION_OFFSETS.index(0.0)]}
+    assert model.lesion_offset == 0.0
