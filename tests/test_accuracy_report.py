@@ -34,6 +34,16 @@ def _run(contender: str, fold: int, seed: int, ggo: float, con: float, **extra) 
     }
 
 
+def _report(tmp_path, runs: list[dict]) -> dict:
+    """Write `runs` as finished results, rebuild the report, return its MedSeg full table."""
+    folder = tmp_path / "cv" / "medseg" / "full"
+    folder.mkdir(parents=True)
+    for r in runs:
+        (folder / f"{r['contender']}-f{r['fold']}-s{r['seed']}.json").write_text(json.dumps(r))
+    accuracy.report(tmp_path)
+    return json.loads((tmp_path / "accuracy_cv.json").read_text())["table"]["medseg"]["full"]
+
+
 def test_stats_are_the_sample_mean_std_and_standard_error():
     s = accuracy.stats([0.2, 0.4, 0.6])
     assert s["n"] == 3 and s["mean"] == pytest.approx(0.4)
@@ -50,13 +60,7 @@ def test_a_seed_independent_rule_counts_once_and_pairs_by_fold(tmp_path):
         _run("unet", 1, 0, 0.5, 0.5),
     ]
     assert len(accuracy.distinct(runs)) == 5  # only the repeated rule fit goes
-    folder = tmp_path / "cv" / "medseg" / "full"
-    folder.mkdir(parents=True)
-    for r in runs:
-        name = f"{r['contender']}-f{r['fold']}-s{r['seed']}.json"
-        (folder / name).write_text(json.dumps(r))
-    accuracy.report(tmp_path)
-    table = json.loads((tmp_path / "accuracy_cv.json").read_text())["table"]["medseg"]["full"]
+    table = _report(tmp_path, runs)
     assert table["threshold"]["runs"] == 2 and table["unet"]["runs"] == 3
     # unet - rule on the same fold: 0.4 - 0.3, 0.4 - 0.3, 0.5 - 0.4
     assert table["unet"]["delta_rule"]["mean"] == pytest.approx(0.1)
@@ -79,12 +83,7 @@ def test_variants_pair_with_their_own_kind(tmp_path):
             auto=auto | {"mean_lesion_dice": 0.5, "decision": "posterior"},
         ),
     ]
-    folder = tmp_path / "cv" / "medseg" / "full"
-    folder.mkdir(parents=True)
-    for r in runs:
-        (folder / f"{r['contender']}-f0-s0.json").write_text(json.dumps(r))
-    accuracy.report(tmp_path)
-    table = json.loads((tmp_path / "accuracy_cv.json").read_text())["table"]["medseg"]["full"]
+    table = _report(tmp_path, runs)
     assert table["stitchnet"]["delta_base"]["mean"] == pytest.approx(0.05)  # 0.45 - 0.40
     tta = table["stitchnet + TTA"]["delta_base"]
     assert tta["base"] == "unet + TTA" and tta["mean"] == pytest.approx(0.0)  # 0.5 - 0.5
@@ -109,12 +108,7 @@ def test_the_calibrated_variant_pairs_as_shipped(tmp_path):
         _run("stitchnet-image", 0, 0, 0.4, 0.4, calibrated=cal(0.5, 0.4)),
         _run("stitchnet-semi", 0, 0, 0.5, 0.4, calibrated=cal(0.5, 0.5)),
     ]
-    folder = tmp_path / "cv" / "medseg" / "full"
-    folder.mkdir(parents=True)
-    for r in runs:
-        (folder / f"{r['contender']}-f0-s0.json").write_text(json.dumps(r))
-    accuracy.report(tmp_path)
-    table = json.loads((tmp_path / "accuracy_cv.json").read_text())["table"]["medseg"]["full"]
+    table = _report(tmp_path, runs)
     unet = table["unet (val-chosen rule + offset)"]["delta_base"]
     assert unet["base"] == "unet" and unet["mean"] == pytest.approx(0.1)  # 0.4 - 0.3
     semi = table["stitchnet-semi (val-chosen rule + offset)"]["delta_base"]
