@@ -516,15 +516,20 @@ def report(results: Path) -> None:
                     ),
                     (None, contender),
                 )
-                if key == "auto" or (key == "calibrated" and own not in PAIRED_BASE):
-                    base, key = own, None  # paired with the same runs, plain
-                else:  # TTA with TTA, calibrated with calibrated (the unlabelled gain as shipped)
-                    base = PAIRED_BASE.get(own)
-                pairs = [
-                    r["mean_lesion_dice"] - (b | b[key] if key else b)["mean_lesion_dice"]
-                    for r in runs
-                    if (b := by_run.get((base, r["fold"], r["seed"]))) and (not key or key in b)
-                ]
+                if key == "auto":  # paired with the same runs, plain
+                    candidates = [(own, None)]
+                elif key == "calibrated":  # the unlabelled gain as shipped, else the same runs
+                    candidates = [(PAIRED_BASE.get(own), key), (own, "auto"), (own, None)]
+                else:  # TTA with TTA
+                    candidates = [(PAIRED_BASE.get(own), key)]
+                for base, key in candidates:
+                    pairs = [
+                        r["mean_lesion_dice"] - (b | b[key] if key else b)["mean_lesion_dice"]
+                        for r in runs
+                        if (b := by_run.get((base, r["fold"], r["seed"]))) and (not key or key in b)
+                    ]
+                    if pairs:
+                        break
                 b = stats(pairs)
                 against = base + VARIANTS[key] if key and base else base
                 entry["delta_base"] = b | {"base": against}

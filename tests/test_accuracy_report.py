@@ -95,7 +95,8 @@ def test_variants_pair_with_their_own_kind(tmp_path):
 
 def test_the_calibrated_variant_pairs_as_shipped(tmp_path):
     """The val-chosen rule + offset (what `train --decision auto` ships): the unlabelled gain
-    pairs calibrated with calibrated; a model without a paired base, with its own plain run."""
+    pairs calibrated with calibrated; without a paired base, with the same runs' val-chosen
+    rule, else their plain score."""
 
     def cal(ggo, con):
         return {"dice_ggo": ggo, "pooled_ggo": ggo, "dice_con": con, "pooled_con": con} | {
@@ -105,7 +106,15 @@ def test_the_calibrated_variant_pairs_as_shipped(tmp_path):
 
     runs = [
         _run("unet", 0, 0, 0.4, 0.2, calibrated=cal(0.5, 0.3)),
-        _run("stitchnet-image", 0, 0, 0.4, 0.4, calibrated=cal(0.5, 0.4)),
+        _run(
+            "stitchnet-image",
+            0,
+            0,
+            0.4,
+            0.4,
+            calibrated=cal(0.5, 0.4),
+            auto={"mean_lesion_dice": 0.42},
+        ),
         _run("stitchnet-semi", 0, 0, 0.5, 0.4, calibrated=cal(0.5, 0.5)),
     ]
     table = _report(tmp_path, runs)
@@ -115,6 +124,9 @@ def test_the_calibrated_variant_pairs_as_shipped(tmp_path):
     assert semi["base"] == "stitchnet-image (val-chosen rule + offset)"
     assert semi["mean"] == pytest.approx(0.05)  # 0.5 - 0.45
     assert table["stitchnet-semi"]["delta_base"]["mean"] == pytest.approx(0.05)  # 0.45 - 0.4
+    image = table["stitchnet-image (val-chosen rule + offset)"]["delta_base"]
+    assert image["base"] == "stitchnet-image (val-chosen rule)"  # no `stitchnet` run to pair
+    assert image["mean"] == pytest.approx(0.03)  # 0.45 - 0.42
 
 
 def test_label_efficiency_curves_keep_the_val_chosen_rule_and_drop_tta():
