@@ -6,8 +6,9 @@ Usage (from the repository root):
     python benchmarks/accuracy.py --budget full --contenders stitchnet unet
     python benchmarks/accuracy.py --dataset zenodo        # zenodo20, by patient, lesion vs none
     python benchmarks/accuracy.py --report                # only rebuild the report
-    python benchmarks/accuracy.py --add-decision          # StitchNet runs also scored with the
-                                                          # decision rule chosen on val (as
+    python benchmarks/accuracy.py --add-decision          # runs also scored with the decision
+                                                          # rule (StitchNet) and with the rule and
+                                                          # lesion offset chosen on val (as
                                                           # `train --decision auto` does)
     python benchmarks/accuracy.py --lung-models DIR       # each fold scored with its own lung
                                                           # model (DIR/medseg_cv5_fold<k>.keras)
@@ -672,8 +673,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--add-decision",
         action="store_true",
-        help="score finished StitchNet runs with the decision rule chosen on val (what "
-        "`train --decision auto` does), then report",
+        help="score finished runs with the decision rule (StitchNet) and with the rule and "
+        "lesion offset chosen on val (what `train --decision auto` does), then report",
     )
     args = parser.parse_args(argv)
     if args.labelled is not None and args.labelled_patients is not None:
