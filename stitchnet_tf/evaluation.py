@@ -208,9 +208,11 @@ class SliceScorer:
             scale = lesion_scale(b)
             table = Table1(scheme=self.scheme, absent=self.absent)
             for s, p in cached:
-                # renormalised as `calibrate_lesion` does: the argmax is taken after upsampling
-                scaled = p.probabilities * scale
-                scaled /= np.maximum(scaled.sum(-1, keepdims=True), 1e-12)
+                # as `calibrate_lesion`: renormalised (the argmax follows upsampling), b = 0 as is
+                scaled = p.probabilities
+                if b:
+                    scaled = scaled * scale
+                    scaled /= np.maximum(scaled.sum(-1, keepdims=True), 1e-12)
                 labels = labels_to_original(scaled, p.geometry, p.field)
                 table.add(s.id, labels, s.truth)
             out.append(summarize(table))
