@@ -329,7 +329,6 @@ def add_variants(args, tta: bool, decision: bool) -> None:
     from stitchnet_tf.evaluation import SliceScorer
     from stitchnet_tf.fileio import atomic_write_text
     from stitchnet_tf.inference import load_model
-    from stitchnet_tf.options import DECISIONS
 
     spec = DATASETS[args.dataset]
     dataset = discover(args.data / spec["folder"], require_labels=True, **spec["read"])
@@ -364,12 +363,10 @@ def add_variants(args, tta: bool, decision: bool) -> None:
         if want_tta:
             result["tta"] = scores(test.table(model, tta=True), spec["classes"])
             print(f"{path.name}: with TTA {result['tta']['mean_lesion_dice']:.4f}", flush=True)
+        chosen = val.choose_calibration(model) if want_auto or want_calibrated else None
         if want_auto:
-            on_val = {
-                rule: scores(val.table(model, decision=rule), spec["classes"])["mean_lesion_dice"]
-                for rule in DECISIONS
-            }
-            rule = max(DECISIONS, key=lambda r: (on_val[r] or -1.0, -DECISIONS.index(r)))
+            rule = chosen["plain_decision"]
+            on_val = {r: s["mean_lesion_dice"] for r, s in chosen["plain"].items()}
             result["auto"] = scores(test.table(model, decision=rule), spec["classes"]) | {
                 "decision": rule,
                 "val_mean_lesion_dice": on_val,
@@ -379,7 +376,6 @@ def add_variants(args, tta: bool, decision: bool) -> None:
                 flush=True,
             )
         if want_calibrated:
-            chosen = val.choose_calibration(model)
             rule, b = chosen["decision"], chosen["lesion_offset"]
             model.lesion_offset = b  # applied by `segment`, as in the shipped model
             result["calibrated"] = scores(test.table(model, decision=rule), spec["classes"]) | {

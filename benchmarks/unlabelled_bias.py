@@ -69,12 +69,7 @@ def calibration(scorers: dict, model) -> dict:
     offset (`SliceScorer.choose_calibration`, as `train` chooses them); plus the lesion extent
     of the model's own rule on test."""
     chosen = scorers["val"].choose_calibration(model)
-    plain = {
-        r: -1.0 if s["mean_lesion_dice"] is None else s["mean_lesion_dice"]
-        for r, s in chosen["plain"].items()
-    }
-    rule = max(plain, key=lambda r: (plain[r], -list(plain).index(r)))
-    rules = list(plain)
+    rule, rules = chosen["plain_decision"], list(chosen["plain"])
     test = {
         r: scorers["test"].offset_scores(model, (0.0, chosen["lesion_offset"]), decision=r)
         for r in rules

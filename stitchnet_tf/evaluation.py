@@ -223,7 +223,8 @@ class SliceScorer:
         lesion offset b (`models.base.LESION_OFFSETS`) that score best on these slices, as
         `train --decision auto` keeps them: ties go to the smaller |b|, then the earlier rule.
         Returns {"decision", "lesion_offset", "scores" (`score` at that pair), "plain" (rule ->
-        `score` at b = 0)}; the model is left unchanged."""
+        `score` at b = 0), "plain_decision" (the rule that scores best at b = 0, ties to the
+        earlier rule)}; the model is left unchanged."""
         from stitchnet_tf.models.base import LESION_OFFSETS
         from stitchnet_tf.options import DECISIONS
 
@@ -238,7 +239,18 @@ class SliceScorer:
                 if best is None or key > best[0]:
                     best = (key, rule, offset, scores)
         _, rule, offset, scores = best
-        return {"decision": rule, "lesion_offset": offset, "scores": scores, "plain": plain}
+
+        def plain_value(rule: str | None) -> tuple[float, int]:
+            value = plain[rule]["mean_lesion_dice"]
+            return (-1.0 if value is None else value, -rules.index(rule))
+
+        return {
+            "decision": rule,
+            "lesion_offset": offset,
+            "scores": scores,
+            "plain": plain,
+            "plain_decision": max(rules, key=plain_value),
+        }
 
     def score(
         self, model, *, samples: int = 0, decision: str | None = None, tta: bool = False

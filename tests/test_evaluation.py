@@ -289,3 +289,23 @@ def test_offset_scores_match_the_calibrated_model_and_the_choice_is_their_best(t
     assert chosen["scores"] == by_offset[LESION_OFFSETS.index(chosen["lesion_offset"])]
     assert chosen["plain"] == {None: by_offset[LESION_OFFSETS.index(0.0)]}
     assert model.lesion_offset == 0.0
+
+
+def test_the_plain_rule_is_the_best_at_no_offset_ties_to_the_earlier(tiny_data, tiny_stitchnet_run):
+    """StitchNet: `choose_calibration` scores every decision rule at b = 0 ("plain") and names
+    the best as "plain_decision" (what `--decision auto` chose before the offset), ties going to
+    the earlier rule of `options.DECISIONS`."""
+    from stitchnet_tf.inference import load_model
+    from stitchnet_tf.options import DECISIONS
+
+    model = load_model(tiny_stitchnet_run).model
+    model.lesion_offset = own = 1.0  # set aside: "plain" is b = 0 whatever the model's own b
+    scorer = SliceScorer(discover(tiny_data / "labelled"), 32)
+    chosen = scorer.choose_calibration(model)
+    assert model.lesion_offset == own
+    assert list(chosen["plain"]) == list(DECISIONS)
+    model.lesion_offset = 0.0
+    for rule in DECISIONS:
+        assert chosen["plain"][rule] == scorer.score(model, decision=rule)
+    values = [chosen["plain"][r]["mean_lesion_dice"] or -1.0 for r in DECISIONS]
+    assert chosen["plain_decision"] == DECISIONS[values.index(max(values))]
