@@ -599,7 +599,8 @@ def label_efficiency(table: dict) -> dict:
 
 def plot_label_efficiency(curves: dict, output: Path) -> None:
     """Mean lesion Dice ± SE against labelled slices or patients: a panel per (dataset,
-    protocol, unit)."""
+    protocol, unit); solid lines for what `train` ships (val-chosen rule + offset) and the
+    threshold rule, faint dotted lines for the other variants."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -607,16 +608,19 @@ def plot_label_efficiency(curves: dict, output: Path) -> None:
 
     from stitchnet_tf.fileio import save_figure
 
-    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(curves), figsize=(6.5 * len(curves), 7), squeeze=False)
     for ax, ((dataset, base, unit), per) in zip(axes[0], sorted(curves.items()), strict=True):
         for contender, points in sorted(per.items()):
             ns = sorted(points)
+            shipped = contender.endswith(VARIANTS["calibrated"]) or contender == "threshold"
             ax.errorbar(
                 ns,
                 [points[n]["mean"] for n in ns],
                 yerr=[points[n]["sem"] for n in ns],
                 marker="o",
                 capsize=3,
+                linestyle="-" if shipped else ":",  # solid: what `train` ships, and the rule
+                alpha=1.0 if shipped else 0.5,
                 label=f"{contender} (runs {'/'.join(str(points[n]['n']) for n in ns)})",
             )
         ax.set(
@@ -625,7 +629,7 @@ def plot_label_efficiency(curves: dict, output: Path) -> None:
             ylabel="test mean lesion Dice (± SE)",
         )
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     fig.tight_layout()
     save_figure(fig, output)
 
