@@ -359,11 +359,12 @@ def add_variants(args, tta: bool, decision: bool) -> None:
             )
 
         test = scorer(split.test)
-        val = scorer(split.val) if want_auto or want_calibrated else None
         if want_tta:
             result["tta"] = scores(test.table(model, tta=True), spec["classes"])
             print(f"{path.name}: with TTA {result['tta']['mean_lesion_dice']:.4f}", flush=True)
-        chosen = val.choose_calibration(model) if want_auto or want_calibrated else None
+        chosen = (
+            scorer(split.val).choose_calibration(model) if want_auto or want_calibrated else None
+        )
         if want_auto:
             rule = chosen["plain_decision"]
             on_val = {r: s["mean_lesion_dice"] for r, s in chosen["plain"].items()}

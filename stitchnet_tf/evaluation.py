@@ -240,9 +240,9 @@ class SliceScorer:
                     best = (key, rule, offset, scores)
         _, rule, offset, scores = best
 
-        def plain_value(rule: str | None) -> tuple[float, int]:
-            value = plain[rule]["mean_lesion_dice"]
-            return (-1.0 if value is None else value, -rules.index(rule))
+        def plain_value(r: str | None) -> tuple[float, int]:
+            value = plain[r]["mean_lesion_dice"]
+            return (-1.0 if value is None else value, -rules.index(r))
 
         return {
             "decision": rule,

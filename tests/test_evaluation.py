@@ -307,5 +307,6 @@ def test_the_plain_rule_is_the_best_at_no_offset_ties_to_the_earlier(tiny_data, 
     model.lesion_offset = 0.0
     for rule in DECISIONS:
         assert chosen["plain"][rule] == scorer.score(model, decision=rule)
-    values = [chosen["plain"][r]["mean_lesion_dice"] or -1.0 for r in DECISIONS]
+    values = [chosen["plain"][r]["mean_lesion_dice"] for r in DECISIONS]
+    values = [-1.0 if v is None else v for v in values]
     assert chosen["plain_decision"] == DECISIONS[values.index(max(values))]
