@@ -21,11 +21,11 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-import cv2
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from accuracy import stats  # noqa: E402
 
 CONTENDERS = ("threshold", "unet", "stitchnet-image", "stitchnet-semi")
 
@@ -37,13 +37,12 @@ def burden(ids, lesion: dict, lung: dict) -> float:
 
 def pixel_counts(dataset) -> tuple[dict, dict]:
     """{slice id: lesion pixels}, {slice id: lung pixels} from the label files."""
+    from stitchnet_tf.data.io import read_mask
+
     lesion, lung = {}, {}
     for s in dataset.samples:
         for path, out in ((s.mask, lesion), (s.lung, lung)):
-            m = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
-            if m is None:
-                raise SystemExit(f"error: {path}: cannot read")
-            out[s.id] = int((m > 0).sum())
+            out[s.id] = int((read_mask(path) > 0).sum())
     return lesion, lung
 
 
@@ -57,9 +56,9 @@ def scores(folder: Path) -> dict:
     return out
 
 
-def mean_se(x) -> tuple[float, float]:
-    x = np.asarray(x, float)
-    return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
+def mean_se(values: list[float]) -> tuple[float, float]:
+    s = stats(values)
+    return s["mean"], s["sem"]
 
 
 def main(argv=None) -> None:
@@ -80,7 +79,10 @@ def main(argv=None) -> None:
     if not folder.is_dir():
         raise SystemExit(f"error: {folder}: no such folder (the zenodo20 data)")
     dataset = discover(folder, require_labels=True, mask_values="binary", masks_subdir="infection")
-    n_patients = int(args.protocol.rsplit("+p", 1)[1])
+    suffix = args.protocol.rsplit("+p", 1)[-1]
+    if "+p" not in args.protocol or not suffix.isdigit():
+        raise SystemExit(f"error: --protocol {args.protocol}: not a --labelled-patients protocol")
+    n_patients = int(suffix)
     lesion, lung = pixel_counts(dataset)
     patient = {s.id: s.patient for s in dataset.samples}
     table = scores(args.results / "cv" / "zenodo" / args.protocol)
@@ -122,10 +124,8 @@ def main(argv=None) -> None:
             for base, c in pairs:
                 both = [r for r in rows if base in r and c in r]
                 key = f"gain, {tag}" if base != "threshold" else f"{c} - rule, {tag}"
-                if both:  # the rule has one score; the models `prior` / as shipped
-                    g[key] = mean_se(
-                        [r[c][k] - r[base][k if base != "threshold" else 0] for r in both]
-                    )
+                if both:  # the rule has no calibrated variant: its two scores are the same
+                    g[key] = mean_se([r[c][k] - r[base][k] for r in both])
                     g[key + " runs"] = len(both)
         groups[name] = g
 
