@@ -1,16 +1,20 @@
-"""Does the labelled patient's lesion burden explain the zenodo20 one-patient results?
+"""Does the lesion burden of a run's labelled slices explain its unlabelled gain?
 
-Usage (from the repository root; under a minute, no training):
+Usage (from the repository root; a minute or two, no training):
     python benchmarks/lesion_burden.py [--data ../shared/data] [--protocol short+std+p1]
+    python benchmarks/lesion_burden.py --dataset medseg --protocol short+std+n10
 
-For every (fold, seed) run of a `--labelled-patients` protocol in results/cv/zenodo/ it finds
-the labelled train patient(s) the seed picked (`withhold_patients`, as `accuracy.py` does) and
-measures the lesion burden, lesion pixels / radiologist lung pixels at full resolution, of the
-labelled patient(s), the val patients and the test patients. It then joins the committed
-scores of each contender (`prior`, i.e. as trained, and as shipped, i.e. rule and lesion offset
-chosen on val) and splits the runs by the labelled patient's burden at --split (a cut chosen
-after looking at the burdens: read it as a hypothesis, not a test). Writes
-benchmarks/results/lesion_burden_p<N>.md and .json.
+For every (fold, seed) run of a label-efficiency protocol in results/cv/<dataset>/ it finds
+the labelled train slices the seed picked (zenodo20 `--labelled-patients N`:
+`withhold_patients`; MedSeg `--labelled N`: `withhold_labels`, as `accuracy.py` does) and
+measures the lesion burden, lesion pixels / lung pixels at full resolution, of the labelled,
+val and test slices. zenodo20's lung pixels are its radiologists' lung masks; MedSeg has none,
+so there they are the shipped lung field joined with the lesion mask (a different ruler). It
+then joins the committed scores of each contender (`prior`, i.e. as trained, and as shipped,
+i.e. rule and lesion offset chosen on val; runs without the latter count only for `prior`),
+splits the runs by the labelled burden at --split (a cut chosen after looking at the zenodo20
+one-patient burdens) and gives the rank correlation of labelled burden with the unlabelled
+gain. Writes benchmarks/results/lesion_burden_<p|n><N>.md and .json.
 """
 
 from __future__ import annotations
@@ -28,6 +32,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from accuracy import stats  # noqa: E402
 
 CONTENDERS = ("threshold", "unet", "stitchnet-image", "stitchnet-semi")
+#: dataset -> (folder, `discover` options, protocol suffix of its label-efficiency runs)
+DATA = {
+    "zenodo": ("zenodo20-lungs", {"mask_values": "binary", "masks_subdir": "infection"}, "+p"),
+    "medseg": ("medseg-covid/labelled", {}, "+n"),
+}
 
 
 def burden(ids, lesion: dict, lung: dict) -> float:
@@ -36,24 +45,45 @@ def burden(ids, lesion: dict, lung: dict) -> float:
 
 
 def pixel_counts(dataset) -> tuple[dict, dict]:
-    """{slice id: lesion pixels}, {slice id: lung pixels} from the label files."""
-    from stitchnet_tf.data.io import read_mask
+    """{slice id: lesion pixels}, {slice id: lung pixels}: the lung mask file where the
+    dataset has one, else the shipped lung field of the image joined with the lesion mask."""
+    from stitchnet_tf.data.io import read_image, read_lung, read_mask
+    from stitchnet_tf.data.lung_unet import default_segmenter
 
     lesion, lung = {}, {}
     for s in dataset.samples:
-        for path, out in ((s.mask, lesion), (s.lung, lung)):
-            out[s.id] = int((read_mask(path) > 0).sum())
+        mask = read_mask(s.mask, s.slice) > 0
+        lesion[s.id] = int(mask.sum())
+        if s.lung is not None:
+            lung[s.id] = int((read_lung(s.lung, s.slice) > 0).sum())
+        else:
+            field = default_segmenter()(read_image(s.image, s.slice))
+            lung[s.id] = int((field | mask).sum())
     return lesion, lung
 
 
 def scores(folder: Path) -> dict:
-    """{(contender, fold, seed): (prior, as shipped)} mean lesion Dice from committed results."""
+    """{(contender, fold, seed): (prior, as shipped)} mean lesion Dice from committed results;
+    as shipped is None for a learned model whose run was never scored with the val-chosen rule
+    and offset (the rule has no such variant: its two scores are the same)."""
     out = {}
     for path in sorted(folder.glob("*.json")):
         r = json.loads(path.read_text())
-        shipped = r.get("calibrated", {}).get("mean_lesion_dice", r["mean_lesion_dice"])
-        out[r["contender"], r["fold"], r["seed"]] = (r["mean_lesion_dice"], shipped)
+        prior = r["mean_lesion_dice"]
+        shipped = prior if r["contender"] == "threshold" else None
+        shipped = r.get("calibrated", {}).get("mean_lesion_dice", shipped)
+        out[r["contender"], r["fold"], r["seed"]] = (prior, shipped)
     return out
+
+
+def rank_correlation(x: list[float], y: list[float]) -> tuple[float, float] | None:
+    """Spearman's rho and its two-sided p-value (None with fewer than 4 pairs)."""
+    from scipy.stats import spearmanr
+
+    if len(x) < 4:
+        return None
+    r = spearmanr(x, y)
+    return float(r.statistic), float(r.pvalue)
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
@@ -64,6 +94,7 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--dataset", choices=sorted(DATA), default="zenodo")
     parser.add_argument("--protocol", default="short+std+p1")
     parser.add_argument("--split", type=float, default=0.1, help="low / high burden cut")
     parser.add_argument(
@@ -73,35 +104,41 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     from stitchnet_tf.data.datasets import discover
-    from stitchnet_tf.data.splits import Split, withhold_patients
+    from stitchnet_tf.data.splits import Split, withhold_labels, withhold_patients
 
-    folder = args.data / "zenodo20-lungs"
+    subdir, options, mark = DATA[args.dataset]
+    folder = args.data / subdir
     if not folder.is_dir():
-        raise SystemExit(f"error: {folder}: no such folder (the zenodo20 data)")
-    dataset = discover(folder, require_labels=True, mask_values="binary", masks_subdir="infection")
-    suffix = args.protocol.rsplit("+p", 1)[-1]
-    if "+p" not in args.protocol or not suffix.isdigit():
-        raise SystemExit(f"error: --protocol {args.protocol}: not a --labelled-patients protocol")
-    n_patients = int(suffix)
+        raise SystemExit(f"error: {folder}: no such folder (the {args.dataset} data)")
+    suffix = args.protocol.rsplit(mark, 1)[-1]
+    if mark not in args.protocol or not suffix.isdigit():
+        kind = "--labelled-patients" if mark == "+p" else "--labelled"
+        raise SystemExit(f"error: --protocol {args.protocol}: not a {args.dataset} {kind} protocol")
+    n = int(suffix)
+    results = args.results / "cv" / args.dataset / args.protocol
+    table = scores(results)
+    if not table:
+        raise SystemExit(f"error: {results}: no results")
+    dataset = discover(folder, require_labels=True, **options)
     lesion, lung = pixel_counts(dataset)
     patient = {s.id: s.patient for s in dataset.samples}
-    table = scores(args.results / "cv" / "zenodo" / args.protocol)
-    if not table:
-        raise SystemExit(f"error: {args.results / 'cv' / 'zenodo' / args.protocol}: no results")
+    withhold = withhold_patients if mark == "+p" else withhold_labels
     runs = []
     for fold, seed in sorted({(f, s) for _, f, s in table}):
-        split = Split.load(ROOT / "benchmarks" / "splits" / f"zenodo_cv5_fold{fold}.json")
-        withheld = set(withhold_patients(split, dataset, n_patients, seed=seed).unlabelled)
+        split = Split.load(ROOT / "benchmarks" / "splits" / f"{args.dataset}_cv5_fold{fold}.json")
+        withheld = set(withhold(split, dataset, n, seed=seed).unlabelled)
         labelled = [i for i in split.train if i not in withheld]
         row = {
             "fold": fold,
             "seed": seed,
-            "labelled_patients": sorted({patient[i] for i in labelled}),
+            "labelled_patients": sorted({str(patient[i]) for i in labelled}),
             "labelled_slices": len(labelled),
             "burden_labelled": burden(labelled, lesion, lung),
             "burden_val": burden(split.val, lesion, lung),
             "burden_test": burden(split.test, lesion, lung),
         }
+        if mark == "+n":  # MedSeg slices have no patient: list them
+            row["labelled"] = sorted(labelled)
         for c in CONTENDERS:
             if (c, fold, seed) in table:
                 row[c] = table[c, fold, seed]
@@ -122,38 +159,67 @@ def main(argv=None) -> None:
             pairs = [("threshold", c) for c in CONTENDERS[1:]]
             pairs.append(("stitchnet-image", "stitchnet-semi"))
             for base, c in pairs:
-                both = [r for r in rows if base in r and c in r]
+                both = [r for r in rows if all(m in r and r[m][k] is not None for m in (base, c))]
                 key = f"gain, {tag}" if base != "threshold" else f"{c} - rule, {tag}"
-                if both:  # the rule has no calibrated variant: its two scores are the same
+                if both:
                     g[key] = mean_se([r[c][k] - r[base][k] for r in both])
                     g[key + " runs"] = len(both)
         groups[name] = g
+
+    correlation = {}
+    for k, tag in enumerate(("prior", "shipped")):
+        both = [
+            r
+            for r in runs
+            if all(m in r and r[m][k] is not None for m in ("stitchnet-image", "stitchnet-semi"))
+        ]
+        gains = [r["stitchnet-semi"][k] - r["stitchnet-image"][k] for r in both]
+        rho = rank_correlation([r["burden_labelled"] for r in both], gains)
+        correlation[tag] = {
+            "rho": None if rho is None else rho[0],
+            "p": None if rho is None else rho[1],
+            "runs": len(both),
+        }
 
     out = {
         "protocol": args.protocol,
         "split": args.split,
         "runs": runs,
         "groups": groups,
+        "burden_gain_rank_correlation": correlation,
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
-    stem = f"lesion_burden_p{n_patients}"
+    stem = f"lesion_burden_{mark[1]}{n}"
     (args.results / f"{stem}.json").write_text(json.dumps(out, indent=1) + "\n")
     lines = [
-        f"# Labelled patient's lesion burden, zenodo20 `{args.protocol}`",
+        f"# Lesion burden of the labelled slices, {args.dataset} `{args.protocol}`",
         "",
-        "Burden = lesion pixels / radiologist lung pixels (full resolution, pooled over slices).",
+        "Burden = lesion pixels / "
+        + (
+            "radiologist lung pixels"
+            if mark == "+p"
+            else "(shipped lung field | lesion mask) pixels"
+        )
+        + " (full resolution, pooled over slices).",
         "Scores: mean lesion Dice `prior` / as shipped (rule and offset chosen on val).",
         "",
         "| fold | seed | labelled (slices) | burden labelled / val / test | rule | U-Net "
         "| StitchNet labelled only | StitchNet + unlabelled |",
         "|---|---|---|---|---|---|---|---|",
     ]
+
+    def cell(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    def who(r: dict) -> str:  # MedSeg slices carry no patient id worth printing
+        return ", ".join(r["labelled_patients"]) if mark == "+p" else "slices"
+
     for r in runs:
-        cells = [" / ".join(f"{v:.3f}" for v in r[c]) if c in r else "-" for c in CONTENDERS]
+        cells = [" / ".join(cell(v) for v in r[c]) if c in r else "-" for c in CONTENDERS]
         cells[0] = f"{r['threshold'][0]:.3f}" if "threshold" in r else "-"
         lines.append(
-            f"| {r['fold']} | {r['seed']} | {', '.join(r['labelled_patients'])} "
-            f"({r['labelled_slices']}) | {r['burden_labelled']:.3f} / {r['burden_val']:.3f} / "
+            f"| {r['fold']} | {r['seed']} | {who(r)} ({r['labelled_slices']}) | "
+            f"{r['burden_labelled']:.3f} / {r['burden_val']:.3f} / "
             f"{r['burden_test']:.3f} | " + " | ".join(cells) + " |"
         )
     lines += [
@@ -173,7 +239,18 @@ def main(argv=None) -> None:
             for g in groups.values()
         ]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
-    lines += ["", f"{out['date']}; `python benchmarks/lesion_burden.py --protocol {args.protocol}`"]
+    lines += [
+        "",
+        "Spearman rank correlation of the labelled burden with the unlabelled gain, all runs:",
+    ]
+    for tag, c in correlation.items():
+        rho = "-" if c["rho"] is None else f"{c['rho']:+.2f} (p {c['p']:.2f})"
+        lines.append(f"- {tag}: rho {rho}, {c['runs']} runs")
+    lines += [
+        "",
+        f"{out['date']}; `python benchmarks/lesion_burden.py --dataset {args.dataset} "
+        f"--protocol {args.protocol}`",
+    ]
     (args.results / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
