@@ -50,14 +50,18 @@ def pixel_counts(dataset) -> tuple[dict, dict]:
     from stitchnet_tf.data.io import read_image, read_lung, read_mask
     from stitchnet_tf.data.lung_unet import default_segmenter
 
-    lesion, lung = {}, {}
+    lesion, lung, unmasked = {}, {}, []
     for s in dataset.samples:
         mask = read_mask(s.mask, s.slice) > 0
         lesion[s.id] = int(mask.sum())
         if s.lung is not None:
             lung[s.id] = int((read_lung(s.lung, s.slice) > 0).sum())
         else:
-            field = default_segmenter()(read_image(s.image, s.slice))
+            unmasked.append((s, mask))
+    if unmasked:  # one batched pass of the lung model
+        images = [read_image(s.image, s.slice) for s, _ in unmasked]
+        fields = default_segmenter().predict_batch(images)
+        for (s, mask), field in zip(unmasked, fields, strict=True):
             lung[s.id] = int((field | mask).sum())
     return lesion, lung
 
@@ -84,6 +88,16 @@ def rank_correlation(x: list[float], y: list[float]) -> tuple[float, float] | No
         return None
     r = spearmanr(x, y)
     return float(r.statistic), float(r.pvalue)
+
+
+def paired(rows: list[dict], base: str, c: str, k: int) -> list[tuple[dict, float]]:
+    """(row, score of `c` - score of `base`) for the rows where both have score k
+    (0: `prior`, 1: as shipped)."""
+    return [
+        (r, r[c][k] - r[base][k])
+        for r in rows
+        if all(m in r and r[m][k] is not None for m in (base, c))
+    ]
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
@@ -159,22 +173,17 @@ def main(argv=None) -> None:
             pairs = [("threshold", c) for c in CONTENDERS[1:]]
             pairs.append(("stitchnet-image", "stitchnet-semi"))
             for base, c in pairs:
-                both = [r for r in rows if all(m in r and r[m][k] is not None for m in (base, c))]
+                diffs = [d for _, d in paired(rows, base, c, k)]
                 key = f"gain, {tag}" if base != "threshold" else f"{c} - rule, {tag}"
-                if both:
-                    g[key] = mean_se([r[c][k] - r[base][k] for r in both])
-                    g[key + " runs"] = len(both)
+                if diffs:
+                    g[key] = mean_se(diffs)
+                    g[key + " runs"] = len(diffs)
         groups[name] = g
 
     correlation = {}
     for k, tag in enumerate(("prior", "shipped")):
-        both = [
-            r
-            for r in runs
-            if all(m in r and r[m][k] is not None for m in ("stitchnet-image", "stitchnet-semi"))
-        ]
-        gains = [r["stitchnet-semi"][k] - r["stitchnet-image"][k] for r in both]
-        rho = rank_correlation([r["burden_labelled"] for r in both], gains)
+        both = paired(runs, "stitchnet-image", "stitchnet-semi", k)
+        rho = rank_correlation([r["burden_labelled"] for r, _ in both], [d for _, d in both])
         correlation[tag] = {
             "rho": None if rho is None else rho[0],
             "p": None if rho is None else rho[1],
