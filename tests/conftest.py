@@ -3,6 +3,22 @@
 import helpers
 import pytest
 
+# Seconds each slow file took in one full run (2 workers, shared machine, 2026-12-06; relative
+# weights are what matter). The two test workers take whole files (`--dist loadfile`) in
+# collection order (`--no-loadscope-reorder`): heaviest first, so that no long file is left
+# to run alone at the end. xdist's own order (most tests first) put the one-test demo last.
+FILE_SECONDS = {
+    "test_cli_train.py": 700,
+    "test_export.py": 635,
+    "test_model.py": 450,
+    "test_distribute.py": 345,
+    "test_demo.py": 280,
+    "test_base.py": 185,
+    "test_battery.py": 100,
+    "test_consistency.py": 70,
+    "test_evaluation.py": 70,
+}
+
 
 def _write_ct_dicom(path, stored, *, z=0.0, series="1.2.3.4", number=1, slope=1.0, intercept=0.0):
     """Write a minimal single-frame CT DICOM file (int16 stored values; IPP [0, 0, z], axial,
@@ -33,6 +49,9 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
+    """Heaviest files first, each file's tests in their own order (a stable sort); the
+    learning guards skipped unless `--learning`."""
+    items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0))
     if config.getoption("--learning"):
         return
     skip = pytest.mark.skip(reason="learning guard: run with --learning")

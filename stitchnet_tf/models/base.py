@@ -9,6 +9,9 @@ every model: the field is x > 0, since preprocessing zeroes everything outside i
 
 from __future__ import annotations
 
+import contextlib
+import random
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -21,6 +24,25 @@ from stitchnet_tf.options import check_deterministic
 #: and log 0 = -inf gives NaN in float16 inference and an unquantizable range in int8); below it
 #: p log p is under 1e-3 nats.
 ENTROPY_FLOOR = 1e-4
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None):
+    """Seed weight initialisation while building, leaving Python's RNG as it was.
+
+    Keras draws each unseeded initialiser's seed from Python's `random` when it is created, so
+    without this a model's initial weights depend on whatever drew from it before (other
+    models, pipeline layers, cached lung models): the same `--seed` would not give the same run.
+    """
+    if seed is None:
+        yield
+        return
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
 
 
 def default_lung(x, lung=None):

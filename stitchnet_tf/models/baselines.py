@@ -15,9 +15,6 @@ the lung field and to healthy lung inside it.
 
 from __future__ import annotations
 
-import contextlib
-import random
-
 import keras
 import tensorflow as tf
 from keras import layers, ops
@@ -26,7 +23,7 @@ from stitchnet_tf import likelihood as lik
 from stitchnet_tf.data.classes import BACKGROUND, CON, GGO, HEALTHY
 from stitchnet_tf.data.intensity import check_intensity
 from stitchnet_tf.models.backbone import scaled_filters, set_bn_momentum
-from stitchnet_tf.models.base import SegmentationModel, SetDice
+from stitchnet_tf.models.base import SegmentationModel, SetDice, seeded
 from stitchnet_tf.models.consistency import Consistency, consistency_options
 from stitchnet_tf.models.gradients import (
     clip_gradients,
@@ -61,23 +58,6 @@ def lesion_sets(allowed):
     allowed = ops.cast(allowed, "float32")
     no_lesion = ops.maximum(allowed[..., BACKGROUND], allowed[..., HEALTHY])
     return ops.stack([no_lesion, allowed[..., GGO], allowed[..., CON]], axis=-1)
-
-
-@contextlib.contextmanager
-def _seeded(seed: int | None):
-    """Seed weight initialisation while building, leaving Python's RNG as it was.
-
-    Keras draws each unseeded initialiser's seed from Python's `random` when it is created.
-    """
-    if seed is None:
-        yield
-        return
-    state = random.getstate()
-    random.seed(seed)
-    try:
-        yield
-    finally:
-        random.setstate(state)
 
 
 def _conv_bn_relu(filters: int, name: str, relu: bool = True) -> keras.Sequential:
@@ -384,7 +364,7 @@ class UNet(SetSupervisedMixin, keras.Model):
             consistency_weight, consistency_threshold, consistency_rampup, teacher, teacher_decay
         )
         filters = scaled_filters(width, UNET_FILTERS)
-        with _seeded(seed):
+        with seeded(seed):
             # === Layers ===
             mobilenet = keras.applications.MobileNetV2(
                 input_shape=(None, None, 1), include_top=False, weights=None, alpha=alpha
@@ -507,7 +487,7 @@ class SegNet(SetSupervisedMixin, keras.Model):
             consistency_weight, consistency_threshold, consistency_rampup, teacher, teacher_decay
         )
         filters = scaled_filters(width, SEGNET_FILTERS)
-        with _seeded(seed):
+        with seeded(seed):
             # === Layers ===
             # A stage's last ReLU comes after its pool: ReLU is monotonic, so the pooled values
             # and the unpooled maps are the same, and TensorFlow's Grappler would otherwise

@@ -16,7 +16,7 @@ from stitchnet_tf import likelihood as lik
 from stitchnet_tf.data.classes import BACKGROUND, CON, GGO, NUM_CLASSES
 from stitchnet_tf.data.intensity import check_intensity
 from stitchnet_tf.models.backbone import Backbone
-from stitchnet_tf.models.base import SegmentationModel, SetDice
+from stitchnet_tf.models.base import SegmentationModel, SetDice, seeded
 from stitchnet_tf.models.consistency import Consistency
 from stitchnet_tf.models.gradients import (
     GradientMonitor,
@@ -287,27 +287,28 @@ class StitchNet(SegmentationModel, keras.Model):
         if supervised not in SUPERVISED:
             raise ValueError(f"supervised must be one of {SUPERVISED}, got {supervised!r}")
         head_filters = int(head_filters or max(16, round(16 * width)))
-        # === Layers ===
-        self.backbone = Backbone(
-            width, backbone_alpha, backbone_weights, backbone_rgb, name="backbone"
-        )
-        self.ladder = SVAELadder(
-            self.backbone.filters, light_c, kl, seed, norm, upsample, name="svae"
-        )
-        self.head = StitchHead(
-            head_filters,
-            style_pool,
-            norm,
-            int(head_skips),
-            upsample,
-            style_mode,
-            ordered_styles,
-            name="stitch_head",
-        )
-        self.head_skips, self.upsample = int(head_skips), upsample
-        # === Functional model ===
-        x = keras.Input((None, None, 1), name="x")
-        super().__init__(inputs=x, outputs=self.forward(x), **kwargs)
+        # === Layers === (initialised from `seed`: the same seed, the same initial weights)
+        with seeded(seed):
+            self.backbone = Backbone(
+                width, backbone_alpha, backbone_weights, backbone_rgb, name="backbone"
+            )
+            self.ladder = SVAELadder(
+                self.backbone.filters, light_c, kl, seed, norm, upsample, name="svae"
+            )
+            self.head = StitchHead(
+                head_filters,
+                style_pool,
+                norm,
+                int(head_skips),
+                upsample,
+                style_mode,
+                ordered_styles,
+                name="stitch_head",
+            )
+            self.head_skips, self.upsample = int(head_skips), upsample
+            # === Functional model ===
+            x = keras.Input((None, None, 1), name="x")
+            super().__init__(inputs=x, outputs=self.forward(x), **kwargs)
         # === Config ===
         self.width, self.backbone_alpha, self.backbone_rgb = (
             width,
