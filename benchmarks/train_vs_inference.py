@@ -77,25 +77,22 @@ def epoch_log(log_csv: Path) -> list[dict]:
                 row[f"{term}_ratio"] = val / train if train else float("nan")
         for key, value in r.items():
             if key.startswith("grad_") or key in ("clipped", "val_mean_lesion_dice"):
-                if _float(value) is not None:
-                    row[key] = _float(value)
+                if (number := _float(value)) is not None:
+                    row[key] = number
         out.append(row)
     return out
 
 
-def run_dataset(run: Path, data: str | None):
-    """The run's labelled slices, read with the options it was trained with."""
-    from stitchnet_tf.data.datasets import discover
+def run_dataset(run, data: str | None):
+    """The run's labelled slices, read with the options it was trained with (`data`: another
+    folder), and its intensity preprocessing."""
+    import dataclasses
 
-    config = json.loads((run / "config.json").read_text())
-    read = {
-        k: config[k]
-        for k in ("mask_values", "patient_pattern", "masks_subdir", "lungs_subdir")
-        if k in config
-    }
-    return discover(data or config["labelled"], require_labels=True, **read), config.get(
-        "intensity", "none"
-    )
+    config = run.config()
+    spec = config.labelled_spec()
+    if data:
+        spec = dataclasses.replace(spec, path=Path(data))
+    return spec.discover(require_labels=True), config.intensity
 
 
 def report(result: dict, command: str) -> list[str]:
@@ -166,9 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     from stitchnet_tf.inference import load_model
     from stitchnet_tf.run import Run
 
-    dataset, intensity = run_dataset(args.run, args.data)
-    split = Split.load(args.run / "split.json")
-    state = json.loads((args.run / "state.json").read_text())
+    run = Run(args.run)
+    dataset, intensity = run_dataset(run, args.data)
+    split = Split.load(run.split_path)
+    state = run.state()
     result = {
         "run": str(args.run),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
@@ -177,20 +175,19 @@ def main(argv: list[str] | None = None) -> int:
         "epochs": state.get("epochs_done"),
         "scores": [],
     }
-    size = Run(args.run).size()
+    withheld = set(split.unlabelled)
     scorers = {}
     for part in args.parts:
         ids = split.part(part)
         if part == "train":  # the slices it learnt from, not the withheld ones
-            ids = [i for i in ids if i not in set(split.unlabelled)]
-        scorers[part] = SliceScorer(dataset.subset(ids), size, intensity=intensity)
+            ids = [i for i in ids if i not in withheld]
+        scorers[part] = SliceScorer(dataset.subset(ids), run.size(), intensity=intensity)
     for checkpoint in args.checkpoints:
-        path = getattr(Run(args.run), checkpoint)
-        model = load_model(path).model
-        modes = [("inference", model)]
+        model = load_model(getattr(run, checkpoint)).model
+        modes, rules = [("inference", model)], (None,)
         if hasattr(model, "forward"):  # StitchNet; other models have no z to hold at its mean
             modes.append(("training", TrainingMode(model)))
-        rules = ("prior", "posterior") if hasattr(model, "forward") else (None,)
+            rules = ("prior", "posterior")
         for part, scorer in scorers.items():
             for rule in rules:
                 for mode, m in modes:

@@ -11,14 +11,13 @@ import train_vs_inference as tvi  # noqa: E402
 
 HEADER = "epoch,clipped,grad_head,grad_level_5,grad_norm,kl,supervised,val_kl,val_supervised,"
 HEADER += "val_mean_lesion_dice\n"
+#: two epochs; the second has no val score (an empty cell)
+LOG = HEADER + "0,0.09,2.0,3.5,5.7,0.05,1.2,0.01,0.6,0.551\n1,0.0,1.8,0.4,2.3,0.1,0.6,0.11,0.66,\n"
 
 
 def test_epoch_log_keeps_ratios_gradients_clipping_and_the_val_score(tmp_path):
     log = tmp_path / "log.csv"
-    log.write_text(
-        HEADER
-        + "0,0.09,2.0,3.5,5.7,0.05,1.2,0.01,0.6,0.551\n1,0.0,1.8,0.4,2.3,0.1,0.6,0.11,0.66,\n"
-    )
+    log.write_text(LOG)
     rows = tvi.epoch_log(log)
     assert [r["epoch"] for r in rows] == [1, 2]
     assert rows[0]["kl_ratio"] == pytest.approx(0.2)
@@ -30,10 +29,7 @@ def test_epoch_log_keeps_ratios_gradients_clipping_and_the_val_score(tmp_path):
 
 def test_report_names_the_largest_block_and_the_dataset_classes(tmp_path):
     log = tmp_path / "log.csv"
-    log.write_text(
-        HEADER
-        + "0,0.09,2.0,3.5,5.7,0.05,1.2,0.01,0.6,0.551\n1,0.0,1.8,0.4,2.3,0.1,0.6,0.11,0.66,\n"
-    )
+    log.write_text(LOG)
     row = {"checkpoint": "best", "part": "test", "rule": "prior", "mode": "inference"}
     result = {
         "run": "/runs/x",
