@@ -770,6 +770,7 @@ def train(
     import tensorflow as tf
 
     from stitchnet_tf import distribute
+    from stitchnet_tf.models.base import repeatable_graphs
     from stitchnet_tf.precision import set_precision
 
     warn = warn or log
@@ -790,6 +791,7 @@ def train(
     run, state, scratch = _open_run(config, overwrite, warn, strategy)
     split = _checked_split(config, run, labelled, unlabelled, fresh, log, warn)
 
+    repeatable_graphs()
     keras.utils.set_random_seed(config.seed + state["epochs_done"])
     policy = set_precision(config.mixed_precision)
     if chief:

@@ -115,6 +115,10 @@ def test_train_writes_a_complete_run_folder(stitchnet_run):
         assert scores[chosen] == max(scores.values())
     split = json.loads((stitchnet_run / "split.json").read_text())
     assert split["by"] == "patient" and split["val"]
+    # train keeps Grappler from reordering traced sums, so a seeded run repeats (DESIGN §2.2)
+    import tensorflow as tf
+
+    assert tf.config.optimizer.get_experimental_options()["arithmetic_optimization"] is False
 
 
 def test_a_finished_run_is_neither_overwritten_nor_resumed_with_another_config(stitchnet_run, data):

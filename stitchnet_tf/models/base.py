@@ -45,6 +45,18 @@ def seeded(seed: int | None):
         random.setstate(state)
 
 
+def repeatable_graphs() -> None:
+    """Keep TensorFlow from reordering sums in traced graphs, so that a seeded run repeats bit
+    for bit. Process-wide; `training.train` calls it.
+
+    Grappler's arithmetic optimisation folds chains of `+` (the loss terms, for one) into one
+    AddN, whose CPU kernel does not sum in a fixed order: the same StitchNet step from the same
+    state gave losses differing in the last bit, and training amplified that into runs apart by
+    epoch 1. Turning it off cost no measurable step time (docs/DESIGN.md §2.2, "Seeding").
+    """
+    tf.config.optimizer.set_experimental_options({"arithmetic_optimization": False})
+
+
 def default_lung(x, lung=None):
     """The lung field [B, S, S, 1] float32: `lung` when given, else x > 0."""
     return ops.cast(x > 0 if lung is None else lung, "float32")

@@ -63,7 +63,10 @@ def _halves(grads) -> list:
 
 
 def _norm_of(halves):
-    return tf.sqrt(2.0 * tf.add_n(halves))
+    # Not `tf.add_n`: its CPU kernel accumulates into whichever input buffer it may reuse at
+    # run time, so the summation order (and the last bits of the norm) varied from step to
+    # step, and with them every clipped gradient: runs did not repeat from their seed.
+    return tf.sqrt(2.0 * tf.reduce_sum(tf.stack(halves)))
 
 
 def clip_gradients(
