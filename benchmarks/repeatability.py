@@ -106,16 +106,7 @@ def run_pipeline_runs(folder: Path, steps: int) -> dict:
     digests = []
     for _ in range(2):
         batches, _, _ = training._pipelines(config, labelled, None, split, 0, 1)
-        model = training.build_model(
-            config.model,
-            config.model_options,
-            config.clipnorm,
-            config.clipvalue,
-            config.seed,
-            config.global_clipnorm,
-            config.intensity,
-        )
-        model.compile(optimizer=training.make_optimizer(config))
+        model = training.new_model(config)
         keep = Digests()
         model.fit(batches, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[keep])
         digests.append(keep.digests)

@@ -691,6 +691,22 @@ def _pipelines(config: TrainConfig, labelled, unlabelled, split: Split, epoch: i
     return batches.with_options(options), val, val_data.with_options(options)
 
 
+def new_model(config: TrainConfig):
+    """A new model as `config` describes it, compiled with its optimizer: what `train` starts
+    from (in the strategy's scope when there is one)."""
+    model = build_model(
+        config.model,
+        config.model_options,
+        config.clipnorm,
+        config.clipvalue,
+        config.seed,
+        config.global_clipnorm,
+        config.intensity,
+    )
+    model.compile(optimizer=make_optimizer(config), run_eagerly=config.run_eagerly)
+    return model
+
+
 def _model(config: TrainConfig, run: Path, state: dict, strategy, log):
     """The compiled model, in `strategy`'s scope: from last.keras when resuming, else new."""
     from stitchnet_tf import distribute
@@ -703,16 +719,7 @@ def _model(config: TrainConfig, run: Path, state: dict, strategy, log):
             model = load_model(Run(run).last).model
             log(f"resuming {run} after epoch {state['epochs_done']}")
         else:
-            model = build_model(
-                config.model,
-                config.model_options,
-                config.clipnorm,
-                config.clipvalue,
-                config.seed,
-                config.global_clipnorm,
-                config.intensity,
-            )
-            model.compile(optimizer=make_optimizer(config), run_eagerly=config.run_eagerly)
+            model = new_model(config)
         if replicas > 1:
             distribute.synchronize_batchnorm(model, config.sync_batchnorm)
         if distribute.is_multi_worker(strategy) and state["epochs_done"] > 0:
