@@ -40,18 +40,16 @@ def batch(size: int, batch_size: int, seed: int) -> dict:
 
 
 def build(name: str, seed: int):
-    """The benchmark's StitchNet (`stitchnet-image`) or the project's U-Net at the cpu preset's
-    backbone width, compiled with the project's optimizer."""
-    from stitchnet_tf.models.baselines import UNet
-    from stitchnet_tf.models.optimizers import FusedAdamW
-    from stitchnet_tf.models.stitchnet import StitchNet
-    from stitchnet_tf.options import PRESETS
+    """The benchmark's model (`accuracy.py`'s `stitchnet-image` or `unet`, with the cpu preset's
+    widths), compiled with the project's optimizer."""
+    from accuracy import PROJECT
 
-    alpha = PRESETS["cpu"]["backbone_alpha"]
-    if name == "stitchnet":
-        model = StitchNet(backbone_alpha=alpha, style_mode="image", ordered_styles=True, seed=seed)
-    else:
-        model = UNet(alpha=alpha, seed=seed)
+    from stitchnet_tf import training
+    from stitchnet_tf.models.optimizers import FusedAdamW
+
+    model_name, options, _ = PROJECT["stitchnet-image" if name == "stitchnet" else name]
+    options = training.preset_options("cpu", model_name)[1] | options
+    model = training.build_model(model_name, options, seed=seed)
     model.compile(optimizer=FusedAdamW(1e-3, weight_decay=0.01))
     return model
 
@@ -238,8 +236,9 @@ def main(argv=None) -> None:
     }
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.output / f"{args.name}.md").write_text(report(result))
-    print(report(result))
+    text = report(result)
+    (args.output / f"{args.name}.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

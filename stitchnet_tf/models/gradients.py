@@ -63,9 +63,9 @@ def _halves(grads) -> list:
 
 
 def _norm_of(halves):
-    # Not `tf.add_n`: its CPU kernel accumulates into whichever input buffer it may reuse at
-    # run time, so the summation order (and the last bits of the norm) varied from step to
-    # step, and with them every clipped gradient: runs did not repeat from their seed.
+    # Not `tf.add_n`: in the traced train_step it summed the same halves differently from one
+    # call to the next (last bits; probably its run-time choice of which input buffer to reuse),
+    # and with the norm every clipped gradient: runs did not repeat from their seed (DESIGN §2.2).
     return tf.sqrt(2.0 * tf.reduce_sum(tf.stack(halves)))
 
 
