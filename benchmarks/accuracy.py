@@ -17,6 +17,8 @@ Usage (from the repository root):
         stitchnet-image stitchnet-semi stitchnet-semi-cons   # label efficiency (issue 12)
     python benchmarks/accuracy.py --dataset zenodo --labelled-patients 1 --contenders \
         threshold unet stitchnet-image stitchnet-semi   # label efficiency by patient
+    python benchmarks/accuracy.py --labelled 10 --ema 0.99 ...   # checkpoints, validation and
+                                                          # scoring on an EMA of the weights
 
 Folds: `benchmarks/splits/<dataset>_cv5_fold<k>.json` (`stitchnet_tf.data.splits.kfold_splits`,
 k = 5, seed 0; MedSeg by slice: 30 train / 10 val / 10 test per fold, every labelled slice
@@ -48,7 +50,7 @@ the image alone (with `--lung-models DIR`, by the fold's own lung model, trained
 fold's test slices: the shipped lung model has seen every MedSeg lesion), probabilities mapped
 back to the slice before the argmax, per-image Table-1 Dice (F1) and the pooled Dice over the
 fold's test slices. Each run writes
-`<results>/cv/<dataset>/<budget>/<contender>-f<k>-s<seed>.json`; finished runs are skipped, so
+`<results>/cv/<dataset>/<protocol>/<contender>-f<k>-s<seed>.json`; finished runs are skipped, so
 the benchmark resumes where it was cut off. `<results>/accuracy_cv.md` / `.json` are rebuilt
 after every run: mean ± std over folds x seeds, the standard error of the mean, and the mean
 paired difference to the threshold rule on the same folds.
@@ -127,7 +129,8 @@ def fold_file(dataset: str, fold: int) -> Path:
 
 def protocol(args) -> str:
     """The folder name of a set of comparable runs: the budget, `+foldlung` when each fold has
-    its own lung model, `+std` with intensity standardisation."""
+    its own lung model, `+std` with intensity standardisation, `+nN` / `+pN` with N labelled
+    slices / patients, `+ema` with an EMA of the weights."""
     name = args.budget
     if args.lung_models is not None:
         name += "+foldlung"
@@ -137,6 +140,8 @@ def protocol(args) -> str:
         name += f"+n{args.labelled}"
     if args.labelled_patients is not None:
         name += f"+p{args.labelled_patients}"
+    if args.ema is not None:
+        name += "+ema"
     return name
 
 
@@ -215,6 +220,7 @@ def train_project_model(
         model_options=options | extra,
         preset="cpu",
         choose_decision=False,  # StitchNet's `prior` rule in every fold (runs made before auto)
+        ema=args.ema,
         **DATASETS[args.dataset]["read"],
     )
     run = Path(config.output)
@@ -567,7 +573,8 @@ def label_efficiency(table: dict) -> dict:
     """{(dataset, protocol without +nN / +pN, unit): {contender: {N: mean_lesion_dice stats}}}
     for every protocol that has `--labelled N` (unit "slices") or `--labelled-patients N`
     ("patients") runs; the all-labels point is the protocol without the suffix, at N = fold 0's
-    train slices or train patients. TTA rows are left out, val-chosen rows kept."""
+    train slices or train patients. TTA rows are left out, val-chosen rows kept. A protocol
+    with a suffix after +nN (`+ema`) is a table only."""
     import re
 
     units = {"n": "slices", "p": "patients"}
@@ -666,6 +673,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="labelled train patients per fold, the other train patients' slices unlabelled "
         "(label efficiency by patient, zenodo20)",
+    )
+    parser.add_argument(
+        "--ema",
+        type=float,
+        default=None,
+        help="train with an EMA of the weights of this momentum, used for validation, the "
+        "chosen checkpoint and scoring (`train --ema`; protocol suffix +ema)",
     )
     parser.add_argument("--report", action="store_true", help="only rebuild the report")
     parser.add_argument(

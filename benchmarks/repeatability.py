@@ -103,7 +103,7 @@ def run_pipeline_runs(folder: Path, steps: int) -> dict:
 
     digests = []
     for _ in range(2):
-        batches, _, _ = training._pipelines(config, labelled, None, split, 0, 1)
+        batches, _, _ = training.pipelines(config, labelled, None, split, 0, 1)
         model = training.new_model(config)
         keep = Digests()
         model.fit(batches, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[keep])

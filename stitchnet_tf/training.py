@@ -651,9 +651,10 @@ def _checked_split(config, run: Path, labelled, unlabelled, fresh: bool, log, wa
     return split
 
 
-def _pipelines(config: TrainConfig, labelled, unlabelled, split: Split, epoch: int, replicas):
-    """(training batches, validation dataset, validation batches), seeded by the epoch a run
-    starts at so that a resumed run does not replay the first epochs' batches."""
+def pipelines(config: TrainConfig, labelled, unlabelled, split: Split, epoch: int, replicas):
+    """A run's inputs, as `train` fits on them (also for benchmarks that replay a run's
+    batches): (training batches, validation dataset, validation batches), seeded by the epoch
+    a run starts at so that a resumed run does not replay the first epochs' batches."""
     import tensorflow as tf
 
     # the baselines learn from unlabelled slices only through the consistency term;
@@ -803,7 +804,7 @@ def train(
     policy = set_precision(config.mixed_precision)
     if chief:
         log(f"device: {distribute.describe(strategy)}; precision {policy}")
-    batches, val, val_data = _pipelines(
+    batches, val, val_data = pipelines(
         config, labelled, unlabelled, split, state["epochs_done"], replicas
     )
     watchdog = _PipelineWatchdog()

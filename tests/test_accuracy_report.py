@@ -181,8 +181,14 @@ def test_protocol_names_the_labelled_patients_and_refuses_both_counts():
         intensity="standardise",
         labelled=None,
         labelled_patients=3,
+        ema=None,
     )
     assert accuracy.protocol(args) == "short+std+p3"
+    args.labelled, args.labelled_patients, args.ema = 10, None, 0.99
+    assert accuracy.protocol(args) == "short+std+n10+ema"
+    # an EMA protocol is a table of its own, not a point on the label-efficiency curves
+    entry = {"mean_lesion_dice": {"mean": 0.5, "sem": 0.02, "n": 1}}
+    assert accuracy.label_efficiency({"medseg": {"short+std+n10+ema": {"unet": entry}}}) == {}
     with pytest.raises(SystemExit):
         accuracy.main(["--labelled", "10", "--labelled-patients", "1", "--report"])
 

@@ -276,7 +276,7 @@ def test_training_batches_follow_the_split_and_withheld_labels(tmp_path: Path):
     assert len(split.train) > 2 and len(seen) == 2
     # and `train` asks for exactly that (it once handed a supervised run the withheld slices
     # as labelled ones, so "--max-labelled N" U-Nets trained on every train slice)
-    from stitchnet_tf.training import TrainConfig, _pipelines
+    from stitchnet_tf.training import TrainConfig, pipelines
 
     config = TrainConfig(
         labelled=str(tmp_path / "d" / "labelled"),
@@ -287,5 +287,5 @@ def test_training_batches_follow_the_split_and_withheld_labels(tmp_path: Path):
         augment=False,
         max_labelled=2,
     )
-    batches = _pipelines(config, lab, None, split, 0, 1)[0]
+    batches = pipelines(config, lab, None, split, 0, 1)[0]
     assert len({batch["x"].numpy().tobytes() for batch in batches.take(40)}) == 2
