@@ -64,3 +64,23 @@ def test_fused_optimizer_serialises():
     optimizer = _optimizer(FusedAdamW)
     again = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
     assert type(again) is FusedAdamW and again.weight_decay == pytest.approx(0.05)
+
+
+def test_ema_of_the_weights_warms_up_as_tensorflow_does():
+    """average_t = μ_t·average + (1 − μ_t)·θ_t, μ_t = min(m, (1 + t) / (10 + t)), μ_0 = 0: after a
+    short run the average follows the last steps, not the initial weights."""
+    variables = _variables()
+    optimizer = FusedAdamW(1e-2, weight_decay=0.0, use_ema=True, ema_momentum=0.99)
+    rng = np.random.default_rng(2)
+    step = tf.function(lambda grads: optimizer.apply(grads, variables))
+    average = None
+    for t in range(30):
+        step([tf.constant(rng.standard_normal(v.shape), "float32") for v in variables])
+        theta = variables[0].numpy().astype("float64")
+        mu = 0.0 if t == 0 else min(0.99, (1 + t) / (10 + t))
+        average = theta if average is None else mu * average + (1 - mu) * theta
+    ema = optimizer._model_variables_moving_average[0].numpy()
+    np.testing.assert_allclose(ema, average, atol=1e-6)
+    start = _variables()[0].numpy()
+    # with Keras's μ = 0.99 from step 1, 74% of the first step's weights would remain
+    assert np.abs(ema - variables[0].numpy()).max() < 0.5 * np.abs(ema - start).max()
