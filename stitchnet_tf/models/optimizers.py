@@ -15,7 +15,7 @@ gradients or non-float32 variables, they fall back to Keras's per-op update.
 
 With `use_ema` the moving average of the weights warms up as TensorFlow's
 `ExponentialMovingAverage(decay, num_updates)` does: momentum min(m, (1 + t) / (10 + t)) at
-step t (docs/DESIGN.md §8).
+step t (docs/DESIGN.md §7.13).
 """
 
 from __future__ import annotations
