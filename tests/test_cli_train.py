@@ -119,6 +119,12 @@ def test_train_writes_a_complete_run_folder(stitchnet_run):
     import tensorflow as tf
 
     assert tf.config.optimizer.get_experimental_options()["arithmetic_optimization"] is False
+    from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
+    from tensorflow.python.eager import context
+
+    serialized = context.context().function_call_options.config_proto_serialized
+    rewrite = config_pb2.ConfigProto.FromString(serialized).graph_options.rewrite_options
+    assert rewrite.memory_optimization == rewriter_config_pb2.RewriterConfig.NO_MEM_OPT
 
 
 def test_a_finished_run_is_neither_overwritten_nor_resumed_with_another_config(stitchnet_run, data):

@@ -52,9 +52,34 @@ def repeatable_graphs() -> None:
     Grappler's arithmetic optimisation folds chains of `+` (the loss terms, for one) into one
     AddN, whose CPU kernel does not sum in a fixed order: the same StitchNet step from the same
     state gave losses differing in the last bit, and training amplified that into runs apart by
-    epoch 1. Turning it off cost no measurable step time (docs/DESIGN.md §2.2, "Seeding").
+    epoch 1 (turning it off cost no measurable step time). On a CPU its memory optimizer turns
+    some gradient sums into accumulations in arrival order: two fits on a real pipeline then
+    parted after step 95; without it they agree for 200 steps, and a StitchNet train step's
+    graph optimisation is some 50 s shorter. It stays on with a GPU, where its swapping to host
+    memory may be what lets a model fit (docs/DESIGN.md §2.2, "Seeding").
     """
     tf.config.optimizer.set_experimental_options({"arithmetic_optimization": False})
+    if not tf.config.list_physical_devices("GPU"):
+        _no_memory_optimizer()
+
+
+def _no_memory_optimizer() -> None:
+    """Turn off Grappler's memory optimizer for the functions this thread calls.
+
+    Its scheduling pass rewrites some AddN of three or more inputs (gradient sums) into
+    AssignAdds on a temporary variable, which add in the order their inputs arrive. No public
+    option reaches it (`set_experimental_options` has no key for it), so this edits the
+    thread's function-call config; `set_experimental_options` and other context changes reset
+    that config, so call it after them.
+    """
+    from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
+    from tensorflow.python.eager import context
+
+    options = context.context().function_call_options
+    config = config_pb2.ConfigProto.FromString(options.config_proto_serialized)
+    rewrite = config.graph_options.rewrite_options
+    rewrite.memory_optimization = rewriter_config_pb2.RewriterConfig.NO_MEM_OPT
+    options.config_proto_serialized = config
 
 
 def default_lung(x, lung=None):
