@@ -47,7 +47,8 @@ def seeded(seed: int | None):
 
 def repeatable_graphs() -> None:
     """Keep TensorFlow from reordering sums in traced graphs, so that a seeded run repeats bit
-    for bit. Process-wide; `training.train` calls it.
+    for bit. `training.train` calls it. The arithmetic option is process-wide, the memory
+    optimizer's for the calling thread (the one that runs `fit`).
 
     Grappler's arithmetic optimisation folds chains of `+` (the loss terms, for one) into one
     AddN, whose CPU kernel does not sum in a fixed order: the same StitchNet step from the same
