@@ -147,7 +147,8 @@ def report(result: dict) -> str:
         f"Two copies of each model built from seed {a['seed']}, each trained {a['steps']} steps "
         f"on the same fixed {a['batch']} x {a['size']} x {a['size']} batch (FusedAdamW 1e-3, "
         "default global-norm clipping); every weight compared. Grappler's arithmetic "
-        f"optimisation {'on (TensorFlow default)' if a['tf_default'] else 'off (as in train)'}. "
+        "optimisation and (on a CPU) memory optimizer "
+        f"{'on (TensorFlow default)' if a['tf_default'] else 'off (as in train)'}. "
         "`benchmarks/repeatability.py`.",
         "",
         "| model | weights | differ | max abs difference |",
@@ -200,8 +201,8 @@ def main(argv=None) -> None:
     p.add_argument(
         "--tf-default",
         action="store_true",
-        help="leave Grappler's arithmetic optimisation on (TensorFlow's default; train turns "
-        "it off: models.base.repeatable_graphs)",
+        help="leave Grappler's arithmetic optimisation and memory optimizer on (TensorFlow's "
+        "default; train turns them off: models.base.repeatable_graphs)",
     )
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--name", default="repeatability", help="result file name (no suffix)")
