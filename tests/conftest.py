@@ -1,5 +1,8 @@
 """Shared pytest fixtures."""
 
+import fcntl
+from pathlib import Path
+
 import helpers
 import pytest
 
@@ -68,27 +71,48 @@ TINY_TRAIN = (
 )  # fmt: skip
 
 
+def _once(tmp_path_factory, worker_id: str, name: str, make) -> Path:
+    """The folder `make(folder)` writes, made once for all test workers of the session (the
+    workers' temporary folders share a parent; a lock lets one make it while the others wait),
+    or once for this process without workers."""
+    if worker_id == "master":
+        folder = tmp_path_factory.mktemp(name) / name
+        make(folder)
+        return folder
+    root = tmp_path_factory.getbasetemp().parent
+    folder, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            make(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory):
+def tiny_data(tmp_path_factory, worker_id):
     """A synthetic dataset shared by the whole session (never modify it): `labelled/` with 4
     patients × 2 slices of 64 px (P00_00.png ...), `unlabelled/` with 1 patient."""
     from stitchnet_tf.data.synthetic import write_demo_dataset
 
-    root = tmp_path_factory.mktemp("tiny") / "data"
-    write_demo_dataset(
-        root, labelled_patients=4, unlabelled_patients=1, slices_per_patient=2, size=64, seed=5
-    )
-    return root
+    def make(root):
+        write_demo_dataset(
+            root, labelled_patients=4, unlabelled_patients=1, slices_per_patient=2, size=64, seed=5
+        )
+
+    return _once(tmp_path_factory, worker_id, "tiny-data", make)
 
 
 @pytest.fixture(scope="session")
-def tiny_stitchnet_run(tiny_data, tmp_path_factory):
-    """A StitchNet run folder trained for one step at 32 px (seconds), shared by the session."""
+def tiny_stitchnet_run(tiny_data, tmp_path_factory, worker_id):
+    """A StitchNet run folder trained for one step at 32 px, shared by the session and its
+    workers (never modify it): a minute, for the validation's traces."""
     from helpers import run
 
-    out = tmp_path_factory.mktemp("tiny-runs") / "stitchnet"
-    run(
-        "train", "-l", tiny_data / "labelled", "-o", out, "--epochs", 1,
-        "--steps-per-epoch", 1, "--seed", 0, *TINY_TRAIN,
-    )  # fmt: skip
-    return out
+    def make(out):
+        run(
+            "train", "-l", tiny_data / "labelled", "-o", out, "--epochs", 1,
+            "--steps-per-epoch", 1, "--seed", 0, *TINY_TRAIN,
+        )  # fmt: skip
+
+    return _once(tmp_path_factory, worker_id, "tiny-stitchnet-run", make)

@@ -185,12 +185,16 @@ def test_predict_slices_nifti_and_dicom(stitchnet_run, data, tmp_path, write_ct_
     assert labelled.shape == hu.shape and np.allclose(labelled.affine, affine)
     assert len(list((tmp_path / "v" / "vol_overlays").iterdir())) == 3
     assert "volume" in (tmp_path / "v" / "burden.csv").read_text()
-    # a DICOM series folder
+    # a DICOM series folder (with a threshold rule: no model to load and trace again; the
+    # shipped Keras model reads one in test_wheel.py)
+    from stitchnet_tf.models.threshold import ThresholdRule
+
     series = tmp_path / "series"
     series.mkdir()
     for k in range(2):
         write_ct_dicom(series / f"{k}.dcm", hu[:, :, k].T.copy(), z=float(k), number=k)
-    r = run("predict", "-m", stitchnet_run, "-i", series, "-o", tmp_path / "d")
+    rule = ThresholdRule(0.3, 0.6, size=32).save(tmp_path / "rule.json")
+    r = run("predict", "-m", rule, "-i", series, "-o", tmp_path / "d")
     assert "segmented 2 slices (1 volumes)" in r.output
     assert nib.load(tmp_path / "d" / "series_labels.nii.gz").shape == (64, 64, 2)
 

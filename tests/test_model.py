@@ -14,7 +14,7 @@ from helpers import lesion_batch
 
 from stitchnet_tf.models.backbone import Backbone
 from stitchnet_tf.models.ladder import SVAELadder, precision_weighted_merge
-from stitchnet_tf.models.layers import BOTTLENECK_ABOVE, Conv, LatentParams
+from stitchnet_tf.models.layers import BOTTLENECK_ABOVE, Conv, LatentParams, Norm
 from stitchnet_tf.models.optimizers import FusedAdam
 from stitchnet_tf.models.stitchnet import StitchNet
 
@@ -339,6 +339,44 @@ def test_batchnorm_recalibration_makes_inference_match_training(trained, batch):
     # training-mode Dice is > 0.9 (test_overfits_one_batch); before re-estimation the
     # inference-mode Dice of such a model was 0.02-0.17 in our runs
     assert lesion_dice(model, x, allowed, training=False) > 0.7
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_norm_group_path_is_bit_identical_to_keras_group_normalization(policy):
+    """`Norm("group")` computes Keras' GroupNormalization itself (fewer graph ops): outputs and
+    gradients, traced and eager, equal Keras' own call bit for bit (as `Norm` called it before);
+    unknown sizes use Keras' call."""
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        norm = Norm("group")
+        norm.build((None, 8, 8, 24))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    rng = np.random.default_rng(0)
+    norm.inner.gamma.assign(rng.normal(1, 0.5, 24))
+    norm.inner.beta.assign(rng.normal(0, 0.5, 24))
+    x = tf.constant(rng.normal(2, 3, (3, 8, 8, 24)), tf.float32)
+
+    def both(x):
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(x)
+            # Norm casts its input to the policy's dtype, GroupNormalization alone does not
+            ours, theirs = norm(x), norm.inner(tf.cast(x, norm.compute_dtype))
+            pull = tf.constant(rng.normal(size=(3, 8, 8, 24)), ours.dtype)
+            loss_ours, loss_theirs = tf.reduce_sum(ours * pull), tf.reduce_sum(theirs * pull)
+        weights = [norm.inner.gamma.value, norm.inner.beta.value]
+        return (
+            (ours, *tape.gradient(loss_ours, [x, *weights])),
+            (theirs, *tape.gradient(loss_theirs, [x, *weights])),
+        )
+
+    for ours, theirs in (both(x), tf.function(both)(x)):
+        assert ours[0].dtype == theirs[0].dtype == norm.compute_dtype
+        for a, b in zip(ours, theirs, strict=True):
+            np.testing.assert_array_equal(a, b)
+    spec = tf.TensorSpec([None, None, None, 24])
+    graph = tf.function(norm).get_concrete_function(spec).graph
+    assert any(op.type == "Shape" for op in graph.get_operations())  # Keras' dynamic shapes
 
 
 @pytest.mark.slow
