@@ -1,9 +1,17 @@
 """Shared pytest fixtures."""
 
 import fcntl
+import os
 from pathlib import Path
 
-import helpers
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One thread per test worker (`-n 2` on the 2-core CI machine): TensorFlow's own pools of
+    # one thread per core in each worker only contend with each other. Set before TensorFlow
+    # starts; the commands' child processes inherit it.
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+    os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+
+import helpers  # noqa: E402
 import pytest
 
 # Seconds each slow file took in one full run (2 workers, shared machine, 2026-12-06; relative
