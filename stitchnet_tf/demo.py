@@ -39,6 +39,7 @@ def run_demo(
     """Run the demo into `output`; returns the paths of its report and runs."""
     from stitchnet_tf.evaluation import evaluate
     from stitchnet_tf.figures import sample_figure, styles_figures
+    from stitchnet_tf.inference import load_model
     from stitchnet_tf.training import TrainConfig, train
 
     out = Path(output)
@@ -64,7 +65,7 @@ def run_demo(
     split = split_dataset(labelled, seed=seed)
     split.save(out / "split.json")
 
-    results = {}
+    results, loaded = {}, {}
     for name, options in (("stitchnet", TINY_STITCHNET), ("unet", TINY_UNET)):
         log(f"training {name} ({epochs} epochs x {steps_per_epoch} steps at {size}x{size})")
         config = TrainConfig(
@@ -85,6 +86,7 @@ def run_demo(
             model_options=options,
         )
         summary = train(config, verbose=verbose, log=log)
+        loaded[name] = load_model(out / "runs" / name)  # loaded once for the report and figures
         evaluation = evaluate(
             out / "runs" / name,
             data / "labelled",
@@ -92,6 +94,7 @@ def run_demo(
             split=out / "split.json",
             part="test",
             log=log,
+            loaded=loaded[name],
         )
         results[name] = {
             "train": summary,
@@ -117,8 +120,11 @@ def run_demo(
     for sample in labelled.subset(split.test).samples[:4]:
         src = Path(sample.image)
         (test_images / src.name).write_bytes(src.read_bytes())
-    recon = styles_figures(out / "runs" / "stitchnet", test_images, out / "styles", size=size)
-    sample_figure(out / "runs" / "stitchnet", out / "samples", n=4, size=size, seed=seed)
+    stitchnet = out / "runs" / "stitchnet"
+    recon = styles_figures(
+        stitchnet, test_images, out / "styles", size=size, loaded=loaded["stitchnet"]
+    )
+    sample_figure(stitchnet, out / "samples", n=4, size=size, seed=seed, loaded=loaded["stitchnet"])
     seconds = time.time() - start
     if recon["lung_mae_mean"] is not None:
         report.append(

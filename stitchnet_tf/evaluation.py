@@ -40,6 +40,7 @@ from stitchnet_tf.fileio import (
     check_model_output,
 )
 from stitchnet_tf.inference import (
+    LoadedModel,
     Predictor,
     check_stitchnet_options,
     labels_to_original,
@@ -367,6 +368,7 @@ def evaluate(
     progress=None,
     log=print,
     cases: str = "volume",
+    loaded: LoadedModel | None = None,
 ) -> dict:
     """Score a model on the labelled slices of `data` (a folder, or a `DatasetSpec` saying how
     to read it); write the reports into the folder
@@ -382,7 +384,8 @@ def evaluate(
     volumes.csv: per case 3-D Dice and HD95 (`volume_metrics`), whose means are a section of
     metrics.md and the `volumes` entry of metrics.json. Cases (`data.cases.plan_cases`): each
     volume file, or with `cases="patient"` each patient; 2-D slice files are stacked per patient
-    (none without patient ids).
+    (none without patient ids). `loaded`: the model at `model_path`, already loaded
+    (`inference.load_model`; a StitchNet load costs seconds).
     """
     spec = DatasetSpec.of(data)
     data = spec.path
@@ -392,7 +395,7 @@ def evaluate(
     if cases not in CASE_KINDS:
         raise DataError(None, f"unknown case grouping {cases!r}: use {', '.join(CASE_KINDS)}")
     dataset = spec.discover(require_labels=True)
-    loaded = load_model(model_path)
+    loaded = loaded or load_model(model_path)
     size = loaded.input_size(size)
     chosen = None
     if split is not None:

@@ -11,7 +11,7 @@ import numpy as np
 from stitchnet_tf.data import io
 from stitchnet_tf.errors import DataError
 from stitchnet_tf.fileio import atomic_dir, check_model_output
-from stitchnet_tf.inference import load_model, model_class
+from stitchnet_tf.inference import LoadedModel, load_model, model_class
 from stitchnet_tf.options import SAMPLE_TEMPERATURE
 from stitchnet_tf.predict import LABEL_PALETTE, _inputs
 from stitchnet_tf.progress import Progress, expect, step
@@ -44,8 +44,8 @@ def _check_stitchnet(model_path) -> None:
         raise DataError(model_path, f"{what} has no styles: a StitchNet .keras model is needed")
 
 
-def _stitchnet(model_path):
-    loaded = load_model(model_path)
+def _stitchnet(model_path, loaded: LoadedModel | None = None) -> LoadedModel:
+    loaded = loaded or load_model(model_path)
     if not hasattr(loaded.model, "styles"):
         raise DataError(
             model_path, f"{type(loaded.model).__name__} has no styles: a StitchNet model is needed"
@@ -81,10 +81,12 @@ def styles_figures(
     size: int | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
+    loaded: LoadedModel | None = None,
 ) -> dict:
     """For each input slice: x, the four style images E[Beta_k], the stitched reconstruction and
     the segmentation side by side (`<name>_styles.png`), as the paper's Fig. 6b. `progress`:
-    see `stitchnet_tf.progress` (one unit a figure)."""
+    see `stitchnet_tf.progress` (one unit a figure); `loaded`: the model at `model_path`,
+    already loaded (`inference.load_model`; a StitchNet load costs seconds)."""
     from stitchnet_tf.data.preprocess import RawSlice, prepare
 
     inputs = {"--input": input_path}
@@ -96,7 +98,7 @@ def styles_figures(
         for k in [None] if n is None else [n // 2]:  # volumes: the middle slice
             images.append((path, k, io.read_image(path, k)))
             io.check_size(images[-1][2].shape, path)
-    loaded = _stitchnet(model_path)
+    loaded = _stitchnet(model_path, loaded)
     size = loaded.input_size(size)
     from stitchnet_tf.data.classes import ALL
     from stitchnet_tf.data.lung_unet import default_segmenter
@@ -143,18 +145,19 @@ def sample_figure(
     overwrite: bool = False,
     progress: Progress | None = None,
     log: Callable[[str], None] | None = None,
+    loaded: LoadedModel | None = None,
 ) -> dict:
     """Draw n slices with their segmentations from the prior, every prior σ scaled by
     `temperature`: `samples.png` and per-sample `sample_<i>.png` / `sample_<i>_labels.png`
     (indexed, the label palette). `log` hears the drawing (one call for all n), `progress`
-    (`stitchnet_tf.progress`) one unit per sample written."""
+    (`stitchnet_tf.progress`) one unit per sample written; `loaded` as for `styles_figures`."""
     import keras
 
     if not 0 < temperature <= 2:
         raise ValueError(f"temperature must be in (0, 2], got {temperature}")
     check_model_output(output, model_path, overwrite=overwrite, marker=SAMPLES_MARKER)
     _check_stitchnet(model_path)
-    loaded = _stitchnet(model_path)
+    loaded = _stitchnet(model_path, loaded)
     size = loaded.input_size(size)
     keras.utils.set_random_seed(seed)
     if log is not None:
