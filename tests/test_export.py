@@ -334,7 +334,6 @@ def test_cli_mixed_precision_train_export_predict_evaluate(data, tmp_path):
     assert "cannot load TFLite model" in error_line(r)
 
 
-@pytest.mark.slow
 def test_the_lesion_offset_is_carried_into_the_export(unet, slices, tmp_path):
     """A val-chosen `lesion_offset` is part of the model: the SavedModel applies it, with and
     without flip TTA (averaged over flips like the `Predictor`), as the Keras model does."""

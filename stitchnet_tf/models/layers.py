@@ -80,9 +80,9 @@ class Norm(layers.Layer):
 
     def _group_norm(self, x):
         """Keras' `GroupNormalization.call` on x [B, H, W, C] of static H, W, C: the same
-        arithmetic in the same order (bit-identical: tests/test_model.py), in half its graph
-        ops. Keras builds the group shapes from dynamic shape ops and constants, 40 ops a call;
-        GroupNorm was three quarters of StitchNet's graph and of the time to trace it."""
+        arithmetic in the same order (bit-identical: tests/test_model.py), in 28 graph ops a
+        call against Keras' 40 (it builds the group shapes from dynamic shape ops and
+        constants); GroupNorm was three quarters of StitchNet's traced graph (DESIGN §7.1)."""
         inner = self.inner
         _, h, w, c = x.shape
         grouped = [1, 1, 1, inner.groups, c // inner.groups]
