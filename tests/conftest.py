@@ -82,17 +82,25 @@ TINY_TRAIN = (
 def _once(tmp_path_factory, worker_id: str, name: str, make) -> Path:
     """The folder `make(folder)` writes, made once for all test workers of the session (the
     workers' temporary folders share a parent; a lock lets one make it while the others wait),
-    or once for this process without workers."""
+    or once for this process without workers. If making it fails, the other workers fail with
+    its cause rather than retry into the half-written folder."""
     if worker_id == "master":
         folder = tmp_path_factory.mktemp(name) / name
         make(folder)
         return folder
     root = tmp_path_factory.getbasetemp().parent
-    folder, done = root / name, root / f"{name}.done"
+    folder, done, failed = root / name, root / f"{name}.done", root / f"{name}.failed"
     with open(root / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        if failed.exists():  # not again into the half-written folder: the cause is reported
+            cause = failed.read_text()
+            pytest.fail(f"the shared {name} failed in another worker: {cause}", pytrace=False)
         if not done.exists():
-            make(folder)
+            try:
+                make(folder)
+            except BaseException as error:
+                failed.write_text(f"{type(error).__name__}: {error}".splitlines()[0][:300])
+                raise
             done.touch()
     return folder
 
