@@ -230,16 +230,12 @@ class SliceScorer:
         from stitchnet_tf.options import DECISIONS
 
         rules = list(DECISIONS) if getattr(model, "decision", None) is not None else [None]
-        best, plain = None, {}
-        for rule in rules:
-            by_offset = self.offset_scores(model, LESION_OFFSETS, decision=rule)
-            plain[rule] = by_offset[LESION_OFFSETS.index(0.0)]
-            for offset, scores in zip(LESION_OFFSETS, by_offset, strict=True):
-                value = scores["mean_lesion_dice"]
-                key = (-1.0 if value is None else value, -abs(offset))
-                if best is None or key > best[0]:
-                    best = (key, rule, offset, scores)
-        _, rule, offset, scores = best
+        by_rule = {r: self.offset_scores(model, LESION_OFFSETS, decision=r) for r in rules}
+        plain = {r: by_offset[LESION_OFFSETS.index(0.0)] for r, by_offset in by_rule.items()}
+        rule, offset = best_calibration(
+            {r: [s["mean_lesion_dice"] for s in by_offset] for r, by_offset in by_rule.items()}
+        )
+        scores = by_rule[rule][LESION_OFFSETS.index(offset)]
 
         def plain_value(r: str | None) -> tuple[float, int]:
             value = plain[r]["mean_lesion_dice"]
@@ -259,6 +255,22 @@ class SliceScorer:
         """`Table1.summary()` of `model` on the slices, plus `lesion_dice` (lesion class ->
         per-image mean F1) and `mean_lesion_dice` (their mean; None without lesions)."""
         return summarize(self.table(model, samples=samples, decision=decision, tta=tta))
+
+
+def best_calibration(by_rule: dict[str | None, list[float | None]]) -> tuple[str | None, float]:
+    """`train --decision auto`'s choice: the (decision rule, lesion offset b) with the best
+    score, from rule -> mean lesion Dice at each b of `models.base.LESION_OFFSETS` (None: no
+    lesion scored, ranked lowest); ties go to the smaller |b|, then the earlier rule, then the
+    earlier offset."""
+    from stitchnet_tf.models.base import LESION_OFFSETS
+
+    best = None
+    for rule, values in by_rule.items():
+        for offset, value in zip(LESION_OFFSETS, values, strict=True):
+            key = (-1.0 if value is None else value, -abs(offset))
+            if best is None or key > best[0]:
+                best = (key, rule, offset)
+    return best[1], best[2]
 
 
 def summarize(table: Table1) -> dict:

@@ -291,6 +291,29 @@ def test_offset_scores_match_the_calibrated_model_and_the_choice_is_their_best(t
     assert model.lesion_offset == 0.0
 
 
+def test_best_calibration_ranks_by_score_then_small_offset_then_earlier_rule():
+    from stitchnet_tf.evaluation import best_calibration
+    from stitchnet_tf.models.base import LESION_OFFSETS
+
+    def at(scores: dict[float, float]) -> list[float]:  # offset -> score, the others 0.1
+        return [scores.get(b, 0.1) for b in LESION_OFFSETS]
+
+    assert best_calibration({"prior": at({1.0: 0.5}), "posterior": at({-2.0: 0.6})}) == (
+        "posterior",
+        -2.0,
+    )
+    # equal scores: the smaller |b| wins across rules, then the earlier rule, then the earlier b
+    tie = {"prior": at({1.0: 0.5}), "posterior": at({0.5: 0.5})}
+    assert best_calibration(tie) == ("posterior", 0.5)
+    assert best_calibration({"prior": at({1.0: 0.5}), "posterior": at({1.0: 0.5})}) == (
+        "prior",
+        1.0,
+    )
+    assert best_calibration({None: at({-1.5: 0.5, 1.5: 0.5})}) == (None, -1.5)
+    # a score of None (no lesion scored) ranks below every number
+    assert best_calibration({None: [None] * 4 + [0.0] + [None] * 4}) == (None, 0.0)
+
+
 def test_the_plain_rule_is_the_best_at_no_offset_ties_to_the_earlier(tiny_data, tiny_stitchnet_run):
     """StitchNet: `choose_calibration` scores every decision rule at b = 0 ("plain") and names
     the best as "plain_decision" (what `--decision auto` chose before the offset), ties going to
