@@ -113,6 +113,7 @@ def report(results: Path) -> None:
             "",
             f"Machine: {json.dumps(entry['machine'])}; {entry['date']}",
             "",
+            *([entry["note"], ""] if "note" in entry else []),
             "| run | labelled only | + unlabelled | gain |",
             "|---|---|---|---|",
         ]
@@ -157,18 +158,23 @@ def main(argv: list[str] | None = None) -> int:
 
         spec = DATASETS[args.dataset]
         dataset = discover(args.data / spec["folder"], require_labels=True, **spec["read"])
-        table = json.loads(out.read_text()) if out.is_file() else {}
         key = f"{args.dataset} {args.protocol}"
-        entry = table.setdefault(key, {"runs": {}})
-        entry["machine"] = machine()
-        entry["date"] = datetime.now(UTC).strftime("%Y-%m-%d")
+
+        def read() -> dict:
+            return json.loads(out.read_text()) if out.is_file() else {}
+
         for run in sorted(args.runs.glob("stitchnet-*-f*-s*")):
             match = RUN.fullmatch(run.name)
-            if not match or run.name in entry["runs"] or not (run / "best.keras").is_file():
+            done = read().get(key, {}).get("runs", {})
+            if not match or run.name in done or not (run / "best.keras").is_file():
                 continue
-            fold = int(match["fold"])
-            entry["runs"][run.name] = score_run(run, dataset, fold, args.dataset)
-            print(run.name, summary(entry["runs"][run.name]), flush=True)
+            scores = score_run(run, dataset, int(match["fold"]), args.dataset)
+            print(run.name, summary(scores), flush=True)
+            table = read()  # as written now: another call may have added other runs meanwhile
+            entry = table.setdefault(key, {"runs": {}})
+            entry["runs"][run.name] = scores
+            entry["machine"] = machine()
+            entry["date"] = datetime.now(UTC).strftime("%Y-%m-%d")
             atomic_write_text(out, json.dumps(table, indent=1) + "\n")
     report(args.results)
     return 0
