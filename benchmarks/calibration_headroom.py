@@ -50,19 +50,23 @@ def score_run(run: Path, dataset, fold: int, ds: str) -> dict:
     split = Split.load(fold_file(ds, fold))
     config = json.loads((run / "config.json").read_text())
     model = load_model(run).model
+    scorers = {
+        part: SliceScorer(
+            dataset.subset(getattr(split, part)),
+            config["size"],
+            default_segmenter(),
+            intensity=config.get("intensity", "none"),
+        )
+        for part in ("val", "test")
+    }
     out = {}
     for rule in DECISIONS:
         out[rule] = {
             part: [
                 s["mean_lesion_dice"]
-                for s in SliceScorer(
-                    dataset.subset(getattr(split, part)),
-                    config["size"],
-                    default_segmenter(),
-                    intensity=config.get("intensity", "none"),
-                ).offset_scores(model, LESION_OFFSETS, decision=rule)
+                for s in scorer.offset_scores(model, LESION_OFFSETS, decision=rule)
             ]
-            for part in ("val", "test")
+            for part, scorer in scorers.items()
         }
     return out
 
