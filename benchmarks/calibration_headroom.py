@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from accuracy import DATA, DATASETS, RESULTS, fold_file  # also puts the repository on sys.path
+# accuracy also puts the repository on sys.path
+from accuracy import DATA, DATASETS, RESULTS, fold_file, stats
 
 from stitchnet_tf.models.base import LESION_OFFSETS
 from stitchnet_tf.options import DECISIONS
@@ -90,12 +90,13 @@ def summary(scores: dict) -> dict:
 
 
 def mean_se(values: list[float]) -> str:
-    n = len(values)
-    m = sum(values) / n
-    if n < 2:
-        return f"{m:+.3f} (1 run)"
-    se = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n)
-    return f"{m:+.3f} ({se:.3f}, {n})"
+    """ "+0.012 (0.004, 5)": the mean, its standard error and the number of runs."""
+    s = stats(values)
+    if not s["n"]:
+        raise ValueError("no values to average")
+    if s["n"] < 2:
+        return f"{s['mean']:+.3f} (1 run)"
+    return f"{s['mean']:+.3f} ({s['sem']:.3f}, {s['n']})"
 
 
 def report(results: Path) -> None:
