@@ -37,10 +37,12 @@ tested once; zenodo20 by patient). Contenders, all at 128 px on the same train s
   `unet-cons` (U-Net + weak-to-strong consistency), `stitchnet-image` (StitchNet with the
   informative stitch likelihood: one Beta per class per image, ordered means; labelled only),
   `stitchnet-semi` (the same + unlabelled slices through the stitch likelihood),
-  `stitchnet-semi-cons` (+ consistency). Every run sees 8 labelled slices per step; the semi runs
-  add 8 unlabelled ones (`--unlabelled-per-batch`). `--labelled-patients N` (zenodo20): every
-  slice of N seed-chosen train patients keeps its labels, the other train patients' slices are
-  the unlabelled ones (the derived split is saved beside the runs, `split-f<k>-s<seed>.json`).
+  `stitchnet-semi-in` (the same with the withheld train slices alone as unlabelled slices:
+  from the labelled collection, as zenodo20's are), `stitchnet-semi-cons` (+ consistency).
+  Every run sees 8 labelled slices per step; the semi runs add 8 unlabelled ones
+  (`--unlabelled-per-batch`). `--labelled-patients N` (zenodo20): every slice of N seed-chosen
+  train patients keeps its labels, the other train patients' slices are the unlabelled ones
+  (the derived split is saved beside the runs, `split-f<k>-s<seed>.json`).
 Budgets: `short` (3 x 100 steps of 8, about 10 min a StitchNet run alone on a 2-core CPU)
 compares contenders cheaply; `full` is the cpu preset (12 x 100 steps of 8). The reference
 U-Net gets the same number of steps and batch size.
@@ -64,6 +66,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -78,15 +81,18 @@ RESULTS = ROOT / "benchmarks" / "results"
 #: The informative stitch likelihood (issue 12) and the consistency term of the semi contenders.
 STYLES = {"style_mode": "image", "ordered_styles": True}
 CONSISTENCY = {"consistency_weight": 1.0, "consistency_rampup": 100}
-#: project contender -> (model, model options, trains on unlabelled slices)
+#: project contender -> (model, model options, unlabelled slices it trains on: False none,
+#: "all" the withheld train slices and the dataset's unlabelled folder, "withheld" the withheld
+#: train slices alone, which come from the same collection as the labelled ones)
 PROJECT = {
     "unet": ("unet", {}, False),
     "segnet": ("segnet", {}, False),
     "stitchnet": ("stitchnet", {}, False),
-    "unet-cons": ("unet", CONSISTENCY, True),
+    "unet-cons": ("unet", CONSISTENCY, "all"),
     "stitchnet-image": ("stitchnet", STYLES, False),
-    "stitchnet-semi": ("stitchnet", STYLES, True),
-    "stitchnet-semi-cons": ("stitchnet", STYLES | CONSISTENCY, True),
+    "stitchnet-semi": ("stitchnet", STYLES, "all"),
+    "stitchnet-semi-in": ("stitchnet", STYLES, "withheld"),
+    "stitchnet-semi-cons": ("stitchnet", STYLES | CONSISTENCY, "all"),
 }
 CONTENDERS = ("threshold", "reference", *PROJECT)
 #: The contender each one is paired with in the report's Δ base column: the labelled-only
@@ -95,6 +101,7 @@ PAIRED_BASE = {
     "stitchnet": "unet",
     "unet-cons": "unet",
     "stitchnet-semi": "stitchnet-image",
+    "stitchnet-semi-in": "stitchnet-image",
     "stitchnet-semi-cons": "stitchnet-image",
     "stitchnet-image": "stitchnet",
 }
@@ -130,7 +137,7 @@ def fold_file(dataset: str, fold: int) -> Path:
 def protocol(args) -> str:
     """The folder name of a set of comparable runs: the budget, `+foldlung` when each fold has
     its own lung model, `+std` with intensity standardisation, `+nN` / `+pN` with N labelled
-    slices / patients, `+ema` with an EMA of the weights."""
+    slices / patients, `+ema` with an EMA of the weights, `+uK` with K unlabelled slices."""
     name = args.budget
     if args.lung_models is not None:
         name += "+foldlung"
@@ -142,6 +149,8 @@ def protocol(args) -> str:
         name += f"+p{args.labelled_patients}"
     if args.ema is not None:
         name += "+ema"
+    if getattr(args, "unlabelled_slices", None) is not None:
+        name += f"+u{args.unlabelled_slices}"
     return name
 
 
@@ -185,27 +194,24 @@ def scores(table, classes) -> dict:
     return out
 
 
-def train_project_model(
-    args, contender: str, fold: int, seed: int, labelled: Path, size: int, withheld
-):
-    """Train StitchNet / U-Net / SegNet on the fold (resumable); returns (model, info).
+def run_config(args, contender: str, fold: int, seed: int, labelled: Path, size: int, withheld):
+    """The `TrainConfig` of one project-model run: which slices it learns from and how.
     `withheld`: the fold's split with the run's labels withheld (`withheld_split`)."""
-    from stitchnet_tf.inference import load_model
-    from stitchnet_tf.training import TrainConfig, preset_options, train
+    from stitchnet_tf.training import TrainConfig, preset_options
 
     epochs, steps = BUDGETS[args.budget]
     model, extra, semi = PROJECT[contender]
     budget, options = preset_options("cpu", model)
-    unlabelled = DATASETS[args.dataset].get("unlabelled")
+    unlabelled = DATASETS[args.dataset].get("unlabelled") if semi == "all" else None
     split = fold_file(args.dataset, fold)
     if args.labelled_patients is not None:  # train reads the withheld slices from the split
         split = args.runs / args.dataset / protocol(args) / f"split-f{fold}-s{seed}.json"
         split.parent.mkdir(parents=True, exist_ok=True)
         withheld.save(split)
-    config = TrainConfig(
+    return TrainConfig(
         labelled=str(labelled),
-        unlabelled=str(args.data / unlabelled[0]) if semi and unlabelled else None,
-        unlabelled_patient_pattern=unlabelled[1] if semi and unlabelled else None,
+        unlabelled=str(args.data / unlabelled[0]) if unlabelled else None,
+        unlabelled_patient_pattern=unlabelled[1] if unlabelled else None,
         unlabelled_per_batch=None if semi else 0,
         max_labelled=args.labelled,
         output=str(args.runs / args.dataset / protocol(args) / f"{contender}-f{fold}-s{seed}"),
@@ -223,6 +229,17 @@ def train_project_model(
         ema=args.ema,
         **DATASETS[args.dataset]["read"],
     )
+
+
+def train_project_model(
+    args, contender: str, fold: int, seed: int, labelled: Path, size: int, withheld
+):
+    """Train StitchNet / U-Net / SegNet on the fold (resumable); returns (model, info)."""
+    from stitchnet_tf.inference import load_model
+    from stitchnet_tf.training import train
+
+    config = run_config(args, contender, fold, seed, labelled, size, withheld)
+    epochs = config.epochs
     run = Path(config.output)
     state = run / "state.json"
     done = json.loads(state.read_text())["epochs_done"] if state.is_file() else 0
@@ -245,10 +262,27 @@ def withheld_split(args, split, dataset, seed: int):
     from stitchnet_tf.data.splits import withhold_labels, withhold_patients
 
     if args.labelled_patients is not None:
-        return withhold_patients(split, dataset, args.labelled_patients, seed=seed)
+        withheld = withhold_patients(split, dataset, args.labelled_patients, seed=seed)
+        if args.unlabelled_slices is not None:
+            withheld = keep_unlabelled(withheld, args.unlabelled_slices, seed)
+        return withheld
     if args.labelled is not None:
         return withhold_labels(split, dataset, args.labelled, seed=seed)
     return split
+
+
+def keep_unlabelled(split, k: int, seed: int):
+    """`split` with `k` seed-chosen slices of its `unlabelled` list kept; the other withheld
+    slices leave the train part (neither labelled nor unlabelled): how much the unlabelled
+    gain depends on the number of unlabelled slices, all else equal."""
+    import numpy as np
+
+    if not 1 <= k <= len(split.unlabelled):
+        raise ValueError(f"unlabelled slices must be 1 to {len(split.unlabelled)}, got {k}")
+    order = np.random.default_rng(seed).permutation(len(split.unlabelled))
+    kept = sorted(split.unlabelled[i] for i in order[:k])
+    dropped = set(split.unlabelled) - set(kept)
+    return replace(split, train=[i for i in split.train if i not in dropped], unlabelled=kept)
 
 
 def run_one(args, contender: str, fold: int, seed: int) -> dict:
@@ -265,7 +299,7 @@ def run_one(args, contender: str, fold: int, seed: int) -> dict:
     split.check(dataset)
     withheld = withheld_split(args, split, dataset, seed)
     unlabelled = set(withheld.unlabelled)
-    fit_ids = [i for i in split.train if i not in unlabelled]
+    fit_ids = [i for i in withheld.train if i not in unlabelled]
     lung_model = use_lung_model(args, fold)
     segmenter = default_segmenter()
     test = SliceScorer(dataset.subset(split.test), args.size, segmenter, intensity=args.intensity)
@@ -681,6 +715,13 @@ def main(argv: list[str] | None = None) -> int:
         help="train with an EMA of the weights of this momentum, used for validation, the "
         "chosen checkpoint and scoring (`train --ema`; protocol suffix +ema)",
     )
+    parser.add_argument(
+        "--unlabelled-slices",
+        type=int,
+        default=None,
+        help="with --labelled-patients: keep this many seed-chosen unlabelled slices, drop the "
+        "rest from training (protocol suffix +uK)",
+    )
     parser.add_argument("--report", action="store_true", help="only rebuild the report")
     parser.add_argument(
         "--add-tta", action="store_true", help="score finished runs with flip TTA, then report"
@@ -694,6 +735,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.labelled is not None and args.labelled_patients is not None:
         parser.error("give --labelled or --labelled-patients, not both")
+    if args.unlabelled_slices is not None and args.labelled_patients is None:
+        parser.error("--unlabelled-slices needs --labelled-patients")
     if args.add_tta or args.add_decision:
         add_variants(args, args.add_tta, args.add_decision)
     if args.report or args.add_tta or args.add_decision:

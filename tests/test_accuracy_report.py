@@ -184,6 +184,9 @@ def test_protocol_names_the_labelled_patients_and_refuses_both_counts():
         ema=None,
     )
     assert accuracy.protocol(args) == "short+std+p3"
+    args.unlabelled_slices = 20
+    assert accuracy.protocol(args) == "short+std+p3+u20"
+    args.unlabelled_slices = None
     args.labelled, args.labelled_patients, args.ema = 10, None, 0.99
     assert accuracy.protocol(args) == "short+std+n10+ema"
     # an EMA protocol is a table of its own, not a point on the label-efficiency curves
@@ -191,6 +194,67 @@ def test_protocol_names_the_labelled_patients_and_refuses_both_counts():
     assert accuracy.label_efficiency({"medseg": {"short+std+n10+ema": {"unet": entry}}}) == {}
     with pytest.raises(SystemExit):
         accuracy.main(["--labelled", "10", "--labelled-patients", "1", "--report"])
+    with pytest.raises(SystemExit):  # a cap on unlabelled slices is for --labelled-patients
+        accuracy.main(["--labelled", "10", "--unlabelled-slices", "20", "--report"])
+
+
+def test_semi_in_learns_from_the_withheld_slices_alone(tmp_path):
+    """`stitchnet-semi-in` adds unlabelled slices from the labelled collection only (the
+    withheld train slices, as zenodo20's semi runs); `stitchnet-semi` adds MedSeg's unlabelled
+    folder too; `stitchnet-image` trains on the labelled slices alone."""
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(
+        budget="short",
+        dataset="medseg",
+        data=tmp_path,
+        runs=tmp_path / "runs",
+        lung_models=None,
+        intensity="standardise",
+        labelled=10,
+        labelled_patients=None,
+        ema=None,
+    )
+
+    def config(contender):
+        return accuracy.run_config(args, contender, 0, 1, tmp_path / "lab", 64, None)
+
+    semi_in, semi, image = (
+        config(c) for c in ("stitchnet-semi-in", "stitchnet-semi", "stitchnet-image")
+    )
+    assert semi_in.unlabelled is None and semi_in.unlabelled_per_batch is None
+    assert semi.unlabelled == str(tmp_path / "medseg-covid" / "unlabelled")
+    assert semi.unlabelled_per_batch is None
+    assert image.unlabelled is None and image.unlabelled_per_batch == 0
+    # the same labelled slices, model and budget: only the unlabelled stream differs
+    for c in (semi, image):
+        assert (c.max_labelled, c.seed, c.split, c.model_options, c.steps_per_epoch) == (
+            semi_in.max_labelled,
+            semi_in.seed,
+            semi_in.split,
+            semi_in.model_options,
+            semi_in.steps_per_epoch,
+        )
+    assert accuracy.PAIRED_BASE["stitchnet-semi-in"] == "stitchnet-image"
+
+
+def test_keep_unlabelled_drops_the_other_withheld_slices_from_training():
+    from stitchnet_tf.data.splits import Split
+
+    lab = ["a0", "a1"]
+    withheld = [f"u{i}" for i in range(10)]
+    split = Split(train=lab + withheld, val=["v"], test=["t"], unlabelled=withheld)
+    kept = accuracy.keep_unlabelled(split, 3, seed=1)
+    assert len(kept.unlabelled) == 3 and set(kept.unlabelled) <= set(withheld)
+    # the labelled slices stay; the 7 other withheld slices are neither labelled nor unlabelled
+    assert sorted(kept.train) == sorted(lab + kept.unlabelled)
+    assert (kept.val, kept.test) == (split.val, split.test)
+    assert accuracy.keep_unlabelled(split, 3, seed=1) == kept  # the seed fixes the choice
+    assert {tuple(accuracy.keep_unlabelled(split, 3, seed=s).unlabelled) for s in range(5)} != {
+        tuple(kept.unlabelled)
+    }
+    with pytest.raises(ValueError, match="1 to 10"):
+        accuracy.keep_unlabelled(split, 11, seed=0)
 
 
 # ---------------------------------------------------------------- error analysis
