@@ -149,7 +149,7 @@ def protocol(args) -> str:
         name += f"+p{args.labelled_patients}"
     if args.ema is not None:
         name += "+ema"
-    if getattr(args, "unlabelled_slices", None) is not None:
+    if args.unlabelled_slices is not None:
         name += f"+u{args.unlabelled_slices}"
     return name
 
@@ -196,7 +196,8 @@ def scores(table, classes) -> dict:
 
 def run_config(args, contender: str, fold: int, seed: int, labelled: Path, size: int, withheld):
     """The `TrainConfig` of one project-model run: which slices it learns from and how.
-    `withheld`: the fold's split with the run's labels withheld (`withheld_split`)."""
+    `withheld`: the fold's split with the run's labels withheld (`withheld_split`); with
+    `--labelled-patients` it is written beside the runs, where `train` reads it."""
     from stitchnet_tf.training import TrainConfig, preset_options
 
     epochs, steps = BUDGETS[args.budget]

@@ -182,6 +182,7 @@ def test_protocol_names_the_labelled_patients_and_refuses_both_counts():
         labelled=None,
         labelled_patients=3,
         ema=None,
+        unlabelled_slices=None,
     )
     assert accuracy.protocol(args) == "short+std+p3"
     args.unlabelled_slices = 20
@@ -214,6 +215,7 @@ def test_semi_in_learns_from_the_withheld_slices_alone(tmp_path):
         labelled=10,
         labelled_patients=None,
         ema=None,
+        unlabelled_slices=None,
     )
 
     def config(contender):
