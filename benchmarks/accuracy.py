@@ -10,6 +10,8 @@ Usage (from the repository root):
                                                           # rule (StitchNet) and with the rule and
                                                           # lesion offset chosen on val (as
                                                           # `train --decision auto` does)
+    python benchmarks/accuracy.py --add-lesion            # older MedSeg runs also scored by
+                                                          # binary lesion Dice (lesion vs none)
     python benchmarks/accuracy.py --lung-models DIR       # each fold scored with its own lung
                                                           # model (DIR/medseg_cv5_fold<k>.keras)
     python benchmarks/accuracy.py --intensity standardise # models and rule on standardised x
@@ -51,7 +53,8 @@ Scoring: `evaluation.SliceScorer` (what `stitchnet-tf evaluate` reports): the lu
 the image alone (with `--lung-models DIR`, by the fold's own lung model, trained without the
 fold's test slices: the shipped lung model has seen every MedSeg lesion), probabilities mapped
 back to the slice before the argmax, per-image Table-1 Dice (F1) and the pooled Dice over the
-fold's test slices. Each run writes
+fold's test slices; on MedSeg also the binary lesion Dice (GGO and CON merged, lesion vs no
+lesion: what the models find without the GGO/CON split). Each run writes
 `<results>/cv/<dataset>/<protocol>/<contender>-f<k>-s<seed>.json`; finished runs are skipped, so
 the benchmark resumes where it was cut off. `<results>/accuracy_cv.md` / `.json` are rebuilt
 after every run: mean ± std over folds x seeds, the standard error of the mean, and the mean
@@ -194,6 +197,21 @@ def scores(table, classes) -> dict:
     return out
 
 
+def scored(scorer, model, classes, **table_options) -> dict:
+    """`scores` of `model` on `scorer`'s slices (`SliceScorer.table` options: `decision`,
+    `tta`); where the classes are GGO and CON, also the binary lesion Dice (`dice_lesion`,
+    `pooled_lesion`: lesion vs no lesion, the two merged, as zenodo20 is scored) from the same
+    predictions."""
+    from stitchnet_tf.metrics import Table1
+
+    if classes == ("lesion",):
+        return scores(scorer.table(model, **table_options), classes)
+    binary = Table1("lesion", scorer.absent)
+    out = scores(scorer.table(model, on_slice=binary.add, **table_options), classes)
+    merged = scores(binary, ("lesion",))
+    return out | {k: merged[k] for k in ("dice_lesion", "pooled_lesion")}
+
+
 def run_config(args, contender: str, fold: int, seed: int, labelled: Path, size: int, withheld):
     """The `TrainConfig` of one project-model run: which slices it learns from and how.
     `withheld`: the fold's split with the run's labels withheld (`withheld_split`); with
@@ -330,11 +348,11 @@ def run_one(args, contender: str, fold: int, seed: int) -> dict:
         # background outside the same label-free lung field
         tests = {i: read_sample(by_id[i], dataset.mask_map) for i in split.test}
         lungs = {i: segmenter(r.image).astype(bool) for i, r in tests.items()}
-        scored = ref.evaluate(net, tests, lungs, args.size)["lung_field"]
+        evaluated = ref.evaluate(net, tests, lungs, args.size)["lung_field"]
         measured = {}
         for c in spec["classes"]:
-            measured[f"dice_{c}"] = scored[c]["dice_mean"]
-            measured[f"pooled_{c}"] = scored[c]["dice_pooled"]
+            measured[f"dice_{c}"] = evaluated[c]["dice_mean"]
+            measured[f"pooled_{c}"] = evaluated[c]["dice_pooled"]
         values = [measured[f"dice_{c}"] for c in spec["classes"]]
         measured["mean_lesion_dice"] = sum(values) / len(values)
         info |= {"train_seconds": seconds, "steps": epochs * steps, "final_loss": loss}
@@ -344,9 +362,9 @@ def run_one(args, contender: str, fold: int, seed: int) -> dict:
         )
         info |= trained
     if contender != "reference":
-        measured = scores(test.table(model), spec["classes"])
+        measured = scored(test, model, spec["classes"])
     if contender in PROJECT_MODELS:  # and with flip test-time augmentation (`--tta`)
-        info["tta"] = scores(test.table(model, tta=True), spec["classes"])
+        info["tta"] = scored(test, model, spec["classes"], tta=True)
     return {
         **run_identity(args, contender, fold, seed),
         "split": os.path.relpath(fold_file(args.dataset, fold), ROOT),
@@ -358,12 +376,16 @@ def run_one(args, contender: str, fold: int, seed: int) -> dict:
     }
 
 
-def add_variants(args, tta: bool, decision: bool) -> None:
+def add_variants(args, tta: bool, decision: bool, lesion: bool = False) -> None:
     """Score variants of finished project-model runs that lack them, from their run folders'
     best.keras: `tta` (flip test-time augmentation); for StitchNet `auto` (the decision rule
     that scores best on the fold's val slices); for every model `calibrated` (the rule and
     lesion offset chosen together on val, `SliceScorer.choose_calibration`: what `train
-    --decision auto` ships). Both are chosen here for the epoch that `prior` chose."""
+    --decision auto` ships). Both are chosen here for the epoch that `prior` chose. `lesion`
+    (GGO/CON datasets): the binary lesion Dice of runs made before it was recorded, for the
+    run and every variant it has, with the variant's recorded rule and offset; the threshold
+    rule is fitted again. A run folder whose model no longer gives the recorded class Dice is
+    skipped, so the binary score always belongs to the recorded run."""
     from stitchnet_tf.data.datasets import discover
     from stitchnet_tf.data.lung_unet import default_segmenter
     from stitchnet_tf.data.splits import Split
@@ -372,16 +394,29 @@ def add_variants(args, tta: bool, decision: bool) -> None:
     from stitchnet_tf.inference import load_model
 
     spec = DATASETS[args.dataset]
+    lesion = lesion and spec["classes"] != ("lesion",)
     dataset = discover(args.data / spec["folder"], require_labels=True, **spec["read"])
     for path in sorted((args.results / "cv" / args.dataset / protocol(args)).glob("*.json")):
         result = json.loads(path.read_text())
-        if result["contender"] not in PROJECT_MODELS or "failed" in result:
+        if "failed" in result:
+            continue
+        want_lesion = lesion and "dice_lesion" not in result
+        if result["contender"] == "threshold" and want_lesion:
+            again = run_one(args, "threshold", result["fold"], result["seed"])
+            if not same_scores(result, again, spec["classes"]):
+                print(f"{path.name}: the rule fitted again scores differently; skipped")
+                continue
+            result |= {k: again[k] for k in ("dice_lesion", "pooled_lesion")}
+            atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+            print(f"{path.name}: binary lesion Dice {result['dice_lesion']:.4f}", flush=True)
+            continue
+        if result["contender"] not in PROJECT_MODELS:
             continue
         stitchnet = PROJECT[result["contender"]][0] == "stitchnet"
         want_tta = tta and "tta" not in result
         want_auto = decision and stitchnet and "auto" not in result
         want_calibrated = decision and "calibrated" not in result
-        if not (want_tta or want_auto or want_calibrated):
+        if not (want_tta or want_auto or want_calibrated or want_lesion):
             continue
         run = args.runs / args.dataset / protocol(args) / path.stem
         if not (run / "best.keras").is_file():
@@ -400,8 +435,32 @@ def add_variants(args, tta: bool, decision: bool) -> None:
             )
 
         test = scorer(split.test)
+        if want_lesion:  # before the new variants, which record it themselves
+            own_offset = model.lesion_offset
+            again = scored(test, model, spec["classes"])
+            if not same_scores(result, again, spec["classes"]):
+                print(f"{path.name}: {run} does not give the recorded scores; skipped")
+                continue
+            result |= {k: again[k] for k in ("dice_lesion", "pooled_lesion")}
+            for key in ("tta", "auto", "calibrated"):
+                if key in result:
+                    variant = result[key]
+                    model.lesion_offset = variant.get("lesion_offset", 0.0)
+                    again = scored(
+                        test,
+                        model,
+                        spec["classes"],
+                        tta=key == "tta",
+                        decision=variant.get("decision"),
+                    )
+                    if not same_scores(variant, again, spec["classes"]):
+                        print(f"{path.name}: {key} not reproduced; its binary Dice left out")
+                        continue
+                    variant |= {k: again[k] for k in ("dice_lesion", "pooled_lesion")}
+            model.lesion_offset = own_offset
+            print(f"{path.name}: binary lesion Dice {result['dice_lesion']:.4f}", flush=True)
         if want_tta:
-            result["tta"] = scores(test.table(model, tta=True), spec["classes"])
+            result["tta"] = scored(test, model, spec["classes"], tta=True)
             print(f"{path.name}: with TTA {result['tta']['mean_lesion_dice']:.4f}", flush=True)
         chosen = (
             scorer(split.val).choose_calibration(model) if want_auto or want_calibrated else None
@@ -409,7 +468,7 @@ def add_variants(args, tta: bool, decision: bool) -> None:
         if want_auto:
             rule = chosen["plain_decision"]
             on_val = {r: s["mean_lesion_dice"] for r, s in chosen["plain"].items()}
-            result["auto"] = scores(test.table(model, decision=rule), spec["classes"]) | {
+            result["auto"] = scored(test, model, spec["classes"], decision=rule) | {
                 "decision": rule,
                 "val_mean_lesion_dice": on_val,
             }
@@ -420,7 +479,7 @@ def add_variants(args, tta: bool, decision: bool) -> None:
         if want_calibrated:
             rule, b = chosen["decision"], chosen["lesion_offset"]
             model.lesion_offset = b  # applied by `segment`, as in the shipped model
-            result["calibrated"] = scores(test.table(model, decision=rule), spec["classes"]) | {
+            result["calibrated"] = scored(test, model, spec["classes"], decision=rule) | {
                 "decision": rule,
                 "lesion_offset": b,
                 "val_mean_lesion_dice": chosen["scores"]["mean_lesion_dice"],
@@ -431,6 +490,15 @@ def add_variants(args, tta: bool, decision: bool) -> None:
                 flush=True,
             )
         atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+
+
+def same_scores(recorded: dict, again: dict, classes, tol: float = 1e-6) -> bool:
+    """Whether a run scored again gives its recorded per-class Dice (within `tol`)."""
+    for c in classes:
+        a, b = recorded.get(f"dice_{c}"), again.get(f"dice_{c}")
+        if (a is None) != (b is None) or (a is not None and abs(a - b) > tol):
+            return False
+    return True
 
 
 def result_path(args, contender: str, fold: int, seed: int) -> Path:
@@ -458,6 +526,90 @@ def distinct(runs: list[dict]) -> list[dict]:
             seen.add(key)
             out.append(r)
     return out
+
+
+def paired_base(
+    contender: str, runs: list[dict], by_run: dict, metric: str
+) -> tuple[dict, str | None]:
+    """`stats` of the paired difference in `metric` between a report row's runs and the same
+    folds and seeds of its base (`PAIRED_BASE`; a variant row is paired with the base's same
+    variant, a `calibrated` row falls back to its own `auto`, then plain, runs), and the name
+    of the row it was paired with."""
+    key, own = next(
+        ((k, contender.removesuffix(x)) for k, x in VARIANTS.items() if contender.endswith(x)),
+        (None, contender),
+    )
+    if key == "auto":  # paired with the same runs, plain
+        candidates = [(own, None)]
+    elif key == "calibrated":  # the unlabelled gain as shipped, else the same runs
+        candidates = [(PAIRED_BASE.get(own), key), (own, "auto"), (own, None)]
+    else:  # TTA with TTA
+        candidates = [(PAIRED_BASE.get(own), key)]
+    pairs: list[float] = []
+    for base, key in candidates:
+        pairs = [
+            r[metric] - got
+            for r in runs
+            if r.get(metric) is not None
+            and (b := by_run.get((base, r["fold"], r["seed"])))
+            and (not key or key in b)
+            and (got := (b | b[key] if key else b).get(metric)) is not None
+        ]
+        if pairs:
+            break
+    return stats(pairs), (base + VARIANTS[key] if key and base else base)
+
+
+def binary_table(variants: list[tuple[str, list[dict]]], by_run: dict, entries: dict) -> list:
+    """Report lines for the binary lesion Dice (lesion vs no lesion) of the rows whose runs
+    all record it (MedSeg runs since it was added, or given it by `--add-lesion`); fills each
+    row's `entries[row]["lesion_binary"]`. No lines when no row has it."""
+    lines = []
+    rule = {
+        (r["fold"], r["seed"]): r["dice_lesion"]
+        for contender, runs in variants
+        if contender == "threshold"
+        for r in runs
+        if r.get("dice_lesion") is not None
+    }
+    for contender, runs in variants:
+        if not runs or any("dice_lesion" not in r for r in runs):
+            continue
+        m = stats([r["dice_lesion"] for r in runs if r["dice_lesion"] is not None])
+        p = stats([r["pooled_lesion"] for r in runs if r["pooled_lesion"] is not None])
+        # the rule does not depend on the seed without --labelled: any seed of the fold
+        by_fold = {f: v for (f, _), v in rule.items()}
+        d = stats(
+            [
+                r["dice_lesion"] - rule.get((r["fold"], r["seed"]), by_fold[r["fold"]])
+                for r in runs
+                if r["dice_lesion"] is not None and r["fold"] in by_fold
+            ]
+        )
+        b, against = paired_base(contender, runs, by_run, "dice_lesion")
+        entries[contender]["lesion_binary"] = {
+            "dice": m,
+            "pooled": p,
+            "delta_rule": d,
+            "delta_base": b | {"base": against},
+        }
+        delta = f"{d['mean']:+.3f} ({d['sem']:.3f})" if d["n"] else "n/a"
+        delta_base = f"{b['mean']:+.3f} ({b['sem']:.3f}) vs {against}" if b["n"] else "-"
+        lines.append(
+            f"| {contender} | {m['n']} | {m['mean']:.3f} ± {m['std']:.3f} ({m['sem']:.3f}) | "
+            f"{p['mean']:.3f} | {delta} | {delta_base} |"
+        )
+    if not lines:
+        return []
+    return [
+        "Binary lesion Dice (GGO and CON merged: lesion vs no lesion), the rows whose runs "
+        "record it:",
+        "",
+        "| contender | runs | lesion Dice | pooled | Δ rule (paired) | Δ base (paired) |",
+        "|---|---|---|---|---|---|",
+        *lines,
+        "",
+    ]
 
 
 def report(results: Path) -> None:
@@ -547,30 +699,7 @@ def report(results: Path) -> None:
                 d = stats(paired)
                 entry["delta_rule"] = d
                 delta = f"{d['mean']:+.3f} ({d['sem']:.3f})" if d["n"] else "n/a"
-                key, own = next(
-                    (
-                        (k, contender.removesuffix(x))
-                        for k, x in VARIANTS.items()
-                        if contender.endswith(x)
-                    ),
-                    (None, contender),
-                )
-                if key == "auto":  # paired with the same runs, plain
-                    candidates = [(own, None)]
-                elif key == "calibrated":  # the unlabelled gain as shipped, else the same runs
-                    candidates = [(PAIRED_BASE.get(own), key), (own, "auto"), (own, None)]
-                else:  # TTA with TTA
-                    candidates = [(PAIRED_BASE.get(own), key)]
-                for base, key in candidates:
-                    pairs = [
-                        r["mean_lesion_dice"] - (b | b[key] if key else b)["mean_lesion_dice"]
-                        for r in runs
-                        if (b := by_run.get((base, r["fold"], r["seed"]))) and (not key or key in b)
-                    ]
-                    if pairs:
-                        break
-                b = stats(pairs)
-                against = base + VARIANTS[key] if key and base else base
+                b, against = paired_base(contender, runs, by_run, "mean_lesion_dice")
                 entry["delta_base"] = b | {"base": against}
                 delta_base = f"{b['mean']:+.3f} ({b['sem']:.3f}) vs {against}" if b["n"] else "-"
                 minutes = [r["train_seconds"] / 60 for r in runs if r.get("train_seconds")]
@@ -583,6 +712,8 @@ def report(results: Path) -> None:
                 )
                 table.setdefault(dataset, {}).setdefault(name, {})[contender] = entry
             lines.append("")
+            if classes != ("lesion",):  # else the table above is the binary one
+                lines += binary_table(variants, by_run, table[dataset][name])
     for r in failures:
         lines.append(
             f"- **failed run**: {r['dataset']} {r.get('protocol', r['budget'])} {r['contender']} "
@@ -733,14 +864,20 @@ def main(argv: list[str] | None = None) -> int:
         help="score finished runs with the decision rule (StitchNet) and with the rule and "
         "lesion offset chosen on val (what `train --decision auto` does), then report",
     )
+    parser.add_argument(
+        "--add-lesion",
+        action="store_true",
+        help="score finished GGO/CON runs (and their variants) by binary lesion Dice, lesion "
+        "vs no lesion, where they lack it, then report",
+    )
     args = parser.parse_args(argv)
     if args.labelled is not None and args.labelled_patients is not None:
         parser.error("give --labelled or --labelled-patients, not both")
     if args.unlabelled_slices is not None and args.labelled_patients is None:
         parser.error("--unlabelled-slices needs --labelled-patients")
-    if args.add_tta or args.add_decision:
-        add_variants(args, args.add_tta, args.add_decision)
-    if args.report or args.add_tta or args.add_decision:
+    if args.add_tta or args.add_decision or args.add_lesion:
+        add_variants(args, args.add_tta, args.add_decision, args.add_lesion)
+    if args.report or args.add_tta or args.add_decision or args.add_lesion:
         report(args.results)
         return 0
     if not (args.data / DATASETS[args.dataset]["folder"]).is_dir():

@@ -266,6 +266,85 @@ error_analysis = importlib.util.module_from_spec(spec_e)
 spec_e.loader.exec_module(error_analysis)
 
 
+def test_medseg_runs_are_also_scored_lesion_vs_no_lesion():
+    """`scored` adds the binary lesion Dice from the same predictions: GGO and CON swapped
+    score 0 per class and 1 merged."""
+    from stitchnet_tf.data.classes import BACKGROUND, CON, GGO, HEALTHY, bits
+    from stitchnet_tf.metrics import Table1
+
+    truth = np.full((2, 4), bits(BACKGROUND, HEALTHY), np.uint8)
+    truth[0, :2], truth[1, :2] = bits(GGO), bits(CON)
+    swapped = np.full((2, 4), HEALTHY)
+    swapped[0, :2], swapped[1, :2] = CON, GGO
+
+    class Scorer:  # `SliceScorer.table`'s contract on one slice
+        absent, scheme = "exclude", "multiclass"
+
+        def table(self, model, on_slice=None, **options):
+            self.options = options
+            table = Table1(self.scheme, self.absent)
+            table.add("a", swapped, truth)
+            if on_slice:
+                on_slice("a", swapped, truth)
+            return table
+
+    scorer = Scorer()
+    got = accuracy.scored(scorer, None, ("ggo", "con"), decision="posterior")
+    assert got["dice_ggo"] == got["dice_con"] == got["mean_lesion_dice"] == 0.0
+    assert got["dice_lesion"] == got["pooled_lesion"] == 1.0
+    assert scorer.options == {"decision": "posterior"}
+    # zenodo20's class is the lesion already: scored once, as it is
+    scorer.scheme = "lesion"
+    got = accuracy.scored(scorer, None, ("lesion",))
+    assert set(got) == {"dice_lesion", "pooled_lesion", "mean_lesion_dice"}
+    assert got["mean_lesion_dice"] == 1.0
+
+
+def test_same_scores_checks_every_class():
+    recorded = {"dice_ggo": 0.5, "dice_con": None}
+    assert accuracy.same_scores(
+        recorded, {"dice_ggo": 0.5 + 1e-9, "dice_con": None}, ("ggo", "con")
+    )
+    assert not accuracy.same_scores(recorded, {"dice_ggo": 0.51, "dice_con": None}, ("ggo", "con"))
+    assert not accuracy.same_scores(recorded, {"dice_ggo": 0.5, "dice_con": 0.1}, ("ggo", "con"))
+
+
+def test_the_binary_lesion_table_pairs_like_the_class_table(tmp_path):
+    """Rows whose runs all record the binary lesion Dice get it, paired with the rule and the
+    base by fold and seed (calibrated with calibrated); a row lacking it is left out."""
+
+    def lesion(d):
+        return {"dice_lesion": d, "pooled_lesion": d}
+
+    runs = [
+        _run("threshold", 0, 0, 0.3, 0.3, low=0.2, high=0.5, **lesion(0.5)),
+        _run("threshold", 1, 0, 0.3, 0.3, low=0.2, high=0.4, **lesion(0.6)),
+        _run("stitchnet-image", 0, 0, 0.4, 0.4, calibrated=lesion(0.6) | _cal(), **lesion(0.6)),
+        _run("stitchnet-image", 1, 0, 0.4, 0.4, calibrated=lesion(0.6) | _cal(), **lesion(0.7)),
+        _run("stitchnet-semi", 0, 0, 0.4, 0.4, calibrated=lesion(0.7) | _cal(), **lesion(0.7)),
+        _run("stitchnet-semi", 1, 0, 0.4, 0.4, calibrated=lesion(0.6) | _cal(), **lesion(0.7)),
+        _run("unet", 0, 0, 0.4, 0.4),  # scored before the binary Dice was recorded
+    ]
+    table = _report(tmp_path, runs)
+    semi = table["stitchnet-semi"]["lesion_binary"]
+    assert semi["dice"]["mean"] == pytest.approx(0.7)
+    assert semi["delta_rule"]["mean"] == pytest.approx(0.15)  # 0.2, 0.1
+    assert semi["delta_base"]["base"] == "stitchnet-image"
+    assert semi["delta_base"]["mean"] == pytest.approx(0.05)  # 0.1, 0.0
+    shipped = table["stitchnet-semi (val-chosen rule + offset)"]["lesion_binary"]["delta_base"]
+    assert shipped["base"] == "stitchnet-image (val-chosen rule + offset)"
+    assert shipped["mean"] == pytest.approx(0.05)  # 0.1, 0.0
+    assert "lesion_binary" not in table["unet"]
+    assert "Binary lesion Dice" in (tmp_path / "accuracy_cv.md").read_text()
+
+
+def _cal() -> dict:
+    return {"dice_ggo": 0.4, "pooled_ggo": 0.4, "dice_con": 0.4, "pooled_con": 0.4} | {
+        "mean_lesion_dice": 0.4,
+        "lesion_offset": 0.0,
+    }
+
+
 def test_error_analysis_scores_lesions_merged_and_split():
     from stitchnet_tf.data.classes import BACKGROUND, CON, GGO, HEALTHY, bits
 
