@@ -445,7 +445,7 @@ def add_variants(args, tta: bool, decision: bool, lesion: bool = False) -> None:
             for key in ("tta", "auto", "calibrated"):
                 if key in result:
                     variant = result[key]
-                    model.lesion_offset = variant.get("lesion_offset", 0.0)
+                    model.lesion_offset = variant.get("lesion_offset", own_offset)
                     again = scored(
                         test,
                         model,
