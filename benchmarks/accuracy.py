@@ -572,13 +572,13 @@ def binary_table(variants: list[tuple[str, list[dict]]], by_run: dict, entries: 
         for r in runs
         if r.get("dice_lesion") is not None
     }
+    # without --labelled the rule does not depend on the seed: any seed of the fold
+    by_fold = {f: v for (f, _), v in rule.items()}
     for contender, runs in variants:
         if not runs or any("dice_lesion" not in r for r in runs):
             continue
         m = stats([r["dice_lesion"] for r in runs if r["dice_lesion"] is not None])
         p = stats([r["pooled_lesion"] for r in runs if r["pooled_lesion"] is not None])
-        # the rule does not depend on the seed without --labelled: any seed of the fold
-        by_fold = {f: v for (f, _), v in rule.items()}
         d = stats(
             [
                 r["dice_lesion"] - rule.get((r["fold"], r["seed"]), by_fold[r["fold"]])
