@@ -197,6 +197,10 @@ def scores(table, classes) -> dict:
     return out
 
 
+#: what `scored` adds to a GGO/CON run: the binary lesion Dice, per image and pooled
+BINARY = ("dice_lesion", "pooled_lesion")
+
+
 def scored(scorer, model, classes, **table_options) -> dict:
     """`scores` of `model` on `scorer`'s slices (`SliceScorer.table` options: `decision`,
     `tta`); where the classes are GGO and CON, also the binary lesion Dice (`dice_lesion`,
@@ -209,7 +213,7 @@ def scored(scorer, model, classes, **table_options) -> dict:
     binary = Table1("lesion", scorer.absent)
     out = scores(scorer.table(model, on_slice=binary.add, **table_options), classes)
     merged = scores(binary, ("lesion",))
-    return out | {k: merged[k] for k in ("dice_lesion", "pooled_lesion")}
+    return out | {k: merged[k] for k in BINARY}
 
 
 def run_config(args, contender: str, fold: int, seed: int, labelled: Path, size: int, withheld):
@@ -406,7 +410,7 @@ def add_variants(args, tta: bool, decision: bool, lesion: bool = False) -> None:
             if not same_scores(result, again, spec["classes"]):
                 print(f"{path.name}: the rule fitted again scores differently; skipped")
                 continue
-            result |= {k: again[k] for k in ("dice_lesion", "pooled_lesion")}
+            result |= {k: again[k] for k in BINARY}
             atomic_write_text(path, json.dumps(result, indent=1) + "\n")
             print(f"{path.name}: binary lesion Dice {result['dice_lesion']:.4f}", flush=True)
             continue
@@ -441,7 +445,7 @@ def add_variants(args, tta: bool, decision: bool, lesion: bool = False) -> None:
             if not same_scores(result, again, spec["classes"]):
                 print(f"{path.name}: {run} does not give the recorded scores; skipped")
                 continue
-            result |= {k: again[k] for k in ("dice_lesion", "pooled_lesion")}
+            result |= {k: again[k] for k in BINARY}
             for key in ("tta", "auto", "calibrated"):
                 if key in result:
                     variant = result[key]
@@ -456,7 +460,7 @@ def add_variants(args, tta: bool, decision: bool, lesion: bool = False) -> None:
                     if not same_scores(variant, again, spec["classes"]):
                         print(f"{path.name}: {key} not reproduced; its binary Dice left out")
                         continue
-                    variant |= {k: again[k] for k in ("dice_lesion", "pooled_lesion")}
+                    variant |= {k: again[k] for k in BINARY}
             model.lesion_offset = own_offset
             print(f"{path.name}: binary lesion Dice {result['dice_lesion']:.4f}", flush=True)
         if want_tta:
@@ -528,6 +532,22 @@ def distinct(runs: list[dict]) -> list[dict]:
     return out
 
 
+def paired_rule(runs: list[dict], rules: list[dict], metric: str) -> dict:
+    """`stats` of the paired difference in `metric` between a report row's runs and the
+    threshold rule's runs (`rules`) on the same fold and seed; a rule fitted without
+    `--labelled` does not depend on the seed, so a fold without the run's seed pairs with any
+    seed of the fold."""
+    rule = {r["fold"]: r[metric] for r in rules if r.get(metric) is not None}
+    rule |= {(r["fold"], r["seed"]): r[metric] for r in rules if r.get(metric) is not None}
+    return stats(
+        [
+            r[metric] - rule.get((r["fold"], r["seed"]), rule[r["fold"]])
+            for r in runs
+            if r.get(metric) is not None and r["fold"] in rule
+        ]
+    )
+
+
 def paired_base(
     contender: str, runs: list[dict], by_run: dict, metric: str
 ) -> tuple[dict, str | None]:
@@ -560,32 +580,20 @@ def paired_base(
     return stats(pairs), (base + VARIANTS[key] if key and base else base)
 
 
-def binary_table(variants: list[tuple[str, list[dict]]], by_run: dict, entries: dict) -> list:
+def binary_table(
+    variants: list[tuple[str, list[dict]]], rules: list[dict], by_run: dict, entries: dict
+) -> list:
     """Report lines for the binary lesion Dice (lesion vs no lesion) of the rows whose runs
-    all record it (MedSeg runs since it was added, or given it by `--add-lesion`); fills each
-    row's `entries[row]["lesion_binary"]`. No lines when no row has it."""
+    all record it (MedSeg runs since it was added, or given it by `--add-lesion`); `rules`:
+    the threshold rule's runs; fills each row's `entries[row]["lesion_binary"]`. No lines when
+    no row has it."""
     lines = []
-    rule = {
-        (r["fold"], r["seed"]): r["dice_lesion"]
-        for contender, runs in variants
-        if contender == "threshold"
-        for r in runs
-        if r.get("dice_lesion") is not None
-    }
-    # without --labelled the rule does not depend on the seed: any seed of the fold
-    by_fold = {f: v for (f, _), v in rule.items()}
     for contender, runs in variants:
         if not runs or any("dice_lesion" not in r for r in runs):
             continue
         m = stats([r["dice_lesion"] for r in runs if r["dice_lesion"] is not None])
         p = stats([r["pooled_lesion"] for r in runs if r["pooled_lesion"] is not None])
-        d = stats(
-            [
-                r["dice_lesion"] - rule.get((r["fold"], r["seed"]), by_fold[r["fold"]])
-                for r in runs
-                if r["dice_lesion"] is not None and r["fold"] in by_fold
-            ]
-        )
+        d = paired_rule(runs, rules, "dice_lesion")
         b, against = paired_base(contender, runs, by_run, "dice_lesion")
         entries[contender]["lesion_binary"] = {
             "dice": m,
@@ -645,13 +653,7 @@ def report(results: Path) -> None:
                 if r["dataset"] == dataset and r.get("protocol", r["budget"]) == name
             ]
             budget = group[0]["budget"]
-            rule = {
-                r["fold"]: r["mean_lesion_dice"] for r in group if r["contender"] == "threshold"
-            } | {
-                (r["fold"], r["seed"]): r["mean_lesion_dice"]
-                for r in group
-                if r["contender"] == "threshold"
-            }
+            rules = [r for r in group if r["contender"] == "threshold"]
             by_run = {(r["contender"], r["fold"], r["seed"]): r for r in group}
             epochs, steps = BUDGETS[budget]
             if "+foldlung" in name:
@@ -691,12 +693,7 @@ def report(results: Path) -> None:
                     cells.append(f"{p['mean']:.3f}")
                 m = stats([r["mean_lesion_dice"] for r in runs])
                 entry["mean_lesion_dice"] = m
-                paired = [
-                    r["mean_lesion_dice"] - rule.get((r["fold"], r["seed"]), rule[r["fold"]])
-                    for r in runs
-                    if r["fold"] in rule
-                ]
-                d = stats(paired)
+                d = paired_rule(runs, rules, "mean_lesion_dice")
                 entry["delta_rule"] = d
                 delta = f"{d['mean']:+.3f} ({d['sem']:.3f})" if d["n"] else "n/a"
                 b, against = paired_base(contender, runs, by_run, "mean_lesion_dice")
@@ -713,7 +710,7 @@ def report(results: Path) -> None:
                 table.setdefault(dataset, {}).setdefault(name, {})[contender] = entry
             lines.append("")
             if classes != ("lesion",):  # else the table above is the binary one
-                lines += binary_table(variants, by_run, table[dataset][name])
+                lines += binary_table(variants, rules, by_run, table[dataset][name])
     for r in failures:
         lines.append(
             f"- **failed run**: {r['dataset']} {r.get('protocol', r['budget'])} {r['contender']} "
