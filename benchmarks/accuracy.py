@@ -711,6 +711,8 @@ def report(results: Path) -> None:
             lines.append("")
             if classes != ("lesion",):  # else the table above is the binary one
                 lines += binary_table(variants, rules, by_run, table[dataset][name])
+    gains = unlabelled_gains(rows)
+    lines += gain_lines(gains)
     for r in failures:
         lines.append(
             f"- **failed run**: {r['dataset']} {r.get('protocol', r['budget'])} {r['contender']} "
@@ -728,8 +730,92 @@ def report(results: Path) -> None:
     atomic_write_text(results / "accuracy_cv.md", "\n".join(lines) + "\n")
     atomic_write_text(
         results / "accuracy_cv.json",
-        json.dumps({"table": table, "runs": rows, "failed": failures}, indent=1) + "\n",
+        json.dumps(
+            {"table": table, "unlabelled_gain": gains, "runs": rows, "failed": failures},
+            indent=1,
+        )
+        + "\n",
     )
+
+
+#: The semi-supervised StitchNet contenders, each paired with `stitchnet-image`.
+SEMI = tuple(c for c, base in PAIRED_BASE.items() if base == "stitchnet-image")
+#: The unlabelled gain's columns: label -> (scoring variant, None for the plain one; metric).
+GAIN_COLUMNS = {
+    "prior": (None, "mean_lesion_dice"),
+    "val-chosen rule": ("auto", "mean_lesion_dice"),
+    "as shipped": ("calibrated", "mean_lesion_dice"),
+    "binary, prior": (None, "dice_lesion"),
+    "binary, as shipped": ("calibrated", "dice_lesion"),
+}
+
+
+def unlabelled_gains(rows: list[dict]) -> list[dict]:
+    """The unlabelled gain of every protocol: StitchNet + unlabelled (`SEMI`) minus
+    labelled-only StitchNet (`stitchnet-image`) on the same fold and seed, for each column of
+    `GAIN_COLUMNS` (a scoring variant paired with the same variant). A protocol `<p>+uK` (fewer
+    unlabelled slices, the same labelled ones) pairs with the labelled-only runs of `<p>`.
+    One row a (dataset, protocol, contender) with runs: {"dataset", "protocol", "contender",
+    column: `stats`}."""
+    import re
+
+    by_run = {
+        (r["dataset"], r.get("protocol", r["budget"]), r["contender"], r["fold"], r["seed"]): r
+        for r in rows
+    }
+    gains = []
+    for dataset, name, contender in sorted({(k[0], k[1], k[2]) for k in by_run if k[2] in SEMI}):
+        base_protocol = re.sub(r"\+u\d+$", "", name)
+        row = {}
+        for column, (variant, metric) in GAIN_COLUMNS.items():
+            if metric == "dice_lesion" and DATASETS[dataset]["classes"] == ("lesion",):
+                continue  # the class is the lesion: the same as the mean lesion Dice
+            pairs = []
+            for (d, n, c, fold, seed), r in by_run.items():
+                b = by_run.get((d, base_protocol, "stitchnet-image", fold, seed))
+                if (d, n, c) != (dataset, name, contender) or b is None:
+                    continue  # another group's run, or no labelled-only run to pair with
+                x, y = (r, b) if variant is None else (r.get(variant, {}), b.get(variant, {}))
+                if x.get(metric) is not None and y.get(metric) is not None:
+                    pairs.append(x[metric] - y[metric])
+            if pairs:
+                row[column] = stats(pairs)
+        if row:
+            gains.append({"dataset": dataset, "protocol": name, "contender": contender} | row)
+    return gains
+
+
+def gain_lines(gains: list[dict]) -> list[str]:
+    """The report's table of `unlabelled_gains`: mean (standard error, pairs)."""
+    if not gains:
+        return []
+
+    def cell(s: dict | None) -> str:
+        if not s:
+            return "-"
+        return f"{s['mean']:+.3f} " + (f"({s['sem']:.3f}, {s['n']})" if s["n"] > 1 else "(1 pair)")
+
+    return [
+        "## The unlabelled gain in every protocol",
+        "",
+        "StitchNet + unlabelled minus StitchNet labelled only (`stitchnet-image`), paired by fold "
+        "and seed: mean (standard error, pairs). `prior`: the plain decision; val-chosen rule: "
+        "`--add-decision`'s rule chosen on val; as shipped: rule and lesion offset chosen on val "
+        "(`train --decision auto`), each paired with the same scoring of the labelled-only run; "
+        "binary: lesion vs no lesion (GGO and CON merged; zenodo20's class is the lesion "
+        "already, so its binary cells are left empty). A protocol `+uK` (K unlabelled slices) "
+        "pairs with the labelled-only runs of the protocol without it.",
+        "",
+        "| dataset | protocol | contender | " + " | ".join(GAIN_COLUMNS) + " |",
+        "|---" * (3 + len(GAIN_COLUMNS)) + "|",
+        *(
+            f"| {g['dataset']} | {g['protocol']} | {g['contender']} | "
+            + " | ".join(cell(g.get(c)) for c in GAIN_COLUMNS)
+            + " |"
+            for g in gains
+        ),
+        "",
+    ]
 
 
 def label_efficiency(table: dict) -> dict:

@@ -391,3 +391,45 @@ def test_unlabelled_bias_averages_lesion_probability_by_intensity_decile():
     rows = bias.by_decile({"x": x, "pi": pi, "r": r}, edges)
     assert rows["pi_lesion"] == pytest.approx([0.0] * 9 + [1.0])
     assert rows["r_lesion"] == pytest.approx([np.mean(x[i * 10 : i * 10 + 10]) for i in range(10)])
+
+
+def test_the_unlabelled_gain_pairs_each_scoring_with_its_own_kind(tmp_path):
+    """The report's gain table: semi minus labelled-only StitchNet by fold and seed, plain with
+    plain and calibrated with calibrated; a `+uK` protocol pairs with the labelled-only runs of
+    its base protocol; zenodo20 gets no binary column (its class is the lesion)."""
+
+    def run(contender, fold, protocol, d, shipped, dataset="medseg"):
+        lesion = {"dice_lesion": d, "pooled_lesion": d}
+        r = _run(contender, fold, 0, d, d, protocol=protocol, dataset=dataset, **lesion)
+        shipped = {"mean_lesion_dice": shipped, "dice_lesion": shipped, "pooled_lesion": shipped}
+        return r | {"calibrated": _cal() | shipped}
+
+    runs = [
+        run("stitchnet-image", 0, "n10", 0.40, 0.45),
+        run("stitchnet-image", 1, "n10", 0.50, 0.50),
+        run("stitchnet-semi", 0, "n10", 0.50, 0.46),
+        run("stitchnet-semi", 1, "n10", 0.50, 0.50),
+        run("stitchnet-semi", 2, "n10", 0.90, 0.90),  # no labelled-only run: left out
+        run("stitchnet-semi", 0, "n10+u20", 0.60, 0.40),
+        run("stitchnet-image", 0, "p1", 0.3, 0.3, dataset="zenodo"),
+        run("stitchnet-semi", 0, "p1", 0.4, 0.3, dataset="zenodo"),
+    ]
+    for r in runs:
+        folder = tmp_path / "cv" / r["dataset"] / r["protocol"]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{r['contender']}-f{r['fold']}-s0.json").write_text(json.dumps(r))
+    accuracy.report(tmp_path)
+    gains = json.loads((tmp_path / "accuracy_cv.json").read_text())["unlabelled_gain"]
+    by = {(g["dataset"], g["protocol"]): g for g in gains}
+    n10 = by[("medseg", "n10")]
+    assert n10["prior"]["n"] == 2 and n10["prior"]["mean"] == pytest.approx(0.05)  # 0.1, 0
+    assert n10["as shipped"]["mean"] == pytest.approx(0.005)  # 0.01, 0
+    assert n10["binary, as shipped"]["mean"] == pytest.approx(0.005)
+    assert "val-chosen rule" not in n10  # no run has it
+    u20 = by[("medseg", "n10+u20")]
+    assert u20["prior"]["n"] == 1 and u20["prior"]["mean"] == pytest.approx(0.2)
+    assert u20["as shipped"]["mean"] == pytest.approx(-0.05)
+    p1 = by[("zenodo", "p1")]
+    assert p1["prior"]["mean"] == pytest.approx(0.1) and p1["as shipped"]["mean"] == 0
+    assert not any(c.startswith("binary") for c in p1)
+    assert "## The unlabelled gain in every protocol" in (tmp_path / "accuracy_cv.md").read_text()
