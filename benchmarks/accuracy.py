@@ -40,7 +40,9 @@ tested once; zenodo20 by patient). Contenders, all at 128 px on the same train s
   informative stitch likelihood: one Beta per class per image, ordered means; labelled only),
   `stitchnet-semi` (the same + unlabelled slices through the stitch likelihood),
   `stitchnet-semi-in` (the same with the withheld train slices alone as unlabelled slices:
-  from the labelled collection, as zenodo20's are), `stitchnet-semi-cons` (+ consistency).
+  from the labelled collection, as zenodo20's are), `stitchnet-semi-cons` (+ consistency),
+  `unet-cons-tex` (U-Net + consistency whose strong view keeps each pixel's attenuation:
+  noise and blur, no brightness, contrast or gamma; `train --consistency-strong texture`).
   Every run sees 8 labelled slices per step; the semi runs add 8 unlabelled ones
   (`--unlabelled-per-batch`). `--labelled-patients N` (zenodo20): every slice of N seed-chosen
   train patients keeps its labels, the other train patients' slices are the unlabelled ones
@@ -84,6 +86,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 #: The informative stitch likelihood (issue 12) and the consistency term of the semi contenders.
 STYLES = {"style_mode": "image", "ordered_styles": True}
 CONSISTENCY = {"consistency_weight": 1.0, "consistency_rampup": 100}
+#: The same with the strong view's noise and blur only (no brightness, contrast, gamma).
+TEXTURE = CONSISTENCY | {"consistency_strong": "texture"}
 #: project contender -> (model, model options, unlabelled slices it trains on: False none,
 #: "all" the withheld train slices and the dataset's unlabelled folder, "withheld" the withheld
 #: train slices alone, which come from the same collection as the labelled ones)
@@ -92,6 +96,7 @@ PROJECT = {
     "segnet": ("segnet", {}, False),
     "stitchnet": ("stitchnet", {}, False),
     "unet-cons": ("unet", CONSISTENCY, "all"),
+    "unet-cons-tex": ("unet", TEXTURE, "all"),
     "stitchnet-image": ("stitchnet", STYLES, False),
     "stitchnet-semi": ("stitchnet", STYLES, "all"),
     "stitchnet-semi-in": ("stitchnet", STYLES, "withheld"),
@@ -103,6 +108,7 @@ CONTENDERS = ("threshold", "reference", *PROJECT)
 PAIRED_BASE = {
     "stitchnet": "unet",
     "unet-cons": "unet",
+    "unet-cons-tex": "unet",
     "stitchnet-semi": "stitchnet-image",
     "stitchnet-semi-in": "stitchnet-image",
     "stitchnet-semi-cons": "stitchnet-image",

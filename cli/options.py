@@ -151,6 +151,14 @@ def consistency_options(f):
         type=click.FloatRange(0, 1, max_open=True),
         help="Decay per step of the EMA teacher.",
     )
+    @click.option(
+        "--consistency-strong",
+        default=d["consistency_strong"],
+        show_default=True,
+        type=click.Choice(options.STRONG_VIEWS),
+        help="The strong view's intensity transforms: brightness, contrast, gamma, noise and "
+        "blur (intensity), or noise and blur only, keeping each pixel's attenuation (texture).",
+    )
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
         consistency = {k: kwargs.pop(k) for k in d}

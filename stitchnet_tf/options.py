@@ -29,6 +29,11 @@ STYLE_MODES = ("pixel", "image")
 #: Consistency teachers: the model itself (FixMatch, UniMatch) or an EMA of its weights (mean
 #: teacher).
 TEACHERS = ("self", "ema")
+#: The strong view's intensity transforms: `intensity` jitters brightness, contrast and gamma
+#: besides noise and blur (FixMatch/UniMatch's colour jitter); `texture` keeps each pixel's
+#: attenuation and adds noise and blur only (in CT the intensity is what tells healthy lung,
+#: GGO and consolidation apart, so a jittered pixel may no longer be of its pseudo-label's class).
+STRONG_VIEWS = ("intensity", "texture")
 #: Weak-to-strong consistency on unlabelled pixels, for every model (docs/DESIGN.md §7.17).
 CONSISTENCY_DEFAULTS = dict(
     consistency_weight=0.0,
@@ -36,6 +41,7 @@ CONSISTENCY_DEFAULTS = dict(
     consistency_rampup=0,
     teacher=TEACHERS[0],
     teacher_decay=0.99,
+    consistency_strong=STRONG_VIEWS[0],
 )
 #: StitchNet's defaults: its constructor's and the CLI's.
 STITCHNET_DEFAULTS = dict(

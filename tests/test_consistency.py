@@ -4,6 +4,8 @@ baseline and of StitchNet with the term on."""
 
 from __future__ import annotations
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -64,6 +66,24 @@ def test_strong_view_stays_in_the_lung_field_and_is_seeded():
     assert a.min() >= 0 and a.max() <= 1 and np.all(a[lung == 0] == 0)
 
 
+def test_the_texture_view_keeps_each_pixels_attenuation():
+    """`texture` (no brightness, contrast or gamma): a flat lung field keeps its level up to
+    the noise, where `intensity` moves it; a wrong name is refused."""
+    lung = np.zeros((8, 32, 32, 1), "float32")
+    lung[:, 4:-4, 4:-4] = 1
+    x = 0.4 * lung
+    inside = lung[..., 0] > 0
+
+    def levels(attenuation):
+        v = strong_intensity(x, lung, tf.constant([5, 6]), attenuation=attenuation).numpy()
+        return np.array([np.median(v[i][inside[i]]) for i in range(len(v))])
+
+    np.testing.assert_allclose(levels(False), 0.4, atol=0.01)
+    assert np.abs(levels(True) - 0.4).max() > 0.05
+    with pytest.raises(ValueError, match="strong view"):
+        Consistency(_tiny(), weight=1.0, strong="colour")
+
+
 def _tiny(classes=3, seed=0):
     keras.utils.set_random_seed(seed)
     return keras.Sequential(
@@ -117,7 +137,12 @@ def test_the_ema_teacher_averages_the_student_and_is_what_the_scope_computes_wit
 def test_a_baseline_trains_with_the_term_and_round_trips(tmp_path):
     data = _batch(size=32)
     model = SegNet(
-        width=0.125, seed=0, consistency_weight=1.0, consistency_threshold=0.3, teacher="ema"
+        width=0.125,
+        seed=0,
+        consistency_weight=1.0,
+        consistency_threshold=0.3,
+        teacher="ema",
+        consistency_strong="texture",
     )
     model.compile(optimizer=FusedAdam(1e-3))
     history = model.fit(tf.data.Dataset.from_tensors(data).repeat(2), epochs=1, verbose=0).history
@@ -125,6 +150,7 @@ def test_a_baseline_trains_with_the_term_and_round_trips(tmp_path):
     model.save(tmp_path / "m.keras")
     back = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
     assert back.consistency.config() == model.consistency.config()
+    assert back.consistency.strong == "texture"
     for a, b in zip(
         back.consistency.teacher_weights, model.consistency.teacher_weights, strict=True
     ):
@@ -196,3 +222,30 @@ def test_a_baseline_as_its_own_teacher_reuses_the_steps_forward():
     assert float(confident) == pytest.approx(1.0)
     _, confident = model.consistency_term(data, unsure)
     assert float(confident) == 0.0
+
+
+def test_the_cli_hands_every_consistency_option_to_the_model():
+    """`cli.options.consistency_options` gives the command a dict with every key of
+    `CONSISTENCY_DEFAULTS` (the model arguments), the strong view included; a wrong view is a
+    usage error."""
+    import click
+    from click.testing import CliRunner
+
+    from stitchnet_tf.options import CONSISTENCY_DEFAULTS
+    from stitchnet_tf_cli.options import consistency_options
+
+    @click.command()
+    @consistency_options
+    def show(consistency):
+        click.echo(json.dumps(consistency))
+
+    runner = CliRunner()
+    got = json.loads(
+        runner.invoke(show, ["--consistency", "1", "--consistency-strong", "texture"]).output
+    )
+    assert got == CONSISTENCY_DEFAULTS | {
+        "consistency_weight": 1.0,
+        "consistency_strong": "texture",
+    }
+    bad = runner.invoke(show, ["--consistency-strong", "colour"])
+    assert bad.exit_code == 2 and "colour" in bad.output

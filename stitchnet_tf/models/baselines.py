@@ -331,8 +331,8 @@ class UNet(SetSupervisedMixin, keras.Model):
         intensity: the preprocessing the model was trained with (`none` or `standardise`).
         seed: seeds the weight initialisation (None: Keras' usual random initialisation).
         consistency_weight, consistency_threshold, consistency_rampup, teacher,
-            teacher_decay: the weak-to-strong consistency term (`models.consistency`; weight 0,
-            the default, turns it off).
+            teacher_decay, consistency_strong: the weak-to-strong consistency term
+            (`models.consistency`; weight 0, the default, turns it off).
 
     Example:
         >>> import numpy as np
@@ -357,11 +357,17 @@ class UNet(SetSupervisedMixin, keras.Model):
         consistency_rampup: int = CONSISTENCY_DEFAULTS["consistency_rampup"],
         teacher: str = CONSISTENCY_DEFAULTS["teacher"],
         teacher_decay: float = CONSISTENCY_DEFAULTS["teacher_decay"],
+        consistency_strong: str = CONSISTENCY_DEFAULTS["consistency_strong"],
         **kwargs,
     ):
         self._check_options(loss)
         consistency = consistency_options(
-            consistency_weight, consistency_threshold, consistency_rampup, teacher, teacher_decay
+            consistency_weight,
+            consistency_threshold,
+            consistency_rampup,
+            teacher,
+            teacher_decay,
+            consistency_strong,
         )
         filters = scaled_filters(width, UNET_FILTERS)
         with seeded(seed):
@@ -455,8 +461,8 @@ class SegNet(SetSupervisedMixin, keras.Model):
         intensity: the preprocessing the model was trained with (`none` or `standardise`).
         seed: seeds the weight initialisation (None: Keras' usual random initialisation).
         consistency_weight, consistency_threshold, consistency_rampup, teacher,
-            teacher_decay: the weak-to-strong consistency term (`models.consistency`; weight 0,
-            the default, turns it off).
+            teacher_decay, consistency_strong: the weak-to-strong consistency term
+            (`models.consistency`; weight 0, the default, turns it off).
 
     Example:
         >>> import numpy as np
@@ -480,11 +486,17 @@ class SegNet(SetSupervisedMixin, keras.Model):
         consistency_rampup: int = CONSISTENCY_DEFAULTS["consistency_rampup"],
         teacher: str = CONSISTENCY_DEFAULTS["teacher"],
         teacher_decay: float = CONSISTENCY_DEFAULTS["teacher_decay"],
+        consistency_strong: str = CONSISTENCY_DEFAULTS["consistency_strong"],
         **kwargs,
     ):
         self._check_options(loss)
         consistency = consistency_options(
-            consistency_weight, consistency_threshold, consistency_rampup, teacher, teacher_decay
+            consistency_weight,
+            consistency_threshold,
+            consistency_rampup,
+            teacher,
+            teacher_decay,
+            consistency_strong,
         )
         filters = scaled_filters(width, SEGNET_FILTERS)
         with seeded(seed):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from stitchnet_tf.options import CONSISTENCY_DEFAULTS, TEACHERS
+from stitchnet_tf.options import CONSISTENCY_DEFAULTS, STRONG_VIEWS, TEACHERS
 
 #: The strong intensity ranges (a stronger version of `pipeline.augment_intensity`).
 BRIGHTNESS, CONTRAST, GAMMA, NOISE, BLUR = (0.7, 1.3), (0.7, 1.3), (0.6, 1.6), 0.04, (0.5, 1.5)
@@ -42,12 +42,13 @@ def _blur(x, sigma):
     return tf.nn.conv2d(x, (k[:, None] * k[None, :])[:, :, None, None], 1, "SAME")
 
 
-def strong_intensity(x, lung, seed):
+def strong_intensity(x, lung, seed, attenuation: bool = True):
     """The strong intensity view of x [B, H, W, 1] inside the lung field `lung` [B, H, W, 1].
 
     Per slice: brightness ×U(0.7, 1.3), contrast ×U(0.7, 1.3) about the lung mean, gamma
-    U(0.6, 1.6), Gaussian noise of σ ~ U(0, 0.04); half the slices are blurred (σ 0.5–1.5 px).
-    Clipped to [0, 1] and zero outside the field. `seed`: a stateless seed, int [2].
+    U(0.6, 1.6) (these three only with `attenuation`), Gaussian noise of σ ~ U(0, 0.04); half
+    the slices are blurred (σ 0.5–1.5 px). Clipped to [0, 1] and zero outside the field.
+    `seed`: a stateless seed, int [2].
     """
     x, lung = tf.cast(x, tf.float32), tf.cast(lung > 0, tf.float32)
     s = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 7)
@@ -57,10 +58,12 @@ def strong_intensity(x, lung, seed):
         return tf.random.stateless_uniform(shape, s[i], low, high)
 
     area = tf.maximum(tf.reduce_sum(lung, axis=(1, 2, 3), keepdims=True), 1.0)
-    v = x * u(0, *BRIGHTNESS)
-    mean = tf.reduce_sum(v * lung, axis=(1, 2, 3), keepdims=True) / area
-    v = (v - mean) * u(1, *CONTRAST) + mean
-    v = tf.clip_by_value(v, 0.0, 1.0) ** u(2, *GAMMA)
+    v = x
+    if attenuation:
+        v = v * u(0, *BRIGHTNESS)
+        mean = tf.reduce_sum(v * lung, axis=(1, 2, 3), keepdims=True) / area
+        v = (v - mean) * u(1, *CONTRAST) + mean
+        v = tf.clip_by_value(v, 0.0, 1.0) ** u(2, *GAMMA)
     v = v + tf.random.stateless_normal(tf.shape(x), s[3]) * u(4, 0.0, NOISE)
     sigma = tf.random.stateless_uniform([], s[5], *BLUR)
     v = tf.where(u(6, 0.0, 1.0) < 0.5, _blur(v * lung, sigma), v)
@@ -86,6 +89,8 @@ class Consistency:
         rampup_steps: sigmoid ramp-up length in optimizer steps.
         teacher: `self` (the model, no gradient) or `ema` (mean teacher).
         decay: the EMA teacher's decay per step.
+        strong: the strong view's intensity transforms (`options.STRONG_VIEWS`): `intensity`
+            (brightness, contrast, gamma, noise, blur) or `texture` (noise and blur only).
         seed: seeds CutMix and the intensity jitter.
     """
 
@@ -97,15 +102,18 @@ class Consistency:
         rampup_steps: int = CONSISTENCY_DEFAULTS["consistency_rampup"],
         teacher: str = CONSISTENCY_DEFAULTS["teacher"],
         decay: float = CONSISTENCY_DEFAULTS["teacher_decay"],
+        strong: str = CONSISTENCY_DEFAULTS["consistency_strong"],
         seed: int | None = None,
     ):
         """Called after the model is built (the EMA teacher copies its trainable variables)."""
         if teacher not in TEACHERS:
             raise ValueError(f"teacher must be one of {TEACHERS}, got {teacher!r}")
+        if strong not in STRONG_VIEWS:
+            raise ValueError(f"the strong view must be one of {STRONG_VIEWS}, got {strong!r}")
         if not 0.0 <= threshold < 1.0 or weight < 0 or not 0.0 <= decay < 1.0:
             raise ValueError("consistency needs weight ≥ 0, threshold and decay in [0, 1)")
         self.weight, self.threshold, self.rampup_steps = float(weight), threshold, rampup_steps
-        self.teacher, self.decay = teacher, float(decay)
+        self.teacher, self.decay, self.strong = teacher, float(decay), strong
         self.on = self.weight > 0
         self.teacher_weights: list = []
         if not self.on:
@@ -135,6 +143,7 @@ class Consistency:
             "consistency_rampup": self.rampup_steps,
             "teacher": self.teacher,
             "teacher_decay": self.decay,
+            "consistency_strong": self.strong,
         }
 
     def teacher_scope(self):
@@ -184,7 +193,9 @@ class Consistency:
             )
             images, masks = mixed["images"], mixed["segmentation_masks"]
             seed = keras.random.randint([2], 0, 2**30, seed=self.seed)
-            x_s = strong_intensity(images[..., :1], images[..., 1:], seed)
+            x_s = strong_intensity(
+                images[..., :1], images[..., 1:], seed, attenuation=self.strong == "intensity"
+            )
             target_s = tf.cast(tf.round(masks[..., 0]), tf.int32)
             value = masked_cross_entropy(
                 student_logits(x_s), target_s, masks[..., 1], masks[..., 2]
@@ -206,6 +217,7 @@ def consistency_options(
     consistency_rampup: int = CONSISTENCY_DEFAULTS["consistency_rampup"],
     teacher: str = CONSISTENCY_DEFAULTS["teacher"],
     teacher_decay: float = CONSISTENCY_DEFAULTS["teacher_decay"],
+    consistency_strong: str = CONSISTENCY_DEFAULTS["consistency_strong"],
 ) -> dict:
     """A model's consistency arguments (the names of `Consistency.config`) -> the keyword
     arguments of `Consistency`."""
@@ -215,6 +227,7 @@ def consistency_options(
         rampup_steps=consistency_rampup,
         teacher=teacher,
         decay=teacher_decay,
+        strong=consistency_strong,
     )
 
 

@@ -17,7 +17,7 @@ from stitchnet_tf.data.classes import BACKGROUND, CON, GGO, NUM_CLASSES
 from stitchnet_tf.data.intensity import check_intensity
 from stitchnet_tf.models.backbone import Backbone
 from stitchnet_tf.models.base import SegmentationModel, SetDice, seeded
-from stitchnet_tf.models.consistency import Consistency
+from stitchnet_tf.models.consistency import Consistency, consistency_options
 from stitchnet_tf.models.gradients import (
     GradientMonitor,
     clip_gradients,
@@ -238,6 +238,9 @@ class StitchNet(SegmentationModel, keras.Model):
         upsample: `resize` (×2 resize then conv) or `transpose` (the paper's 4×4 stride 2).
         intensity: the preprocessing the model was trained with, `none` or `standardise`
             (`data.intensity.standardise`); `Predictor`, `evaluate` and the exports follow it.
+        consistency_weight, consistency_threshold, consistency_rampup, teacher,
+            teacher_decay, consistency_strong: the weak-to-strong consistency term
+            (`models.consistency`; weight 0, the default, turns it off).
     """
 
     stochastic = True  # z can be sampled, and two decision rules
@@ -277,6 +280,7 @@ class StitchNet(SegmentationModel, keras.Model):
         consistency_rampup: int = CONSISTENCY_DEFAULTS["consistency_rampup"],
         teacher: str = CONSISTENCY_DEFAULTS["teacher"],
         teacher_decay: float = CONSISTENCY_DEFAULTS["teacher_decay"],
+        consistency_strong: str = CONSISTENCY_DEFAULTS["consistency_strong"],
         **kwargs,
     ):
         check_intensity(intensity)
@@ -326,12 +330,15 @@ class StitchNet(SegmentationModel, keras.Model):
         self.noise_seed = keras.random.SeedGenerator(None if seed is None else seed + 1)
         self.consistency = Consistency(
             self,
-            consistency_weight,
-            consistency_threshold,
-            consistency_rampup,
-            teacher,
-            teacher_decay,
-            seed,
+            **consistency_options(
+                consistency_weight,
+                consistency_threshold,
+                consistency_rampup,
+                teacher,
+                teacher_decay,
+                consistency_strong,
+            ),
+            seed=seed,
         )
         # === Metrics ===
         self.trackers = {
