@@ -41,8 +41,9 @@ tested once; zenodo20 by patient). Contenders, all at 128 px on the same train s
   `stitchnet-semi` (the same + unlabelled slices through the stitch likelihood),
   `stitchnet-semi-in` (the same with the withheld train slices alone as unlabelled slices:
   from the labelled collection, as zenodo20's are), `stitchnet-semi-cons` (+ consistency),
-  `unet-cons-tex` (U-Net + consistency whose strong view keeps each pixel's attenuation:
-  noise and blur, no brightness, contrast or gamma; `train --consistency-strong texture`).
+  `unet-cons-tex` and `stitchnet-semi-cons-tex` (the same with a strong view that keeps each
+  pixel's attenuation: noise and blur, no brightness, contrast or gamma; `train
+  --consistency-strong texture`).
   Every run sees 8 labelled slices per step; the semi runs add 8 unlabelled ones
   (`--unlabelled-per-batch`). `--labelled-patients N` (zenodo20): every slice of N seed-chosen
   train patients keeps its labels, the other train patients' slices are the unlabelled ones
@@ -101,6 +102,7 @@ PROJECT = {
     "stitchnet-semi": ("stitchnet", STYLES, "all"),
     "stitchnet-semi-in": ("stitchnet", STYLES, "withheld"),
     "stitchnet-semi-cons": ("stitchnet", STYLES | CONSISTENCY, "all"),
+    "stitchnet-semi-cons-tex": ("stitchnet", STYLES | TEXTURE, "all"),
 }
 CONTENDERS = ("threshold", "reference", *PROJECT)
 #: The contender each one is paired with in the report's Δ base column: the labelled-only
@@ -112,6 +114,7 @@ PAIRED_BASE = {
     "stitchnet-semi": "stitchnet-image",
     "stitchnet-semi-in": "stitchnet-image",
     "stitchnet-semi-cons": "stitchnet-image",
+    "stitchnet-semi-cons-tex": "stitchnet-image",
     "stitchnet-image": "stitchnet",
 }
 PROJECT_MODELS = tuple(PROJECT)
