@@ -43,7 +43,8 @@ tested once; zenodo20 by patient). Contenders, all at 128 px on the same train s
   from the labelled collection, as zenodo20's are), `stitchnet-semi-cons` (+ consistency),
   `unet-cons-tex` and `stitchnet-semi-cons-tex` (the same with a strong view that keeps each
   pixel's attenuation: noise and blur, no brightness, contrast or gamma; `train
-  --consistency-strong texture`).
+  --consistency-strong texture`), `unet-cons-tex-da` (and the teacher's probabilities aligned
+  to the labelled pixels' class distribution before the pseudo-labels: `--consistency-align`).
   Every run sees 8 labelled slices per step; the semi runs add 8 unlabelled ones
   (`--unlabelled-per-batch`). `--labelled-patients N` (zenodo20): every slice of N seed-chosen
   train patients keeps its labels, the other train patients' slices are the unlabelled ones
@@ -89,6 +90,8 @@ STYLES = {"style_mode": "image", "ordered_styles": True}
 CONSISTENCY = {"consistency_weight": 1.0, "consistency_rampup": 100}
 #: The same with the strong view's noise and blur only (no brightness, contrast, gamma).
 TEXTURE = CONSISTENCY | {"consistency_strong": "texture"}
+#: ... and the teacher's probabilities aligned to the labelled class distribution.
+ALIGNED = TEXTURE | {"consistency_align": True}
 #: project contender -> (model, model options, unlabelled slices it trains on: False none,
 #: "all" the withheld train slices and the dataset's unlabelled folder, "withheld" the withheld
 #: train slices alone, which come from the same collection as the labelled ones)
@@ -98,6 +101,7 @@ PROJECT = {
     "stitchnet": ("stitchnet", {}, False),
     "unet-cons": ("unet", CONSISTENCY, "all"),
     "unet-cons-tex": ("unet", TEXTURE, "all"),
+    "unet-cons-tex-da": ("unet", ALIGNED, "all"),
     "stitchnet-image": ("stitchnet", STYLES, False),
     "stitchnet-semi": ("stitchnet", STYLES, "all"),
     "stitchnet-semi-in": ("stitchnet", STYLES, "withheld"),
@@ -111,6 +115,7 @@ PAIRED_BASE = {
     "stitchnet": "unet",
     "unet-cons": "unet",
     "unet-cons-tex": "unet",
+    "unet-cons-tex-da": "unet",
     "stitchnet-semi": "stitchnet-image",
     "stitchnet-semi-in": "stitchnet-image",
     "stitchnet-semi-cons": "stitchnet-image",

@@ -159,6 +159,13 @@ def consistency_options(f):
         help="The strong view's intensity transforms: brightness, contrast, gamma, noise and "
         "blur (intensity), or noise and blur only, keeping each pixel's attenuation (texture).",
     )
+    @click.option(
+        "--consistency-align/--no-consistency-align",
+        default=d["consistency_align"],
+        show_default=True,
+        help="Distribution alignment: scale the teacher's probabilities towards the labelled "
+        "pixels' class distribution before taking pseudo-labels.",
+    )
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
         consistency = {k: kwargs.pop(k) for k in d}

@@ -42,6 +42,7 @@ CONSISTENCY_DEFAULTS = dict(
     teacher=TEACHERS[0],
     teacher_decay=0.99,
     consistency_strong=STRONG_VIEWS[0],
+    consistency_align=False,
 )
 #: StitchNet's defaults: its constructor's and the CLI's.
 STITCHNET_DEFAULTS = dict(

@@ -14,7 +14,9 @@ import tensorflow as tf
 from stitchnet_tf import likelihood as lik
 from stitchnet_tf.models.baselines import SegNet, UNet
 from stitchnet_tf.models.consistency import (
+    ALIGN_MOMENTUM,
     Consistency,
+    align_distribution,
     masked_cross_entropy,
     rampup,
     strong_intensity,
@@ -249,3 +251,33 @@ def test_the_cli_hands_every_consistency_option_to_the_model():
     }
     bad = runner.invoke(show, ["--consistency-strong", "colour"])
     assert bad.exit_code == 2 and "colour" in bad.output
+
+
+def test_distribution_alignment_matches_numpy_and_learns_the_class_shares(tmp_path):
+    """`align_distribution` against NumPy; a U-Net with `consistency_align` moves its running
+    labelled class shares from uniform towards the batch's known pixels (healthy with a GGO
+    corner: no CON) and saves them."""
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet([1, 1, 1], (2, 4, 4)).astype("float32")
+    target, predicted = np.array([0.7, 0.2, 0.1]), np.array([0.9, 0.05, 0.05])
+    expected = probs * target / predicted
+    expected /= expected.sum(-1, keepdims=True)
+    got = align_distribution(
+        tf.constant(probs), tf.constant(target, tf.float32), tf.constant(predicted, tf.float32)
+    )
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5)
+
+    data = _batch(size=32)
+    model = UNet(width=0.125, alpha=0.35, seed=0, consistency_weight=1.0, consistency_align=True)
+    model.compile(optimizer=FusedAdam(1e-3))
+    model.fit(tf.data.Dataset.from_tensors(data).repeat(1), epochs=1, verbose=0)
+    labelled, teacher = (v.numpy() for v in model.consistency.class_means)
+    known = data["allowed"][:2, 4:-4, 4:-4, 1:].reshape(-1, 3).sum(0)  # healthy, GGO, CON
+    m = ALIGN_MOMENTUM
+    np.testing.assert_allclose(labelled, m / 3 + (1 - m) * known / known.sum(), rtol=1e-5)
+    assert np.isclose(teacher.sum(), 1.0, atol=1e-5) and not np.allclose(teacher, 1 / 3)
+    model.save(tmp_path / "m.keras")
+    back = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
+    assert back.consistency.align and back.consistency.config() == model.consistency.config()
+    for a, b in zip(back.consistency.class_means, model.consistency.class_means, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())

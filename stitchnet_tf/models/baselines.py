@@ -331,7 +331,8 @@ class UNet(SetSupervisedMixin, keras.Model):
         intensity: the preprocessing the model was trained with (`none` or `standardise`).
         seed: seeds the weight initialisation (None: Keras' usual random initialisation).
         consistency_weight, consistency_threshold, consistency_rampup, teacher,
-            teacher_decay, consistency_strong: the weak-to-strong consistency term
+            teacher_decay, consistency_strong, consistency_align: the weak-to-strong consistency
+            term
             (`models.consistency`; weight 0, the default, turns it off).
 
     Example:
@@ -358,6 +359,7 @@ class UNet(SetSupervisedMixin, keras.Model):
         teacher: str = CONSISTENCY_DEFAULTS["teacher"],
         teacher_decay: float = CONSISTENCY_DEFAULTS["teacher_decay"],
         consistency_strong: str = CONSISTENCY_DEFAULTS["consistency_strong"],
+        consistency_align: bool = CONSISTENCY_DEFAULTS["consistency_align"],
         **kwargs,
     ):
         self._check_options(loss)
@@ -368,6 +370,7 @@ class UNet(SetSupervisedMixin, keras.Model):
             teacher,
             teacher_decay,
             consistency_strong,
+            consistency_align,
         )
         filters = scaled_filters(width, UNET_FILTERS)
         with seeded(seed):
@@ -461,7 +464,8 @@ class SegNet(SetSupervisedMixin, keras.Model):
         intensity: the preprocessing the model was trained with (`none` or `standardise`).
         seed: seeds the weight initialisation (None: Keras' usual random initialisation).
         consistency_weight, consistency_threshold, consistency_rampup, teacher,
-            teacher_decay, consistency_strong: the weak-to-strong consistency term
+            teacher_decay, consistency_strong, consistency_align: the weak-to-strong consistency
+            term
             (`models.consistency`; weight 0, the default, turns it off).
 
     Example:
@@ -487,6 +491,7 @@ class SegNet(SetSupervisedMixin, keras.Model):
         teacher: str = CONSISTENCY_DEFAULTS["teacher"],
         teacher_decay: float = CONSISTENCY_DEFAULTS["teacher_decay"],
         consistency_strong: str = CONSISTENCY_DEFAULTS["consistency_strong"],
+        consistency_align: bool = CONSISTENCY_DEFAULTS["consistency_align"],
         **kwargs,
     ):
         self._check_options(loss)
@@ -497,6 +502,7 @@ class SegNet(SetSupervisedMixin, keras.Model):
             teacher,
             teacher_decay,
             consistency_strong,
+            consistency_align,
         )
         filters = scaled_filters(width, SEGNET_FILTERS)
         with seeded(seed):

@@ -21,6 +21,8 @@ import tensorflow as tf
 
 from stitchnet_tf.options import CONSISTENCY_DEFAULTS, STRONG_VIEWS, TEACHERS
 
+#: Momentum of the running class distributions of distribution alignment.
+ALIGN_MOMENTUM = 0.99
 #: The strong intensity ranges (a stronger version of `pipeline.augment_intensity`).
 BRIGHTNESS, CONTRAST, GAMMA, NOISE, BLUR = (0.7, 1.3), (0.7, 1.3), (0.6, 1.6), 0.04, (0.5, 1.5)
 
@@ -70,6 +72,15 @@ def strong_intensity(x, lung, seed, attenuation: bool = True):
     return tf.clip_by_value(v, 0.0, 1.0) * lung
 
 
+def align_distribution(probs, target, predicted):
+    """ReMixMatch's distribution alignment: probs [..., C] × target [C] / predicted [C],
+    renormalised over C. `target`: the class distribution the pseudo-labels should have (the
+    labelled pixels'); `predicted`: the teacher's running mean prediction on unlabelled
+    pixels."""
+    scaled = probs * (target / tf.maximum(predicted, 1e-6))
+    return scaled / tf.maximum(tf.reduce_sum(scaled, -1, keepdims=True), 1e-12)
+
+
 def masked_cross_entropy(logits, target, weight, region):
     """UniMatch's unlabelled loss: −log softmax(logits)[target] [B, H, W] times `weight`
     (confident and taking part), summed and divided by the `region` pixels (taking part)."""
@@ -91,6 +102,10 @@ class Consistency:
         decay: the EMA teacher's decay per step.
         strong: the strong view's intensity transforms (`options.STRONG_VIEWS`): `intensity`
             (brightness, contrast, gamma, noise, blur) or `texture` (noise and blur only).
+        align: distribution alignment of the teacher's probabilities before the pseudo-labels
+            are taken (`align_distribution`): towards the running class distribution of the
+            batch's labelled lung pixels, away from the teacher's running mean on unlabelled
+            ones; two running means of C = 3 (healthy, GGO, CON) saved with the model.
         seed: seeds CutMix and the intensity jitter.
     """
 
@@ -103,6 +118,7 @@ class Consistency:
         teacher: str = CONSISTENCY_DEFAULTS["teacher"],
         decay: float = CONSISTENCY_DEFAULTS["teacher_decay"],
         strong: str = CONSISTENCY_DEFAULTS["consistency_strong"],
+        align: bool = CONSISTENCY_DEFAULTS["consistency_align"],
         seed: int | None = None,
     ):
         """Called after the model is built (the EMA teacher copies its trainable variables)."""
@@ -114,8 +130,10 @@ class Consistency:
             raise ValueError("consistency needs weight ≥ 0, threshold and decay in [0, 1)")
         self.weight, self.threshold, self.rampup_steps = float(weight), threshold, rampup_steps
         self.teacher, self.decay, self.strong = teacher, float(decay), strong
+        self.align = bool(align)
         self.on = self.weight > 0
         self.teacher_weights: list = []
+        self.class_means: list = []
         if not self.on:
             return
         import keras_cv  # noqa: PLC0415 (only when the term is on: a second of import)
@@ -135,6 +153,18 @@ class Consistency:
                 for i, v in enumerate(model.trainable_variables)
             ]
             self.student_weights = list(model.trainable_variables)
+        if self.align:  # [labelled, teacher] running class distributions, from uniform
+            self.class_means = [
+                model.add_weight(
+                    shape=(3,),
+                    initializer=keras.initializers.Constant(1.0 / 3.0),
+                    dtype="float32",
+                    trainable=False,
+                    aggregation="mean",
+                    name=f"align_{which}",
+                )
+                for which in ("labelled", "teacher")
+            ]
 
     def config(self) -> dict:
         return {
@@ -144,6 +174,7 @@ class Consistency:
             "teacher": self.teacher,
             "teacher_decay": self.decay,
             "consistency_strong": self.strong,
+            "consistency_align": self.align,
         }
 
     def teacher_scope(self):
@@ -162,6 +193,32 @@ class Consistency:
         decay = tf.where(tf.cast(step, tf.int64) <= 1, 0.0, self.decay)
         for t, s in zip(self.teacher_weights, self.student_weights, strict=True):
             t.assign(decay * t + (1.0 - decay) * tf.cast(s, t.dtype))
+
+    def aligned(self, probs, region, allowed, lung):
+        """The teacher's probabilities [b,H,W,3] aligned (`align_distribution`) after this
+        batch updates the running means: the labelled lung pixels' class shares (pixels with
+        one known class of healthy, GGO, CON; no update when there are none) and the
+        teacher's mean on the taking-part pixels `region` [b,H,W]."""
+        labelled_mean, teacher_mean = self.class_means
+        known = (
+            allowed[..., 1:]
+            * lung
+            * tf.cast(tf.reduce_sum(allowed[..., 1:], -1, keepdims=True) == 1.0, tf.float32)
+        )
+        n = tf.reduce_sum(known, axis=(0, 1, 2))
+        m = ALIGN_MOMENTUM
+        labelled_mean.assign(
+            tf.where(
+                tf.reduce_sum(n) > 0,
+                m * labelled_mean + (1.0 - m) * n / tf.maximum(tf.reduce_sum(n), 1.0),
+                labelled_mean,
+            )
+        )
+        mean = tf.reduce_sum(probs * region[..., None], axis=(0, 1, 2)) / tf.maximum(
+            tf.reduce_sum(region), 1.0
+        )
+        teacher_mean.assign(m * teacher_mean + (1.0 - m) * mean)
+        return align_distribution(probs, labelled_mean, teacher_mean)
 
     def loss(self, data: dict, step, teacher_probs, student_logits, perturbed_logits=None):
         """The consistency term and the share of taking-part pixels with a confident label.
@@ -184,6 +241,8 @@ class Consistency:
         def term():
             with self.teacher_scope():
                 probs = tf.stop_gradient(tf.cast(teacher_probs(x_u, keep), tf.float32))
+            if self.align:
+                probs = self.aligned(probs, region, allowed, lung)
             target = tf.argmax(probs, -1, output_type=tf.int32)
             weight = tf.cast(tf.reduce_max(probs, -1) >= self.threshold, tf.float32) * region
             # strong view: CutMix the slices and their pseudo-labels, then intensity jitter
@@ -218,6 +277,7 @@ def consistency_options(
     teacher: str = CONSISTENCY_DEFAULTS["teacher"],
     teacher_decay: float = CONSISTENCY_DEFAULTS["teacher_decay"],
     consistency_strong: str = CONSISTENCY_DEFAULTS["consistency_strong"],
+    consistency_align: bool = CONSISTENCY_DEFAULTS["consistency_align"],
 ) -> dict:
     """A model's consistency arguments (the names of `Consistency.config`) -> the keyword
     arguments of `Consistency`."""
@@ -228,6 +288,7 @@ def consistency_options(
         teacher=teacher,
         decay=teacher_decay,
         strong=consistency_strong,
+        align=consistency_align,
     )
 
 

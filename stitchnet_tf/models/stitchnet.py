@@ -239,7 +239,8 @@ class StitchNet(SegmentationModel, keras.Model):
         intensity: the preprocessing the model was trained with, `none` or `standardise`
             (`data.intensity.standardise`); `Predictor`, `evaluate` and the exports follow it.
         consistency_weight, consistency_threshold, consistency_rampup, teacher,
-            teacher_decay, consistency_strong: the weak-to-strong consistency term
+            teacher_decay, consistency_strong, consistency_align: the weak-to-strong consistency
+            term
             (`models.consistency`; weight 0, the default, turns it off).
     """
 
@@ -281,6 +282,7 @@ class StitchNet(SegmentationModel, keras.Model):
         teacher: str = CONSISTENCY_DEFAULTS["teacher"],
         teacher_decay: float = CONSISTENCY_DEFAULTS["teacher_decay"],
         consistency_strong: str = CONSISTENCY_DEFAULTS["consistency_strong"],
+        consistency_align: bool = CONSISTENCY_DEFAULTS["consistency_align"],
         **kwargs,
     ):
         check_intensity(intensity)
@@ -337,6 +339,7 @@ class StitchNet(SegmentationModel, keras.Model):
                 teacher,
                 teacher_decay,
                 consistency_strong,
+                consistency_align,
             ),
             seed=seed,
         )
