@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     dataset = discover(args.data / spec["folder"], require_labels=True, **spec["read"])
     by_id = {s.id: s for s in dataset.samples}
     segmenter = default_segmenter()
-    runs = {}
+    runs, pooled = {}, {}
     for contender in args.contenders:
         for run in sorted(args.runs.glob(f"{contender}-f*-s*")):
             if not (run / "best.keras").is_file():
@@ -121,18 +121,16 @@ def main(argv: list[str] | None = None) -> int:
                 c = counts(probs, p.allowed, p.lung.astype(bool), args.threshold)
                 total = c if total is None else add(total, c)
             runs[run.name] = {"slices": len(withheld), "counts": total, **shares(total)}
+            pooled[contender] = total if contender not in pooled else add(pooled[contender], total)
             print(run.name, json.dumps(shares(total)), flush=True)
     if not runs:
         print(f"error: {args.runs}: no finished run folders of {args.contenders}", file=sys.stderr)
         return 2
-    pooled = None
-    for r in runs.values():
-        pooled = r["counts"] if pooled is None else add(pooled, r["counts"])
     out = {
         "threshold": args.threshold,
         "size": args.size,
         "runs": runs,
-        "pooled": shares(pooled),
+        "pooled": {c: shares(total) for c, total in pooled.items()},
         "machine": machine(),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
@@ -140,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     def pct(v):
         return "-" if v is None else f"{100 * v:.1f}%"
 
-    rows = [*runs.items(), ("pooled", out["pooled"])]
+    rows = [*runs.items(), *((f"pooled: {c}", r) for c, r in out["pooled"].items())]
     lines = [
         "# The consistency term's pseudo-labels on the withheld slices "
         "(benchmarks/pseudo_labels.py)",
@@ -163,8 +161,12 @@ def main(argv: list[str] | None = None) -> int:
             for name, r in rows
         ),
         "",
-        f"For comparison, the truth: GGO {pct(out['pooled']['true_ggo_share'])} and CON "
-        f"{pct(out['pooled']['true_con_share'])} of the lung-field pixels (pooled).",
+        "For comparison, the truth: "
+        + "; ".join(
+            f"{c}'s slices GGO {pct(r['true_ggo_share'])}, CON {pct(r['true_con_share'])}"
+            for c, r in out["pooled"].items()
+        )
+        + " of the lung-field pixels (pooled).",
         "",
         f"Machine: {json.dumps(out['machine'])}; {out['date']}.",
     ]
