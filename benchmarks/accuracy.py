@@ -773,22 +773,23 @@ def unlabelled_gains(rows: list[dict]) -> list[dict]:
     column: `stats`}."""
     import re
 
-    by_run = {
-        (r["dataset"], r.get("protocol", r["budget"]), r["contender"], r["fold"], r["seed"]): r
-        for r in rows
-    }
+    groups: dict = {}  # (dataset, protocol, contender) -> {(fold, seed): run}
+    for r in rows:
+        key = (r["dataset"], r.get("protocol", r["budget"]), r["contender"])
+        groups.setdefault(key, {})[(r["fold"], r["seed"])] = r
     gains = []
-    for dataset, name, contender in sorted({(k[0], k[1], k[2]) for k in by_run if k[2] in SEMI}):
-        base_protocol = re.sub(r"\+u\d+$", "", name)
+    for (dataset, name, contender), runs in sorted(groups.items()):
+        if contender not in SEMI:
+            continue
+        base = groups.get((dataset, re.sub(r"\+u\d+$", "", name), "stitchnet-image"), {})
         row = {}
         for column, (variant, metric) in GAIN_COLUMNS.items():
             if metric == "dice_lesion" and DATASETS[dataset]["classes"] == ("lesion",):
                 continue  # the class is the lesion: the same as the mean lesion Dice
             pairs = []
-            for (d, n, c, fold, seed), r in by_run.items():
-                b = by_run.get((d, base_protocol, "stitchnet-image", fold, seed))
-                if (d, n, c) != (dataset, name, contender) or b is None:
-                    continue  # another group's run, or no labelled-only run to pair with
+            for fold_seed, r in runs.items():
+                if (b := base.get(fold_seed)) is None:
+                    continue  # no labelled-only run to pair with
                 x, y = (r, b) if variant is None else (r.get(variant, {}), b.get(variant, {}))
                 if x.get(metric) is not None and y.get(metric) is not None:
                     pairs.append(x[metric] - y[metric])

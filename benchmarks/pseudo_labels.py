@@ -105,6 +105,16 @@ def main(argv: list[str] | None = None) -> int:
     dataset = discover(args.data / spec["folder"], require_labels=True, **spec["read"])
     by_id = {s.id: s for s in dataset.samples}
     segmenter = default_segmenter()
+    prepared: dict = {}  # sample id -> `Prepared`: runs of one fold share their withheld slices
+
+    def prepared_slice(sample_id: str):
+        if sample_id not in prepared:
+            raw = read_sample(by_id[sample_id], dataset.mask_map)
+            prepared[sample_id] = prepare(
+                raw, args.size, segmenter, use_labels=False, intensity="standardise"
+            )
+        return prepared[sample_id]
+
     runs, pooled = {}, {}
     for contender in args.contenders:
         for run in sorted(args.runs.glob(f"{contender}-f*-s*")):
@@ -114,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             withheld = json.loads((run / "split.json").read_text())["unlabelled"]
             total = None
             for sample_id in withheld:
-                raw = read_sample(by_id[sample_id], dataset.mask_map)
-                p = prepare(raw, args.size, segmenter, use_labels=False, intensity="standardise")
+                p = prepared_slice(sample_id)
                 x, lung = p.x[None, ..., None], p.lung[None, ..., None].astype(np.float32)
                 probs = np.asarray(model.segmentation_probabilities(x, lung))[0]
                 c = counts(probs, p.allowed, p.lung.astype(bool), args.threshold)

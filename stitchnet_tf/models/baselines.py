@@ -332,8 +332,7 @@ class UNet(SetSupervisedMixin, keras.Model):
         seed: seeds the weight initialisation (None: Keras' usual random initialisation).
         consistency_weight, consistency_threshold, consistency_rampup, teacher,
             teacher_decay, consistency_strong, consistency_align: the weak-to-strong consistency
-            term
-            (`models.consistency`; weight 0, the default, turns it off).
+            term (`models.consistency`; weight 0, the default, turns it off).
 
     Example:
         >>> import numpy as np
@@ -465,8 +464,7 @@ class SegNet(SetSupervisedMixin, keras.Model):
         seed: seeds the weight initialisation (None: Keras' usual random initialisation).
         consistency_weight, consistency_threshold, consistency_rampup, teacher,
             teacher_decay, consistency_strong, consistency_align: the weak-to-strong consistency
-            term
-            (`models.consistency`; weight 0, the default, turns it off).
+            term (`models.consistency`; weight 0, the default, turns it off).
 
     Example:
         >>> import numpy as np

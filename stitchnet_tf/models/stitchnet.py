@@ -240,8 +240,7 @@ class StitchNet(SegmentationModel, keras.Model):
             (`data.intensity.standardise`); `Predictor`, `evaluate` and the exports follow it.
         consistency_weight, consistency_threshold, consistency_rampup, teacher,
             teacher_decay, consistency_strong, consistency_align: the weak-to-strong consistency
-            term
-            (`models.consistency`; weight 0, the default, turns it off).
+            term (`models.consistency`; weight 0, the default, turns it off).
     """
 
     stochastic = True  # z can be sampled, and two decision rules
