@@ -44,7 +44,10 @@ tested once; zenodo20 by patient). Contenders, all at 128 px on the same train s
   `unet-cons-tex` and `stitchnet-semi-cons-tex` (the same with a strong view that keeps each
   pixel's attenuation: noise and blur, no brightness, contrast or gamma; `train
   --consistency-strong texture`), `unet-cons-tex-da` (and the teacher's probabilities aligned
-  to the labelled pixels' class distribution before the pseudo-labels: `--consistency-align`).
+  to the labelled pixels' class distribution before the pseudo-labels: `--consistency-align`),
+  `unet-cons-tex-da-cb` (and class-balanced thresholds: about half the pixels the teacher gives
+  each class become pseudo-labels, however rare the class: `--consistency-balance 0.5`),
+  `unet-cons-in` (`unet-cons` with the withheld train slices alone as unlabelled slices).
   Every run sees 8 labelled slices per step; the semi runs add 8 unlabelled ones
   (`--unlabelled-per-batch`). `--labelled-patients N` (zenodo20): every slice of N seed-chosen
   train patients keeps its labels, the other train patients' slices are the unlabelled ones
@@ -92,6 +95,8 @@ CONSISTENCY = {"consistency_weight": 1.0, "consistency_rampup": 100}
 TEXTURE = CONSISTENCY | {"consistency_strong": "texture"}
 #: ... and the teacher's probabilities aligned to the labelled class distribution.
 ALIGNED = TEXTURE | {"consistency_align": True}
+#: ... and class-balanced thresholds (each class keeps about half its pseudo-labels).
+BALANCED = ALIGNED | {"consistency_balance": 0.5}
 #: project contender -> (model, model options, unlabelled slices it trains on: False none,
 #: "all" the withheld train slices and the dataset's unlabelled folder, "withheld" the withheld
 #: train slices alone, which come from the same collection as the labelled ones)
@@ -102,6 +107,8 @@ PROJECT = {
     "unet-cons": ("unet", CONSISTENCY, "all"),
     "unet-cons-tex": ("unet", TEXTURE, "all"),
     "unet-cons-tex-da": ("unet", ALIGNED, "all"),
+    "unet-cons-tex-da-cb": ("unet", BALANCED, "all"),
+    "unet-cons-in": ("unet", CONSISTENCY, "withheld"),
     "stitchnet-image": ("stitchnet", STYLES, False),
     "stitchnet-semi": ("stitchnet", STYLES, "all"),
     "stitchnet-semi-in": ("stitchnet", STYLES, "withheld"),
@@ -116,6 +123,8 @@ PAIRED_BASE = {
     "unet-cons": "unet",
     "unet-cons-tex": "unet",
     "unet-cons-tex-da": "unet",
+    "unet-cons-tex-da-cb": "unet",
+    "unet-cons-in": "unet",
     "stitchnet-semi": "stitchnet-image",
     "stitchnet-semi-in": "stitchnet-image",
     "stitchnet-semi-cons": "stitchnet-image",

@@ -8,10 +8,12 @@ A `--labelled N` run treats the fold's other train slices as unlabelled (the spl
 `unlabelled` ids), but their MedSeg labels exist. Each run's chosen model (best.keras) scores
 them in inference mode at the model size with the label-free lung field; where its highest
 healthy / GGO / CON probability (renormalised over the three) reaches `--threshold`, the pixel
-would get a pseudo-label. Reported per run and pooled over the runs: the share of lung-field
-pixels that are confident, the share of each class among the confident pseudo-labels, their
-accuracy against the truth (pixels with one known class), overall and by pseudo-label class,
-and the share of true GGO and CON pixels confidently called healthy. The teacher during
+would get a pseudo-label (a run trained with class-balanced thresholds, `--consistency-balance`,
+uses its own running per-class thresholds, capped at `--threshold`). Reported per run and
+pooled over the runs: the share of lung-field pixels that are confident, the share of each
+class among the confident pseudo-labels, their accuracy against the truth (pixels with one
+known class), overall and by pseudo-label class, and the share of true GGO and CON pixels
+confidently called healthy. The teacher during
 training is an earlier state of the model in training mode: this measures the end of the run,
 not every step.
 Writes `results/pseudo_labels.md` / `.json`.
@@ -31,15 +33,16 @@ from accuracy import DATA, DATASETS, RESULTS  # also puts the repository on sys.
 NAMES = ("healthy", "GGO", "CON")
 
 
-def counts(probabilities: np.ndarray, allowed: np.ndarray, lung: np.ndarray, threshold: float):
-    """Pixel counts of one slice: probabilities [S,S,4], allowed bits [S,S], lung [S,S] bool.
+def counts(probabilities: np.ndarray, allowed: np.ndarray, lung: np.ndarray, threshold):
+    """Pixel counts of one slice: probabilities [S,S,4], allowed bits [S,S], lung [S,S] bool,
+    threshold a scalar or one per class [3] (healthy, GGO, CON).
     Returns {"lung", "confident", "known_confident", "correct", "by_label": [[correct, n]] x3,
     "lesion_as_healthy": [[called healthy, n]] for GGO, CON}."""
     from stitchnet_tf.data.classes import CON, GGO, HEALTHY, bits
 
     p = probabilities[..., 1:] / np.maximum(probabilities[..., 1:].sum(-1, keepdims=True), 1e-9)
     label = p.argmax(-1)  # 0 healthy, 1 GGO, 2 CON
-    confident = (p.max(-1) >= threshold) & lung
+    confident = (p.max(-1) >= np.broadcast_to(threshold, (3,))[label]) & lung
     truth = np.full(allowed.shape, -1)
     for k, c in enumerate((HEALTHY, GGO, CON)):
         truth[allowed == bits(c)] = k
@@ -81,6 +84,17 @@ def shares(c: dict) -> dict:
     }
 
 
+def finished(run: Path) -> bool:
+    """Whether a run folder holds a finished run: its chosen model and every epoch done (a run
+    still training has a best.keras from an early epoch)."""
+    try:
+        done = json.loads((run / "state.json").read_text())["epochs_done"]
+        epochs = json.loads((run / "config.json").read_text())["epochs"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return (run / "best.keras").is_file() and done >= epochs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, required=True, help="folder of run folders")
@@ -118,18 +132,23 @@ def main(argv: list[str] | None = None) -> int:
     runs, pooled = {}, {}
     for contender in args.contenders:
         for run in sorted(args.runs.glob(f"{contender}-f*-s*")):
-            if not (run / "best.keras").is_file():
+            if not finished(run):
                 continue
             model = load_model(run).model
+            threshold = args.threshold
+            running = getattr(getattr(model, "consistency", None), "class_thresholds", None)
+            if running is not None:
+                threshold = np.minimum(running.numpy(), threshold)
             withheld = json.loads((run / "split.json").read_text())["unlabelled"]
             total = None
             for sample_id in withheld:
                 p = prepared_slice(sample_id)
                 x, lung = p.x[None, ..., None], p.lung[None, ..., None].astype(np.float32)
                 probs = np.asarray(model.segmentation_probabilities(x, lung))[0]
-                c = counts(probs, p.allowed, p.lung.astype(bool), args.threshold)
+                c = counts(probs, p.allowed, p.lung.astype(bool), threshold)
                 total = c if total is None else add(total, c)
             runs[run.name] = {"slices": len(withheld), "counts": total, **shares(total)}
+            runs[run.name]["thresholds"] = np.broadcast_to(threshold, (3,)).round(4).tolist()
             pooled[contender] = total if contender not in pooled else add(pooled[contender], total)
             print(run.name, json.dumps(shares(total)), flush=True)
     if not runs:

@@ -166,6 +166,14 @@ def consistency_options(f):
         help="Distribution alignment: scale the teacher's probabilities towards the labelled "
         "pixels' class distribution before taking pseudo-labels.",
     )
+    @click.option(
+        "--consistency-balance",
+        default=d["consistency_balance"],
+        show_default=True,
+        type=click.FloatRange(0, 1),
+        help="Class-balanced thresholds: lower each class's threshold so that about this share "
+        "of the pixels the teacher gives that class become pseudo-labels (0: one threshold).",
+    )
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
         consistency = {k: kwargs.pop(k) for k in d}

@@ -43,6 +43,7 @@ CONSISTENCY_DEFAULTS = dict(
     teacher_decay=0.99,
     consistency_strong=STRONG_VIEWS[0],
     consistency_align=False,
+    consistency_balance=0.0,
 )
 #: StitchNet's defaults: its constructor's and the CLI's.
 STITCHNET_DEFAULTS = dict(

@@ -17,6 +17,7 @@ from stitchnet_tf.models.consistency import (
     ALIGN_MOMENTUM,
     Consistency,
     align_distribution,
+    class_quantiles,
     masked_cross_entropy,
     rampup,
     strong_intensity,
@@ -281,3 +282,44 @@ def test_distribution_alignment_matches_numpy_and_learns_the_class_shares(tmp_pa
     assert back.consistency.align and back.consistency.config() == model.consistency.config()
     for a, b in zip(back.consistency.class_means, model.consistency.class_means, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_class_balanced_thresholds_keep_a_share_of_every_class(tmp_path):
+    """`class_quantiles` against NumPy's lower quantile (an empty class gives 1); with
+    `consistency_balance` the running per-class thresholds move from `threshold` towards each
+    class's quantile, an absent class keeps its value, a pixel's threshold is its class's but
+    never above `threshold`; one training step and a save/load keep them."""
+    rng = np.random.default_rng(2)
+    confidence = rng.uniform(0.34, 1.0, (2, 8, 8)).astype("float32")
+    target = rng.integers(0, 2, (2, 8, 8)).astype("int32")  # no CON
+    region = (rng.uniform(size=(2, 8, 8)) < 0.7).astype("float32")
+    quantiles, counts = class_quantiles(
+        tf.constant(confidence), tf.constant(target), tf.constant(region), 0.3, 3
+    )
+    for c in range(2):
+        values = confidence[(target == c) & (region > 0)]
+        assert counts[c] == values.size
+        assert np.isclose(quantiles[c], np.quantile(values, 0.7, method="lower"))
+    assert counts[2] == 0 and quantiles[2] == 1.0
+
+    model = UNet(width=0.125, alpha=0.35, seed=0, consistency_weight=1.0, consistency_balance=0.3)
+    c = model.consistency
+    np.testing.assert_allclose(c.class_thresholds.numpy(), 0.95)
+    c.class_thresholds.assign([0.99, 0.95, 0.5])
+    got = c.thresholds(tf.constant(confidence), tf.constant(target), tf.constant(region))
+    m = ALIGN_MOMENTUM
+    running = np.array([m * 0.99 + (1 - m) * quantiles[0], m * 0.95 + (1 - m) * quantiles[1], 0.5])
+    np.testing.assert_allclose(c.class_thresholds.numpy(), running, rtol=1e-6)
+    np.testing.assert_allclose(got.numpy(), np.minimum(running, 0.95)[target], rtol=1e-6)
+    with pytest.raises(ValueError, match="class balance"):
+        UNet(width=0.125, alpha=0.35, consistency_weight=1.0, consistency_balance=1.5)
+
+    model = UNet(width=0.125, alpha=0.35, seed=0, consistency_weight=1.0, consistency_balance=0.5)
+    model.compile(optimizer=FusedAdam(1e-3))
+    model.fit(tf.data.Dataset.from_tensors(_batch(size=32)).repeat(1), epochs=1, verbose=0)
+    moved = model.consistency.class_thresholds.numpy()
+    assert not np.allclose(moved, 0.95)
+    model.save(tmp_path / "m.keras")
+    back = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
+    assert back.consistency.config() == model.consistency.config()
+    np.testing.assert_array_equal(back.consistency.class_thresholds.numpy(), moved)

@@ -331,8 +331,9 @@ class UNet(SetSupervisedMixin, keras.Model):
         intensity: the preprocessing the model was trained with (`none` or `standardise`).
         seed: seeds the weight initialisation (None: Keras' usual random initialisation).
         consistency_weight, consistency_threshold, consistency_rampup, teacher,
-            teacher_decay, consistency_strong, consistency_align: the weak-to-strong consistency
-            term (`models.consistency`; weight 0, the default, turns it off).
+            teacher_decay, consistency_strong, consistency_align, consistency_balance: the
+            weak-to-strong consistency term (`models.consistency`; weight 0, the default,
+            turns it off).
 
     Example:
         >>> import numpy as np
@@ -359,6 +360,7 @@ class UNet(SetSupervisedMixin, keras.Model):
         teacher_decay: float = CONSISTENCY_DEFAULTS["teacher_decay"],
         consistency_strong: str = CONSISTENCY_DEFAULTS["consistency_strong"],
         consistency_align: bool = CONSISTENCY_DEFAULTS["consistency_align"],
+        consistency_balance: float = CONSISTENCY_DEFAULTS["consistency_balance"],
         **kwargs,
     ):
         self._check_options(loss)
@@ -370,6 +372,7 @@ class UNet(SetSupervisedMixin, keras.Model):
             teacher_decay,
             consistency_strong,
             consistency_align,
+            consistency_balance,
         )
         filters = scaled_filters(width, UNET_FILTERS)
         with seeded(seed):
@@ -463,8 +466,9 @@ class SegNet(SetSupervisedMixin, keras.Model):
         intensity: the preprocessing the model was trained with (`none` or `standardise`).
         seed: seeds the weight initialisation (None: Keras' usual random initialisation).
         consistency_weight, consistency_threshold, consistency_rampup, teacher,
-            teacher_decay, consistency_strong, consistency_align: the weak-to-strong consistency
-            term (`models.consistency`; weight 0, the default, turns it off).
+            teacher_decay, consistency_strong, consistency_align, consistency_balance: the
+            weak-to-strong consistency term (`models.consistency`; weight 0, the default,
+            turns it off).
 
     Example:
         >>> import numpy as np
@@ -490,6 +494,7 @@ class SegNet(SetSupervisedMixin, keras.Model):
         teacher_decay: float = CONSISTENCY_DEFAULTS["teacher_decay"],
         consistency_strong: str = CONSISTENCY_DEFAULTS["consistency_strong"],
         consistency_align: bool = CONSISTENCY_DEFAULTS["consistency_align"],
+        consistency_balance: float = CONSISTENCY_DEFAULTS["consistency_balance"],
         **kwargs,
     ):
         self._check_options(loss)
@@ -501,6 +506,7 @@ class SegNet(SetSupervisedMixin, keras.Model):
             teacher_decay,
             consistency_strong,
             consistency_align,
+            consistency_balance,
         )
         filters = scaled_filters(width, SEGNET_FILTERS)
         with seeded(seed):

@@ -9,6 +9,9 @@ jitter, gamma, noise and blur inside the lung field), and on a feature-perturbed
 weak slice (StitchNet: z sampled; U-Net: channel dropout on the encoder features). The teacher
 is the model itself under `stop_gradient`, or an exponential moving average of its weights
 (mean teacher), evaluated through `keras.StatelessScope`. The term is ramped up from 0.
+Optionally the teacher's probabilities are aligned to the labelled class distribution
+(ReMixMatch), and each class gets its own threshold (class-balanced self-training, Zou et al.
+2018) so that the rare lesion classes are not left out of the confident set.
 
 A pixel takes part when it is in the lung field and its lesion class is not known (its allowed
 set holds more than one of healthy, GGO, CON): unlabelled slices, and withheld labels.
@@ -81,6 +84,24 @@ def align_distribution(probs, target, predicted):
     return scaled / tf.maximum(tf.reduce_sum(scaled, -1, keepdims=True), 1e-12)
 
 
+def class_quantiles(confidence, target, region, share: float, classes: int):
+    """For each class c, the confidence [b,H,W] at which the top `share` of the taking-part
+    pixels (`region` [b,H,W] > 0) whose pseudo-label `target` [b,H,W] is c begin: the
+    (1 − share)-quantile (lower order statistic) of their confidences. Returns (quantiles [C],
+    counts [C]); a class with no pixel has quantile 1."""
+    quantiles, counts = [], []
+    for c in range(classes):
+        values = tf.boolean_mask(confidence, (target == c) & (region > 0))
+        n = tf.size(values)
+        ordered = tf.concat([tf.sort(values), [1.0]], 0)  # the pad answers an empty class
+        index = tf.cast(
+            tf.floor((1.0 - share) * tf.cast(tf.maximum(n - 1, 0), tf.float32)), tf.int32
+        )
+        quantiles.append(tf.where(n > 0, ordered[index], 1.0))
+        counts.append(n)
+    return tf.stack(quantiles), tf.stack(counts)
+
+
 def masked_cross_entropy(logits, target, weight, region):
     """UniMatch's unlabelled loss: −log softmax(logits)[target] [B, H, W] times `weight`
     (confident and taking part), summed and divided by the `region` pixels (taking part)."""
@@ -106,6 +127,11 @@ class Consistency:
             are taken (`align_distribution`): towards the running class distribution of the
             batch's labelled lung pixels, away from the teacher's running mean on unlabelled
             ones; two running means of C = 3 (healthy, GGO, CON) saved with the model.
+        balance: class-balanced thresholds (0: off): each class's threshold is lowered from
+            `threshold` to the running (1 − balance)-quantile of the teacher's confidence on
+            the pixels it labels with that class (`class_quantiles`), so that about `balance`
+            of every class's pseudo-labels are kept however rare the class; the running
+            quantiles (C = 3) are saved with the model.
         seed: seeds CutMix and the intensity jitter.
     """
 
@@ -119,6 +145,7 @@ class Consistency:
         decay: float = CONSISTENCY_DEFAULTS["teacher_decay"],
         strong: str = CONSISTENCY_DEFAULTS["consistency_strong"],
         align: bool = CONSISTENCY_DEFAULTS["consistency_align"],
+        balance: float = CONSISTENCY_DEFAULTS["consistency_balance"],
         seed: int | None = None,
     ):
         """Called after the model is built (the EMA teacher copies its trainable variables)."""
@@ -128,12 +155,15 @@ class Consistency:
             raise ValueError(f"the strong view must be one of {STRONG_VIEWS}, got {strong!r}")
         if not 0.0 <= threshold < 1.0 or weight < 0 or not 0.0 <= decay < 1.0:
             raise ValueError("consistency needs weight ≥ 0, threshold and decay in [0, 1)")
+        if not 0.0 <= balance <= 1.0:
+            raise ValueError(f"the class balance must be in [0, 1], got {balance}")
         self.weight, self.threshold, self.rampup_steps = float(weight), threshold, rampup_steps
         self.teacher, self.decay, self.strong = teacher, float(decay), strong
-        self.align = bool(align)
+        self.align, self.balance = bool(align), float(balance)
         self.on = self.weight > 0
         self.teacher_weights: list = []
         self.class_means: list = []
+        self.class_thresholds = None
         if not self.on:
             return
         import keras_cv  # noqa: PLC0415 (only when the term is on: a second of import)
@@ -165,6 +195,15 @@ class Consistency:
                 )
                 for which in ("labelled", "teacher")
             ]
+        if self.balance > 0:  # running per-class thresholds, from the global one
+            self.class_thresholds = model.add_weight(
+                shape=(3,),
+                initializer=keras.initializers.Constant(self.threshold),
+                dtype="float32",
+                trainable=False,
+                aggregation="mean",
+                name="class_thresholds",
+            )
 
     def config(self) -> dict:
         return {
@@ -175,6 +214,7 @@ class Consistency:
             "teacher_decay": self.decay,
             "consistency_strong": self.strong,
             "consistency_align": self.align,
+            "consistency_balance": self.balance,
         }
 
     def teacher_scope(self):
@@ -220,6 +260,18 @@ class Consistency:
         teacher_mean.assign(m * teacher_mean + (1.0 - m) * mean)
         return align_distribution(probs, labelled_mean, teacher_mean)
 
+    def thresholds(self, confidence, target, region):
+        """The threshold of each pixel [b,H,W]: `threshold`, or with `balance` the running
+        per-class threshold of its pseudo-label `target` [b,H,W], after this batch updates the
+        running quantiles (`class_quantiles` of `confidence` [b,H,W] on `region`; a class
+        absent from the batch keeps its value), never above `threshold`."""
+        if self.balance <= 0:
+            return tf.fill(tf.shape(confidence), self.threshold)
+        quantiles, counts = class_quantiles(confidence, target, region, self.balance, 3)
+        m, running = ALIGN_MOMENTUM, self.class_thresholds
+        running.assign(tf.where(counts > 0, m * running + (1.0 - m) * quantiles, running))
+        return tf.gather(tf.minimum(running, self.threshold), target)
+
     def loss(self, data: dict, step, teacher_probs, student_logits, perturbed_logits=None):
         """The consistency term and the share of taking-part pixels with a confident label.
 
@@ -244,7 +296,9 @@ class Consistency:
             if self.align:
                 probs = self.aligned(probs, region, allowed, lung)
             target = tf.argmax(probs, -1, output_type=tf.int32)
-            weight = tf.cast(tf.reduce_max(probs, -1) >= self.threshold, tf.float32) * region
+            confidence = tf.reduce_max(probs, -1)
+            threshold = self.thresholds(confidence, target, region)
+            weight = tf.cast(confidence >= threshold, tf.float32) * region
             # strong view: CutMix the slices and their pseudo-labels, then intensity jitter
             masks = tf.stack([tf.cast(target, tf.float32), weight, region], axis=-1)
             mixed = self.cutmix(
@@ -278,6 +332,7 @@ def consistency_options(
     teacher_decay: float = CONSISTENCY_DEFAULTS["teacher_decay"],
     consistency_strong: str = CONSISTENCY_DEFAULTS["consistency_strong"],
     consistency_align: bool = CONSISTENCY_DEFAULTS["consistency_align"],
+    consistency_balance: float = CONSISTENCY_DEFAULTS["consistency_balance"],
 ) -> dict:
     """A model's consistency arguments (the names of `Consistency.config`) -> the keyword
     arguments of `Consistency`."""
@@ -289,6 +344,7 @@ def consistency_options(
         decay=teacher_decay,
         strong=consistency_strong,
         align=consistency_align,
+        balance=consistency_balance,
     )
 
 

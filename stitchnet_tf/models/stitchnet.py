@@ -239,8 +239,9 @@ class StitchNet(SegmentationModel, keras.Model):
         intensity: the preprocessing the model was trained with, `none` or `standardise`
             (`data.intensity.standardise`); `Predictor`, `evaluate` and the exports follow it.
         consistency_weight, consistency_threshold, consistency_rampup, teacher,
-            teacher_decay, consistency_strong, consistency_align: the weak-to-strong consistency
-            term (`models.consistency`; weight 0, the default, turns it off).
+            teacher_decay, consistency_strong, consistency_align, consistency_balance: the
+            weak-to-strong consistency term (`models.consistency`; weight 0, the default,
+            turns it off).
     """
 
     stochastic = True  # z can be sampled, and two decision rules
@@ -282,6 +283,7 @@ class StitchNet(SegmentationModel, keras.Model):
         teacher_decay: float = CONSISTENCY_DEFAULTS["teacher_decay"],
         consistency_strong: str = CONSISTENCY_DEFAULTS["consistency_strong"],
         consistency_align: bool = CONSISTENCY_DEFAULTS["consistency_align"],
+        consistency_balance: float = CONSISTENCY_DEFAULTS["consistency_balance"],
         **kwargs,
     ):
         check_intensity(intensity)
@@ -339,6 +341,7 @@ class StitchNet(SegmentationModel, keras.Model):
                 teacher_decay,
                 consistency_strong,
                 consistency_align,
+                consistency_balance,
             ),
             seed=seed,
         )
