@@ -13,9 +13,9 @@ uses its own running per-class thresholds, capped at `--threshold`). Reported pe
 pooled over the runs: the share of lung-field pixels that are confident, the share of each
 class among the confident pseudo-labels, their accuracy against the truth (pixels with one
 known class), overall and by pseudo-label class, and the share of true GGO and CON pixels
-confidently called healthy. The teacher during
-training is an earlier state of the model in training mode: this measures the end of the run,
-not every step.
+confidently called healthy. The teacher during training is an earlier state of the model in
+training mode: this measures the end of the run, not every step. Runs still training are
+skipped (`Run.finished`).
 Writes `results/pseudo_labels.md` / `.json`.
 """
 
@@ -84,17 +84,6 @@ def shares(c: dict) -> dict:
     }
 
 
-def finished(run: Path) -> bool:
-    """Whether a run folder holds a finished run: its chosen model and every epoch done (a run
-    still training has a best.keras from an early epoch)."""
-    try:
-        done = json.loads((run / "state.json").read_text())["epochs_done"]
-        epochs = json.loads((run / "config.json").read_text())["epochs"]
-    except (OSError, ValueError, KeyError):
-        return False
-    return (run / "best.keras").is_file() and done >= epochs
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, required=True, help="folder of run folders")
@@ -115,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     from stitchnet_tf.data.preprocess import prepare, read_sample
     from stitchnet_tf.fileio import atomic_write_text
     from stitchnet_tf.inference import load_model
+    from stitchnet_tf.run import Run
 
     dataset = discover(args.data / spec["folder"], require_labels=True, **spec["read"])
     by_id = {s.id: s for s in dataset.samples}
@@ -132,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     runs, pooled = {}, {}
     for contender in args.contenders:
         for run in sorted(args.runs.glob(f"{contender}-f*-s*")):
-            if not finished(run):
+            if not Run(run).finished():
                 continue
             model = load_model(run).model
             threshold = args.threshold

@@ -162,6 +162,17 @@ class Run:
         """A folder counts as a run once it holds config.json and state.json."""
         return (self / self.CONFIG).is_file() and (self / self.STATE).is_file()
 
+    def finished(self) -> bool:
+        """Whether the run trained every epoch of its config and holds its chosen model (a run
+        still training has a best.keras from an early epoch); unreadable files: not finished."""
+        try:
+            state, config = self.state(), self.config_dict()
+        except DataError:
+            return False
+        if not (state and config and self.best.is_file()):
+            return False
+        return state.get("epochs_done", 0) >= config.get("epochs", float("inf"))
+
     def checkpoint(self) -> Path | None:
         """The model the run stands for: best.keras, else last.keras (None if neither)."""
         return next((p for p in (self.best, self.last) if p.is_file()), None)

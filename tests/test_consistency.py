@@ -14,7 +14,7 @@ import tensorflow as tf
 from stitchnet_tf import likelihood as lik
 from stitchnet_tf.models.baselines import SegNet, UNet
 from stitchnet_tf.models.consistency import (
-    ALIGN_MOMENTUM,
+    RUNNING_MOMENTUM,
     Consistency,
     align_distribution,
     class_quantiles,
@@ -274,7 +274,7 @@ def test_distribution_alignment_matches_numpy_and_learns_the_class_shares(tmp_pa
     model.fit(tf.data.Dataset.from_tensors(data).repeat(1), epochs=1, verbose=0)
     labelled, teacher = (v.numpy() for v in model.consistency.class_means)
     known = data["allowed"][:2, 4:-4, 4:-4, 1:].reshape(-1, 3).sum(0)  # healthy, GGO, CON
-    m = ALIGN_MOMENTUM
+    m = RUNNING_MOMENTUM
     np.testing.assert_allclose(labelled, m / 3 + (1 - m) * known / known.sum(), rtol=1e-5)
     assert np.isclose(teacher.sum(), 1.0, atol=1e-5) and not np.allclose(teacher, 1 / 3)
     model.save(tmp_path / "m.keras")
@@ -307,7 +307,7 @@ def test_class_balanced_thresholds_keep_a_share_of_every_class(tmp_path):
     np.testing.assert_allclose(c.class_thresholds.numpy(), 0.95)
     c.class_thresholds.assign([0.99, 0.95, 0.5])
     got = c.thresholds(tf.constant(confidence), tf.constant(target), tf.constant(region))
-    m = ALIGN_MOMENTUM
+    m = RUNNING_MOMENTUM
     running = np.array([m * 0.99 + (1 - m) * quantiles[0], m * 0.95 + (1 - m) * quantiles[1], 0.5])
     np.testing.assert_allclose(c.class_thresholds.numpy(), running, rtol=1e-6)
     np.testing.assert_allclose(got.numpy(), np.minimum(running, 0.95)[target], rtol=1e-6)

@@ -50,13 +50,16 @@ def test_pseudo_label_counts_by_hand():
 
 
 def test_pseudo_labels_reads_finished_runs_only(tmp_path):
-    """A run folder counts once every epoch of its config is done and best.keras exists."""
+    """A run folder counts (`Run.finished`) once every epoch of its config is done and
+    best.keras exists."""
+    from stitchnet_tf.run import Run
+
     run = tmp_path / "unet-cons-f0-s0"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"epochs": 3}))
     (run / "best.keras").write_bytes(b"")
-    assert not pseudo_labels.finished(run)  # no state yet
+    assert not Run(run).finished()  # no state yet
     (run / "state.json").write_text(json.dumps({"epochs_done": 2}))
-    assert not pseudo_labels.finished(run)
+    assert not Run(run).finished()
     (run / "state.json").write_text(json.dumps({"epochs_done": 3}))
-    assert pseudo_labels.finished(run)
+    assert Run(run).finished()

@@ -24,8 +24,8 @@ import tensorflow as tf
 
 from stitchnet_tf.options import CONSISTENCY_DEFAULTS, STRONG_VIEWS, TEACHERS
 
-#: Momentum of the running class distributions of distribution alignment.
-ALIGN_MOMENTUM = 0.99
+#: Momentum of the running statistics: alignment's class distributions, the class thresholds.
+RUNNING_MOMENTUM = 0.99
 #: The strong intensity ranges (a stronger version of `pipeline.augment_intensity`).
 BRIGHTNESS, CONTRAST, GAMMA, NOISE, BLUR = (0.7, 1.3), (0.7, 1.3), (0.6, 1.6), 0.04, (0.5, 1.5)
 
@@ -100,6 +100,26 @@ def class_quantiles(confidence, target, region, share: float, classes: int):
         quantiles.append(tf.where(n > 0, ordered[index], 1.0))
         counts.append(n)
     return tf.stack(quantiles), tf.stack(counts)
+
+
+def _running_weight(model: keras.Model, name: str, value: float):
+    """A running statistic of the C = 3 lesion-view classes (healthy, GGO, CON), starting at
+    `value`: a non-trainable weight saved with the model."""
+    return model.add_weight(
+        shape=(3,),
+        initializer=keras.initializers.Constant(value),
+        dtype="float32",
+        trainable=False,
+        aggregation="mean",  # replicas hold the same value: any is the mean
+        name=name,
+    )
+
+
+def _update_running(variable, value, where=True) -> None:
+    """variable ← m · variable + (1 − m) · value (m = `RUNNING_MOMENTUM`) where `where` holds
+    (a scalar or per-element condition), unchanged elsewhere."""
+    m = RUNNING_MOMENTUM
+    variable.assign(tf.where(where, m * variable + (1.0 - m) * value, variable))
 
 
 def masked_cross_entropy(logits, target, weight, region):
@@ -185,25 +205,11 @@ class Consistency:
             self.student_weights = list(model.trainable_variables)
         if self.align:  # [labelled, teacher] running class distributions, from uniform
             self.class_means = [
-                model.add_weight(
-                    shape=(3,),
-                    initializer=keras.initializers.Constant(1.0 / 3.0),
-                    dtype="float32",
-                    trainable=False,
-                    aggregation="mean",
-                    name=f"align_{which}",
-                )
+                _running_weight(model, f"align_{which}", 1.0 / 3.0)
                 for which in ("labelled", "teacher")
             ]
         if self.balance > 0:  # running per-class thresholds, from the global one
-            self.class_thresholds = model.add_weight(
-                shape=(3,),
-                initializer=keras.initializers.Constant(self.threshold),
-                dtype="float32",
-                trainable=False,
-                aggregation="mean",
-                name="class_thresholds",
-            )
+            self.class_thresholds = _running_weight(model, "class_thresholds", self.threshold)
 
     def config(self) -> dict:
         return {
@@ -246,18 +252,11 @@ class Consistency:
             * tf.cast(tf.reduce_sum(allowed[..., 1:], -1, keepdims=True) == 1.0, tf.float32)
         )
         n = tf.reduce_sum(known, axis=(0, 1, 2))
-        m = ALIGN_MOMENTUM
-        labelled_mean.assign(
-            tf.where(
-                tf.reduce_sum(n) > 0,
-                m * labelled_mean + (1.0 - m) * n / tf.maximum(tf.reduce_sum(n), 1.0),
-                labelled_mean,
-            )
-        )
+        _update_running(labelled_mean, n / tf.maximum(tf.reduce_sum(n), 1.0), tf.reduce_sum(n) > 0)
         mean = tf.reduce_sum(probs * region[..., None], axis=(0, 1, 2)) / tf.maximum(
             tf.reduce_sum(region), 1.0
         )
-        teacher_mean.assign(m * teacher_mean + (1.0 - m) * mean)
+        _update_running(teacher_mean, mean)
         return align_distribution(probs, labelled_mean, teacher_mean)
 
     def thresholds(self, confidence, target, region):
@@ -268,9 +267,8 @@ class Consistency:
         if self.balance <= 0:
             return tf.fill(tf.shape(confidence), self.threshold)
         quantiles, counts = class_quantiles(confidence, target, region, self.balance, 3)
-        m, running = ALIGN_MOMENTUM, self.class_thresholds
-        running.assign(tf.where(counts > 0, m * running + (1.0 - m) * quantiles, running))
-        return tf.gather(tf.minimum(running, self.threshold), target)
+        _update_running(self.class_thresholds, quantiles, counts > 0)
+        return tf.gather(tf.minimum(self.class_thresholds, self.threshold), target)
 
     def loss(self, data: dict, step, teacher_probs, student_logits, perturbed_logits=None):
         """The consistency term and the share of taking-part pixels with a confident label.
