@@ -419,6 +419,7 @@ def add_variants(args, tta: bool, decision: bool, lesion: bool = False) -> None:
     from stitchnet_tf.evaluation import SliceScorer
     from stitchnet_tf.fileio import atomic_write_text
     from stitchnet_tf.inference import load_model
+    from stitchnet_tf.run import Run
 
     spec = DATASETS[args.dataset]
     lesion = lesion and spec["classes"] != ("lesion",)
@@ -446,8 +447,8 @@ def add_variants(args, tta: bool, decision: bool, lesion: bool = False) -> None:
         if not (want_tta or want_auto or want_calibrated or want_lesion):
             continue
         run = args.runs / args.dataset / protocol(args) / path.stem
-        if not (run / "best.keras").is_file():
-            print(f"{path.name}: no run folder at {run}; skipped")
+        if not Run(run).finished():
+            print(f"{path.name}: no finished run folder at {run}; skipped")
             continue
         split = Split.load(fold_file(args.dataset, result["fold"]))
         use_lung_model(args, result["fold"])

@@ -5,7 +5,7 @@ Usage (from the repository root, after `accuracy.py` has left run folders):
         --runs /tmp/runs/ema/medseg/short+std+n10+ema
     python benchmarks/calibration_headroom.py --report    # rebuild the .md from the .json
 
-For every StitchNet run folder `<runs>/stitchnet-{image,semi}-f<k>-s<seed>` with a `best.keras`,
+For every StitchNet run folder `<runs>/stitchnet-{image,semi}-f<k>-s<seed>` that finished training,
 it scores the fold's val and test slices (inference mode, the label-free lung field, as
 `accuracy.py`) at every decision rule and lesion offset b that `train --decision auto` searches
 (`options.DECISIONS` × `models.base.LESION_OFFSETS`, `SliceScorer.offset_scores`) and reports
@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from stitchnet_tf.data.datasets import discover
         from stitchnet_tf.fileio import atomic_write_text
+        from stitchnet_tf.run import Run
 
         spec = DATASETS[args.dataset]
         dataset = discover(args.data / spec["folder"], require_labels=True, **spec["read"])
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         for run in sorted(args.runs.glob("stitchnet-*-f*-s*")):
             match = RUN.fullmatch(run.name)
             done = read().get(key, {}).get("runs", {})
-            if not match or run.name in done or not (run / "best.keras").is_file():
+            if not match or run.name in done or not Run(run).finished():
                 continue
             scores = score_run(run, dataset, int(match["fold"]), args.dataset)
             print(run.name, summary(scores), flush=True)
