@@ -1,6 +1,5 @@
 """benchmarks/strong_view.py and benchmarks/pseudo_labels.py: the pixel counts by hand."""
 
-import json
 import sys
 from pathlib import Path
 
@@ -47,19 +46,3 @@ def test_pseudo_label_counts_by_hand():
     # per-class thresholds (a class-balanced run): CON at 0.5 makes the CON pixel confident
     c = pseudo_labels.counts(p, allowed, lung, np.array([0.95, 0.95, 0.5]))
     assert c["confident"] == 4 and c["by_label"] == [[1, 2], [0, 0], [1, 1]]
-
-
-def test_pseudo_labels_reads_finished_runs_only(tmp_path):
-    """A run folder counts (`Run.finished`) once every epoch of its config is done and
-    best.keras exists."""
-    from stitchnet_tf.run import Run
-
-    run = tmp_path / "unet-cons-f0-s0"
-    run.mkdir()
-    (run / "config.json").write_text(json.dumps({"epochs": 3}))
-    (run / "best.keras").write_bytes(b"")
-    assert not Run(run).finished()  # no state yet
-    (run / "state.json").write_text(json.dumps({"epochs_done": 2}))
-    assert not Run(run).finished()
-    (run / "state.json").write_text(json.dumps({"epochs_done": 3}))
-    assert Run(run).finished()

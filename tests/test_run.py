@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from stitchnet_tf.errors import DataError
@@ -47,3 +49,19 @@ def test_old_runs_keep_the_recipe_they_were_trained_with(tmp_path):
     run = Run(tmp_path)
     (tmp_path / "config.json").write_text('{"labelled": "x", "output": "y"}')
     assert run.config().optimizer == "adam" and run.config().augmentation == "paper"
+
+
+def test_finished_needs_every_epoch_and_best(tmp_path):
+    """A run counts as finished (what the benchmarks' diagnostics read) once every epoch of its
+    config is done and best.keras exists; an unreadable state file is not finished."""
+    run = tmp_path / "unet-cons-f0-s0"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"epochs": 3}))
+    (run / "best.keras").write_bytes(b"")
+    assert not Run(run).finished()  # no state yet
+    (run / "state.json").write_text(json.dumps({"epochs_done": 2}))
+    assert not Run(run).finished()
+    (run / "state.json").write_text(json.dumps({"epochs_done": 3}))
+    assert Run(run).finished()
+    (run / "state.json").write_text("{not json")
+    assert not Run(run).finished()
